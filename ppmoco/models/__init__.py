@@ -1,0 +1,33 @@
+"""Backbones (built from config through BACKBONES) and the heads put on top of them."""
+from ppmoco.errors import ConfigError
+from ppmoco.models.heads import LinearClassifier, ProjectionHead
+from ppmoco.models.resnet import BACKBONES, ResNet
+
+__all__ = ["ResNet", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier"]
+
+
+def build_backbone(cfg, key_path):
+    """Build the backbone described by `cfg` (`name` plus factory kwargs) found at `key_path`.
+
+    `pretrained` is skipped: loading weights belongs to the checkpoint code, after building.
+    """
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise ConfigError(f"{key_path}: expected a mapping with a 'name' key, got {cfg!r}")
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "pretrained")}
+    _drop_fleetx_keys(kwargs, key_path)
+    return BACKBONES.build(cfg["name"], kwargs, key_path)
+
+
+def _drop_fleetx_keys(kwargs, key_path):
+    """Accept FleetX's `with_pool`/`num_classes`, which ask paddle.vision for a headless net.
+
+    Our backbone is always headless and `forward` always pools, so `with_pool` is ignored and
+    only `num_classes: 0` makes sense.
+    """
+    with_pool = kwargs.pop("with_pool", False)
+    if not isinstance(with_pool, bool):
+        raise ConfigError(f"{key_path}.with_pool: expected bool, got {with_pool!r}")
+    num_classes = kwargs.pop("num_classes", 0)
+    if num_classes != 0:
+        raise ConfigError(f"{key_path}.num_classes: must be 0, got {num_classes!r}; the backbone "
+                          "has no classifier, it lives in the module/head")

@@ -1,0 +1,50 @@
+"""Heads that sit on the backbone's pooled features.
+
+Paddle stores a Linear weight as [in, out], the transpose of torch's [out, in]; checkpoint
+converters must transpose it, while the init below only depends on fan_in = in_dim.
+"""
+import math
+
+import paddle
+from paddle import nn
+
+
+def _torch_default_linear(in_dim, out_dim):
+    """Linear initialised like torch.nn.Linear, which the MoCo reference heads keep.
+
+    torch's kaiming_uniform(a=sqrt(5)) weight bound and its bias bound both reduce to
+    1/sqrt(fan_in).
+    """
+    bound = 1.0 / math.sqrt(in_dim)
+    init = nn.initializer.Uniform(-bound, bound)
+    return nn.Linear(in_dim, out_dim, weight_attr=paddle.ParamAttr(initializer=init),
+                     bias_attr=paddle.ParamAttr(initializer=init))
+
+
+class ProjectionHead(nn.Sequential):
+    """MoCo's projection: one Linear (v1, fc to 128) or Linear-ReLU-Linear (v2, 2048-2048-128).
+
+    Sublayers are numbered like the reference's `fc` Sequential (`0`, and `2` for v2).
+    """
+
+    def __init__(self, in_dim, out_dim, hidden_dim=None):
+        if hidden_dim is None:
+            layers = [_torch_default_linear(in_dim, out_dim)]
+        else:
+            layers = [_torch_default_linear(in_dim, hidden_dim), nn.ReLU(),
+                      _torch_default_linear(hidden_dim, out_dim)]
+        super().__init__(*layers)
+
+
+class LinearClassifier(nn.Layer):
+    """Linear-evaluation classifier, initialised as main_lincls.py: weight N(0, 0.01), bias 0."""
+
+    def __init__(self, in_dim, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(
+            in_dim, num_classes,
+            weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 0.01)),
+            bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)))
+
+    def forward(self, x):
+        return self.fc(x)
