@@ -1,0 +1,259 @@
+"""Image datasets read from an ImageNet-style folder tree or from FleetX list files.
+
+Every problem with the data is found as early and named as precisely as possible: listing
+problems (missing folders, bad list lines, missing files) at construction, undecodable images when
+the sample is loaded. Sample i of epoch e is augmented with `np.random.default_rng([seed, e, i])`,
+so its views depend on nothing else (not on workers, not on what ran before a resume).
+"""
+import logging
+import os
+
+import numpy as np
+import paddle
+from PIL import Image, ImageFile
+
+from ppmoco.data.digits import build_digits
+from ppmoco.data.transforms import build_transforms
+from ppmoco.errors import ConfigError, DataError
+from ppmoco.registry import Registry
+
+DATASETS = Registry("dataset")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+BUILTINS = ("digits",)
+logger = logging.getLogger("ppmoco.data")
+
+
+def _to_rgb(img):
+    """8-bit RGB from any PIL mode. Alpha is dropped (as torchvision's loader does), not composited.
+
+    High bit depths are scaled, not clipped: I;16 and I (how Pillow reads 16-bit PNGs) map
+    0..65535 to 0..255, and F (float) maps 0..1 to 0..255.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        full_scale = 1.0 if img.mode == "F" else 65535.0
+        pixels = np.asarray(img, dtype=np.float64) * (255.0 / full_scale)
+        img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # resolves palette transparency before the alpha is dropped
+    return img.convert("RGB")
+
+
+def _read_rgb(path):
+    """Fully decode `path` into RGB, raising whatever PIL raises for a bad file.
+
+    Truncated files always fail: PIL's global LOAD_TRUNCATED_IMAGES is switched off while decoding.
+    """
+    allow_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise OSError("the file is empty (0 bytes)")
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+
+
+def _reason(err):
+    return str(err) or type(err).__name__
+
+
+def _decode_error(path, err, key_path):
+    return DataError(f"cannot decode image {path}: {_reason(err)}; fix or remove the file, "
+                     f"or set {key_path}.skip_bad_images: true")
+
+
+def decode_image(path, key_path="Data.<split>.dataset"):
+    """`path` as an RGB PIL image, or DataError naming the file and the fix.
+
+    Any exception while decoding counts as a bad file: PIL decoders raise many types on broken data.
+    """
+    try:
+        return _read_rgb(path)
+    except Exception as err:
+        raise _decode_error(path, err, key_path) from None
+
+
+def list_folder(root):
+    """[(path, label)] and class names from root/<class>/**/<image>, sorted by class then path.
+
+    Hidden folders and files (starting with '.') are ignored, as are files without an image extension.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"dataset folder {root} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
+    samples = []
+    for label, name in enumerate(classes):
+        files = []
+        for folder, subdirs, names in os.walk(os.path.join(root, name), followlinks=True):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            files += [os.path.join(folder, n) for n in names
+                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise DataError(f"class folder {os.path.join(root, name)} has no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        samples += [(path, label) for path in sorted(files)]
+    return samples, classes
+
+
+def list_file(image_root, cls_label_path):
+    """[(path, label)] from lines 'relative/path label' (split at the last whitespace)."""
+    for path, what in ((image_root, "image_root folder"), (cls_label_path, "list file")):
+        if not os.path.exists(path):
+            raise DataError(f"{what} {path} does not exist")
+    try:
+        with open(cls_label_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read list file {cls_label_path}: {err}") from None
+    samples = []
+    for number, line in enumerate(lines, start=1):
+        where = f"{cls_label_path} line {number}"
+        parts = line.strip().rsplit(None, 1)
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise DataError(f"{where}: expected '<relative/path> <label>', got {line!r}")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
+        path = os.path.join(image_root, parts[0])
+        if not os.path.exists(path):
+            raise DataError(f"{where}: {path} does not exist; fix the line or the image_root")
+        samples.append((path, label))
+    return samples
+
+
+def _digits_folder(path, key_path):
+    """The ancestor-or-self of `path` named 'digits', where the built-in dataset belongs."""
+    folder = os.path.abspath(path)
+    while os.path.basename(folder) != "digits":
+        if os.path.dirname(folder) == folder:
+            raise ConfigError(f"{key_path}.builtin: 'digits' needs paths inside a folder named digits, "
+                              "e.g. root: dataset/digits/train")
+        folder = os.path.dirname(folder)
+    return folder
+
+
+class _ImageDataset(paddle.io.Dataset):
+    """Sample listing, decoding with optional skipping, and per-(seed, epoch, index) RNG."""
+
+    def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+                 builtin, seed, config_key):
+        if root is not None and (image_root is not None or cls_label_path is not None):
+            raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
+        if root is None and (image_root is None or cls_label_path is None):
+            missing = "image_root" if image_root is None else "cls_label_path"
+            raise ConfigError(f"{config_key}.{missing}: missing; set root (a folder of class folders) "
+                              "or both image_root and cls_label_path")
+        if class_num is not None and not (isinstance(class_num, int) and class_num > 0):
+            raise ConfigError(f"{config_key}.class_num: expected a positive int, got {class_num!r}")
+        if not (isinstance(seed, int) and seed >= 0):
+            raise ConfigError(f"{config_key}.seed: expected a non-negative int, got {seed!r}")
+        if builtin is not None:
+            if builtin not in BUILTINS:
+                raise ConfigError(f"{config_key}.builtin: unknown '{builtin}'; choose one of {', '.join(BUILTINS)}")
+            wanted = [root] if root is not None else [image_root, cls_label_path]
+            if not all(os.path.exists(p) for p in wanted):
+                build_digits(_digits_folder(wanted[-1], config_key))
+
+        if root is not None:
+            self.samples, classes = list_folder(root)
+            self.source = root
+            found = len(classes)
+        else:
+            self.samples = list_file(image_root, cls_label_path)
+            self.source = cls_label_path
+            if not self.samples:
+                raise DataError(f"list file {cls_label_path} lists no images")
+            found = max(label for _, label in self.samples) + 1
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        if class_num is not None:
+            bad = np.flatnonzero((self.labels < 0) | (self.labels >= class_num))
+            if bad.size:
+                path, label = self.samples[bad[0]]
+                raise DataError(f"{self.source}: label {label} of {path} is outside [0, {class_num}); "
+                                f"fix the labels or {config_key}.class_num")
+        elif self.labels.min() < 0:
+            path, label = self.samples[int(np.argmin(self.labels))]
+            raise DataError(f"{self.source}: label {label} of {path} is negative")
+        self.num_classes = class_num if class_num is not None else found
+        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
+        self.skip_bad_images = skip_bad_images
+        self.seed = seed
+        self.config_key = config_key
+        self.epoch = 0
+        self.num_skipped = 0  # per process: each loader worker counts its own skips
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def load(self, index):
+        """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return _read_rgb(path), label
+            except Exception as err:
+                if not self.skip_bad_images:
+                    raise _decode_error(path, err, self.config_key) from None
+                self.num_skipped += 1
+                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index",
+                               path, _reason(err), index)
+        raise DataError(f"no image of {self.source} can be decoded")
+
+
+@DATASETS.register(aliases=("ContrativeLearningDataset",))
+class ContrastiveLearningDataset(_ImageDataset):
+    """(view_1, ..., view_n, label): `views` independent augmentations of one image, float32 CHW."""
+
+    def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
+                 views=2, skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
+        if views < 1:
+            raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+                         builtin, seed, config_key)
+        self.views = views
+
+    def __getitem__(self, index):
+        img, label = self.load(index)
+        rng = self.rng(index)
+        return (*(self.transform(img, rng) for _ in range(self.views)), np.int64(label))
+
+
+@DATASETS.register()
+class GeneralClsDataset(_ImageDataset):
+    """(image, label) with the image as float32 CHW: for linear evaluation and kNN."""
+
+    def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
+                 skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+                         builtin, seed, config_key)
+
+    def __getitem__(self, index):
+        img, label = self.load(index)
+        return self.transform(img, self.rng(index)), np.int64(label)
+
+
+def build_dataset(dataset_cfg, key_path, seed):
+    """The dataset described by `dataset_cfg` ({name: ..., **kwargs}) found at config `key_path`."""
+    if not isinstance(dataset_cfg, dict) or "name" not in dataset_cfg:
+        raise ConfigError(f"{key_path}.name: missing; choose one of {', '.join(DATASETS.names())}")
+    kwargs = {key: value for key, value in dataset_cfg.items() if key != "name"}
+    for key in ("seed", "config_key"):
+        if key in kwargs:
+            raise ConfigError(f"{key_path}.{key}: set by the trainer, not the dataset config; remove it")
+    return DATASETS.build(dataset_cfg["name"], kwargs, key_path, seed=seed, config_key=key_path)

@@ -1,0 +1,365 @@
+"""Augmentation ops whose randomness comes only from an explicit numpy Generator.
+
+The dataset seeds one Generator per (seed, epoch, sample index), so an augmented sample does not
+depend on the number of loader workers or on the order they run in, and a resumed run reproduces
+the same views. Ops follow torchvision semantics (as used by the reference MoCo code) and are named
+like the FleetX config ops, so a MoCo v1/v2 recipe is written as a FleetX-style YAML list:
+
+    - RandCropImage: {size: 224, scale: [0.2, 1.0]}
+    - ColorJitter: {brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, p: 0.8}
+    - RandomGrayscale: {p: 0.2}
+    - GaussianBlur: {sigma: [0.1, 2.0], p: 0.5}
+    - RandFlipImage: {flip_code: 1}
+    - NormalizeImage: {scale: 1.0/255.0}
+    - ToCHWImage:
+
+Images travel as RGB PIL images until NormalizeImage turns them into float32 HWC arrays;
+ToCHWImage makes them CHW. Op constructors raise ConfigError("<arg>: ...") and
+`build_transforms` prefixes the config path of the op.
+"""
+import math
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from ppmoco.errors import ConfigError
+from ppmoco.registry import Registry, check_kwargs
+
+TRANSFORMS = Registry("transform op")
+
+_INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _interpolation(name):
+    if name not in _INTERPOLATIONS:
+        raise ConfigError(f"interpolation: unknown '{name}'; choose one of {', '.join(_INTERPOLATIONS)}")
+    return _INTERPOLATIONS[name]
+
+
+def _is_positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _size(value):
+    """`size` as an int or [h, w] of positive ints -> (h, w)."""
+    if _is_positive_int(value):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_positive_int(v) for v in value):
+        return tuple(value)
+    raise ConfigError(f"size: expected a positive int or [height, width], got {value!r}")
+
+
+def _range(value, key, low):
+    """A [min, max] pair of numbers with low <= min <= max."""
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+            and low <= value[0] <= value[1]):
+        return float(value[0]), float(value[1])
+    raise ConfigError(f"{key}: expected [min, max] with {low} <= min <= max, got {value!r}")
+
+
+def _non_negative(value, key):
+    if value < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _probability(p):
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"p: must lie in [0, 1], got {p!r}")
+    return float(p)
+
+
+@TRANSFORMS.register(name="RandCropImage")
+class RandCropImage:
+    """RandomResizedCrop: a random area fraction in `scale` and aspect ratio in `ratio`, resized to `size`."""
+
+    def __init__(self, size, scale=[0.08, 1.0], ratio=[0.75, 1.3333333333333333], interpolation="bilinear"):
+        self.size = _size(size)
+        self.scale = _range(scale, "scale", low=0.0)
+        self.ratio = _range(ratio, "ratio", low=1e-6)
+        self.resample = _interpolation(interpolation)
+
+    def crop_box(self, width, height, rng):
+        """(left, top, w, h) of the crop: 10 random tries, then the central crop closest to `ratio`."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+        w, h = width, height
+        if width / height < self.ratio[0]:
+            h = max(1, int(round(width / self.ratio[0])))
+        elif width / height > self.ratio[1]:
+            w = max(1, int(round(height * self.ratio[1])))
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, img, rng):
+        left, top, w, h = self.crop_box(img.width, img.height, rng)
+        return img.resize((self.size[1], self.size[0]), self.resample, box=(left, top, left + w, top + h))
+
+
+@TRANSFORMS.register(name="RandFlipImage")
+class RandFlipImage:
+    """Flip with probability p: flip_code 1 mirrors left-right, 0 flips top-bottom."""
+
+    def __init__(self, flip_code=1, p=0.5):
+        if flip_code not in (0, 1):
+            raise ConfigError(f"flip_code: must be 1 (horizontal) or 0 (vertical), got {flip_code!r}")
+        self.method = Image.FLIP_LEFT_RIGHT if flip_code == 1 else Image.FLIP_TOP_BOTTOM
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        return img.transpose(self.method) if rng.random() < self.p else img
+
+
+@TRANSFORMS.register(name="ColorJitter")
+class ColorJitter:
+    """With probability p, jitter brightness, contrast, saturation and hue in a random order.
+
+    Factors are uniform in [max(0, 1 - x), 1 + x] (hue shift in [-hue, hue] of a full turn); the
+    adjustments are PIL's ImageEnhance ones, as torchvision uses for PIL images.
+    """
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, p=1.0):
+        self.strengths = [_non_negative(brightness, "brightness"), _non_negative(contrast, "contrast"),
+                          _non_negative(saturation, "saturation"), _non_negative(hue, "hue")]
+        if hue > 0.5:
+            raise ConfigError(f"hue: must lie in [0, 0.5], got {hue!r}")
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        if rng.random() >= self.p:
+            return img
+        for k in rng.permutation(4):
+            x = self.strengths[k]
+            if x == 0.0:
+                continue
+            if k == 3:
+                img = shift_hue(img, rng.uniform(-x, x))
+            else:
+                enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[k]
+                img = enhancer(img).enhance(rng.uniform(max(0.0, 1.0 - x), 1.0 + x))
+        return img
+
+
+def shift_hue(img, shift):
+    """Rotate the H channel of HSV by `shift` turns (in [-0.5, 0.5]); H wraps around."""
+    h, s, v = img.convert("HSV").split()
+    hue = (np.asarray(h, dtype=np.int16) + int(round(shift * 255))) % 256
+    return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+@TRANSFORMS.register(name="RandomGrayscale")
+class RandomGrayscale:
+    """With probability p, replace the image by its luma copied into all three channels."""
+
+    def __init__(self, p=0.1):
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        return img.convert("L").convert("RGB") if rng.random() < self.p else img
+
+
+@TRANSFORMS.register(name="GaussianBlur")
+class GaussianBlur:
+    """With probability p, PIL Gaussian blur with radius sigma ~ U[sigma] (the MoCo v2 blur)."""
+
+    def __init__(self, sigma=[0.1, 2.0], p=0.5):
+        self.sigma = _range(sigma, "sigma", low=0.0)
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        if rng.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.sigma)))
+
+
+@TRANSFORMS.register(name="RandomAffine")
+class RandomAffine:
+    """With probability p, rotate by ±degrees, x-shear by ±shear degrees, scale and translate about
+    the image centre (bilinear, uncovered pixels 0); meant for small digit images."""
+
+    def __init__(self, degrees=0.0, translate=[0.0, 0.0], scale=[1.0, 1.0], shear=0.0, p=1.0):
+        self.degrees = _non_negative(degrees, "degrees")
+        if not (len(translate) == 2 and all(_is_number(t) and 0.0 <= t <= 1.0 for t in translate)):
+            raise ConfigError(f"translate: expected [fraction of width, fraction of height] in [0, 1], "
+                              f"got {translate!r}")
+        self.translate = (float(translate[0]), float(translate[1]))
+        self.scale = _range(scale, "scale", low=1e-6)
+        self.shear = _non_negative(shear, "shear")
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        if rng.random() >= self.p:
+            return img
+        angle = math.radians(rng.uniform(-self.degrees, self.degrees))
+        tx = round(rng.uniform(-1.0, 1.0) * self.translate[0] * img.width)
+        ty = round(rng.uniform(-1.0, 1.0) * self.translate[1] * img.height)
+        scale = rng.uniform(*self.scale)
+        shear = math.radians(rng.uniform(-self.shear, self.shear))
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        forward = scale * rotation @ np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+        # PIL wants the output -> input map: input = centre + forward^-1 (output - centre - shift).
+        inverse = np.linalg.inv(forward)
+        centre = np.array([img.width * 0.5, img.height * 0.5])
+        offset = centre - inverse @ (centre + np.array([tx, ty]))
+        coeffs = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
+        return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0)
+
+
+@TRANSFORMS.register(name="GaussianNoise")
+class GaussianNoise:
+    """With probability p, add N(0, std) noise in [0, 1] pixel units, clipped to [0, 1].
+
+    It acts on the PIL image (and rounds back to 8 bits, an error of at most 0.5/255) so that it
+    can sit anywhere among the pixel ops, before NormalizeImage.
+    """
+
+    def __init__(self, std=0.0, p=1.0):
+        self.std = _non_negative(std, "std")
+        self.p = _probability(p)
+
+    def __call__(self, img, rng):
+        if rng.random() >= self.p or self.std == 0.0:
+            return img
+        pixels = np.asarray(img, dtype=np.float64) / 255.0
+        noisy = np.clip(pixels + rng.normal(0.0, self.std, pixels.shape), 0.0, 1.0)
+        return Image.fromarray(np.round(noisy * 255.0).astype(np.uint8), img.mode)
+
+
+@TRANSFORMS.register(name="ResizeImage")
+class ResizeImage:
+    """Resize the short side to `resize_short` (keeping the aspect ratio), or to exactly `size`."""
+
+    def __init__(self, resize_short=None, size=None, interpolation="bilinear"):
+        if (resize_short is None) == (size is None):
+            raise ConfigError("resize_short: set exactly one of resize_short and size")
+        if not (resize_short is None or _is_positive_int(resize_short)):
+            raise ConfigError(f"resize_short: expected a positive int, got {resize_short!r}")
+        self.resize_short = resize_short
+        self.size = None if size is None else _size(size)
+        self.resample = _interpolation(interpolation)
+
+    def __call__(self, img, rng):
+        if self.size is not None:
+            h, w = self.size
+        elif img.width <= img.height:
+            w, h = self.resize_short, max(1, int(round(self.resize_short * img.height / img.width)))
+        else:
+            w, h = max(1, int(round(self.resize_short * img.width / img.height))), self.resize_short
+        return img.resize((w, h), self.resample)
+
+
+@TRANSFORMS.register(name="CenterCropImage")
+class CenterCropImage:
+    """Crop the central `size` region (images smaller than that are padded with 0)."""
+
+    def __init__(self, size):
+        self.size = _size(size)
+
+    def __call__(self, img, rng):
+        h, w = self.size
+        top = int(round((img.height - h) / 2.0))
+        left = int(round((img.width - w) / 2.0))
+        return img.crop((left, top, left + w, top + h))
+
+
+def parse_scale(value):
+    """A positive number, or a string "a" or "a/b" as FleetX configs write `1.0/255.0`; never eval'd."""
+    number = None
+    if _is_number(value):
+        number = float(value)
+    elif isinstance(value, str) and value.count("/") <= 1:
+        try:
+            parts = [float(part) for part in value.split("/")]
+            number = parts[0] / parts[1] if len(parts) == 2 else parts[0]
+        except (ValueError, ZeroDivisionError):
+            pass
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"scale: expected a positive number or a fraction like '1.0/255.0', got {value!r}")
+    return number
+
+
+def _channel_stats(values, key):
+    if not (len(values) in (1, 3) and all(_is_number(v) for v in values)):
+        raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel) or 1 for all, got {values!r}")
+    return np.asarray(values, dtype=np.float32)
+
+
+@TRANSFORMS.register(name="NormalizeImage")
+class NormalizeImage:
+    """PIL RGB -> float32 HWC array (x * scale - mean) / std. scale None means 1/255."""
+
+    def __init__(self, scale=None, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], order=""):
+        self.scale = np.float32(1.0 / 255.0 if scale is None else parse_scale(scale))
+        self.mean = _channel_stats(mean, "mean")
+        self.std = _channel_stats(std, "std")
+        if np.any(self.std == 0):
+            raise ConfigError(f"std: must be non-zero, got {std!r}")
+        if order not in ("", "hwc"):
+            raise ConfigError(f"order: only '' (HWC) is supported, got {order!r}; "
+                              "end the list with ToCHWImage to get CHW")
+
+    def __call__(self, img, rng):
+        pixels = np.asarray(img, dtype=np.float32)
+        return (pixels * self.scale - self.mean) / self.std
+
+
+@TRANSFORMS.register(name="ToCHWImage")
+class ToCHWImage:
+    """HWC array -> contiguous CHW array, the layout paddle's conv layers expect."""
+
+    def __call__(self, img, rng):
+        return np.ascontiguousarray(np.transpose(img, (2, 0, 1)))
+
+
+class Compose:
+    """Apply the ops in order, all drawing from one Generator: (PIL image, rng) -> float32 CHW."""
+
+    def __init__(self, ops):
+        self.ops = list(ops)
+
+    def __call__(self, img, rng):
+        for op in self.ops:
+            img = op(img, rng)
+        return img
+
+
+def build_transforms(ops_cfg, key_path):
+    """Compose from a FleetX-style list [{OpName: {kwargs} or None}, ...].
+
+    None gives just NormalizeImage (ImageNet statistics) + ToCHWImage. Otherwise the list must end
+    with NormalizeImage then ToCHWImage, so every sample leaves as a float32 CHW array.
+    """
+    if ops_cfg is None:
+        return Compose([NormalizeImage(), ToCHWImage()])
+    example = "like '- RandFlipImage: {p: 0.5}'"
+    if not isinstance(ops_cfg, (list, tuple)):
+        raise ConfigError(f"{key_path}: expected a list of ops {example}, got {type(ops_cfg).__name__}")
+    ops = []
+    for i, item in enumerate(ops_cfg):
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise ConfigError(f"{key_path}.{i}: expected a one-key mapping {example}, got {item!r}")
+        (name, kwargs), = item.items()
+        op_path = f"{key_path}.{i}.{name}"
+        if not (kwargs is None or isinstance(kwargs, dict)):
+            raise ConfigError(f"{op_path}: expected a mapping of arguments or nothing, got {kwargs!r}")
+        cls = TRANSFORMS.get(name, f"{key_path}.{i}")
+        check_kwargs(cls, kwargs or {}, op_path)
+        try:
+            ops.append(cls(**(kwargs or {})))
+        except ConfigError as err:
+            raise ConfigError(f"{op_path}.{err}") from None
+    kinds = [type(op) for op in ops]
+    if kinds[-2:] != [NormalizeImage, ToCHWImage] or kinds.count(NormalizeImage) + kinds.count(ToCHWImage) != 2:
+        raise ConfigError(f"{key_path}: must end with NormalizeImage then ToCHWImage (and use them only "
+                          "there); append '- NormalizeImage: {scale: 1.0/255.0}' and '- ToCHWImage:'")
+    return Compose(ops)

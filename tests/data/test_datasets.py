@@ -1,0 +1,247 @@
+import io
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from ppmoco.data import build_dataset, decode_image
+from ppmoco.data.datasets import ContrastiveLearningDataset, GeneralClsDataset
+from ppmoco.errors import ConfigError, DataError
+
+KEY = "Data.Train.dataset"
+V2_OPS = [
+    {"RandCropImage": {"size": 16, "scale": [0.2, 1.0]}},
+    {"ColorJitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p": 0.8}},
+    {"RandomGrayscale": {"p": 0.2}},
+    {"GaussianBlur": {"sigma": [0.1, 2.0], "p": 0.5}},
+    {"RandFlipImage": {"flip_code": 1}},
+    {"NormalizeImage": {"scale": "1.0/255.0"}},
+    {"ToCHWImage": None},
+]
+
+
+def save_image(path, seed=0, size=(12, 10), fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path, fmt)
+    return str(path)
+
+
+def truncated_jpeg():
+    """A JPEG cut inside its scan data: the header parses, the decode fails."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[:len(buffer.getvalue()) * 2 // 3]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/{bird,cat}: sorted classes and files, odd names, ignored non-images and hidden files."""
+    root = tmp_path / "train"
+    names = {"cat": ["b.png", "A b.JPG", "ä 1.png"], "bird": ["z.jpeg", "sub/a.bmp"]}
+    for cls, files in names.items():
+        for i, name in enumerate(files):
+            save_image(root / cls / name, seed=i, fmt="JPEG" if name.lower().endswith(("jpg", "jpeg")) else None)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    save_image(root / "cat" / ".hidden.png")
+    save_image(root / ".cache" / "x.png")
+    return root
+
+
+def test_folder_listing_order_and_labels(tree):
+    ds = GeneralClsDataset(root=str(tree))
+    assert [(os.path.relpath(p, tree), label) for p, label in ds.samples] == [
+        ("bird/sub/a.bmp", 0), ("bird/z.jpeg", 0), ("cat/A b.JPG", 1), ("cat/b.png", 1), ("cat/ä 1.png", 1)]
+    assert ds.num_classes == 2 and ds.labels.dtype == np.int64 and ds.labels.tolist() == [0, 0, 1, 1, 1]
+    image, label = ds[4]
+    assert image.shape == (3, 10, 12) and image.dtype == np.float32 and label == 1
+
+
+def test_list_file_listing(tree, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("cat/A b.JPG 3\n\n  bird/z.jpeg\t0  \ncat/ä 1.png 2\n", encoding="utf-8")
+    ds = GeneralClsDataset(image_root=str(tree), cls_label_path=str(lst), class_num=5)
+    assert ds.samples == [(os.path.join(tree, "cat/A b.JPG"), 3), (os.path.join(tree, "bird/z.jpeg"), 0),
+                          (os.path.join(tree, "cat/ä 1.png"), 2)]
+    assert ds.num_classes == 5
+    assert GeneralClsDataset(image_root=str(tree), cls_label_path=str(lst)).num_classes == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    ("cat/b.png 1\ncat/b.png\n", r"list\.txt line 2: expected '<relative/path> <label>'"),
+    ("cat/b.png one\n", r"list\.txt line 1: label 'one' is not an integer"),
+    ("cat/b.png 1\ncat/missing.png 0\n", r"list\.txt line 2: .*cat/missing\.png does not exist"),
+    ("cat/b.png 5\n", r"list\.txt: label 5 of .*cat/b\.png is outside \[0, 5\)"),
+    ("cat/b.png -1\n", r"list\.txt: label -1 of .*cat/b\.png is outside"),
+    ("\n\n", r"list file .*list\.txt lists no images"),
+])
+def test_list_file_errors(tree, tmp_path, content, message):
+    lst = tmp_path / "list.txt"
+    lst.write_text(content)
+    with pytest.raises(DataError, match=message):
+        GeneralClsDataset(image_root=str(tree), cls_label_path=str(lst), class_num=5)
+
+
+def test_listing_errors(tree, tmp_path):
+    with pytest.raises(DataError, match=r"dataset folder .*nowhere does not exist"):
+        GeneralClsDataset(root=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"list file .*nolist\.txt does not exist"):
+        GeneralClsDataset(image_root=str(tree), cls_label_path=str(tmp_path / "nolist.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty has no class subfolders"):
+        GeneralClsDataset(root=str(tmp_path / "empty"))
+    (tree / "dog").mkdir()
+    (tree / "dog" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*dog has no images"):
+        GeneralClsDataset(root=str(tree))
+    os.remove(tree / "dog" / "readme.txt")
+    os.rmdir(tree / "dog")
+    with pytest.raises(DataError, match=r"label 1 of .*is outside \[0, 1\)"):
+        GeneralClsDataset(root=str(tree), class_num=1)
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("zero.jpg", b"", "empty"),
+    ("truncated.jpg", truncated_jpeg(), "truncated"),
+    ("text.jpg", b"hello, I am not a JPEG\n", "cannot identify"),
+], ids=["zero-byte", "truncated", "text"])
+def test_bad_images_raise_data_error_naming_the_file(tmp_path, name, content, reason):
+    path = tmp_path / "train" / "cls" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    ds = GeneralClsDataset(root=str(tmp_path / "train"), config_key=KEY)
+    with pytest.raises(DataError, match=rf"cannot decode image .*{name}: .*{reason}.*"
+                                        rf"set {KEY}\.skip_bad_images: true"):
+        ds[0]
+
+
+def test_truncation_is_never_hidden(tmp_path, monkeypatch):
+    path = tmp_path / "t.jpg"
+    path.write_bytes(truncated_jpeg())
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(DataError, match="truncated"):
+        decode_image(str(path))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    with pytest.raises(DataError, match="nope.png"):
+        decode_image(str(tmp_path / "nope.png"))
+
+
+def write_odd_images(folder):
+    """Images of unusual modes and sizes, and what each must decode to (as uint8 RGB)."""
+    os.makedirs(folder, exist_ok=True)
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    deep = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1300)
+    rgba = np.random.default_rng(1).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    cmyk = Image.new("CMYK", (9, 4), (0, 255, 255, 0))  # pure red ink
+    palette = Image.fromarray(gray, "L").convert("P")
+    cases = {
+        "gray.png": (Image.fromarray(gray, "L"), np.repeat(gray[..., None], 3, -1)),
+        "deep16.png": (Image.fromarray(deep), np.repeat(np.round(deep / 257.0).astype(np.uint8)[..., None], 3, -1)),
+        "alpha.png": (Image.fromarray(rgba, "RGBA"), rgba[..., :3]),
+        "gray_alpha.png": (Image.fromarray(rgba[..., :2], "LA"), np.repeat(rgba[..., :1], 3, -1)),
+        "cmyk.jpg": (cmyk, None),
+        "palette.png": (palette, np.repeat(gray[..., None], 3, -1)),
+        "tiny.png": (Image.new("RGB", (1, 1), (10, 20, 30)), np.array([[[10, 20, 30]]], np.uint8)),
+        "thin.bmp": (Image.new("RGB", (3, 1), (200, 0, 0)), np.full((1, 3, 3), [200, 0, 0], np.uint8)),
+        "çà_中文.png": (Image.fromarray(gray, "L"), np.repeat(gray[..., None], 3, -1)),
+    }
+    for name, (img, _) in cases.items():
+        img.save(os.path.join(folder, name))
+    return {name: expected for name, (_, expected) in cases.items()}
+
+
+def test_unusual_images_decode_to_rgb_and_flow_through_v2(tmp_path):
+    expected = write_odd_images(tmp_path / "train" / "odd")
+    assert Image.open(tmp_path / "train" / "odd" / "deep16.png").mode.startswith("I")
+    for name, pixels in expected.items():
+        img = decode_image(str(tmp_path / "train" / "odd" / name))
+        assert img.mode == "RGB"
+        array = np.asarray(img)
+        if pixels is None:  # CMYK through JPEG: just check it stays red
+            assert array[..., 0].min() > 200 and array[..., 1:].max() < 60
+        else:
+            np.testing.assert_array_equal(array, pixels, err_msg=name)
+    ds = ContrastiveLearningDataset(root=str(tmp_path / "train"), transform_ops=V2_OPS)
+    for i in range(len(ds)):
+        *views, label = ds[i]
+        assert [v.shape for v in views] == [(3, 16, 16)] * 2 and all(v.dtype == np.float32 for v in views)
+        assert label == 0 and isinstance(label, np.int64)
+
+
+def test_skip_bad_images_uses_next_index_and_counts(tmp_path, caplog):
+    root = tmp_path / "train"
+    save_image(root / "a" / "0.png", seed=0)
+    (root / "a" / "1.png").write_bytes(b"")
+    (root / "b" / "2.png").parent.mkdir()
+    (root / "b" / "2.png").write_bytes(b"junk")
+    save_image(root / "b" / "3.png", seed=3)
+    ds = build_dataset({"name": "GeneralClsDataset", "root": str(root), "skip_bad_images": True}, KEY, seed=0)
+    with caplog.at_level(logging.WARNING, logger="ppmoco.data"):
+        image, label = ds[1]
+    np.testing.assert_array_equal(image, ds[3][0])
+    assert label == 1 and ds.num_skipped == 2
+    assert "1.png" in caplog.text and "2.png" in caplog.text
+    (root / "a" / "0.png").write_bytes(b"")
+    (root / "b" / "3.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no image of .* can be decoded"):
+        ds[0]
+
+
+def test_views_are_seeded_by_seed_epoch_and_index(tree):
+    def dataset(seed=0):
+        return build_dataset({"name": "ContrastiveLearningDataset", "root": str(tree), "transform_ops": V2_OPS,
+                              "views": 3}, KEY, seed=seed)
+
+    ds = dataset()
+    first = ds[2]
+    assert len(first) == 4 and first[-1] == 1
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    for other in (ds[2], dataset()[2]):
+        for a, b in zip(first, other):
+            np.testing.assert_array_equal(a, b)
+    ds.set_epoch(1)
+    assert not np.array_equal(ds[2][0], first[0])
+    ds.set_epoch(0)
+    np.testing.assert_array_equal(ds[2][0], first[0])
+    assert not np.array_equal(dataset(seed=1)[2][0], first[0])
+
+
+def test_build_dataset_config_errors(tree, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("cat/b.png 0\n")
+    cases = [
+        ({"root": str(tree), "image_root": str(tree)}, rf"^{KEY}\.root: set either root"),
+        ({"image_root": str(tree)}, rf"^{KEY}\.cls_label_path: missing"),
+        ({}, rf"^{KEY}\.image_root: missing"),
+        ({"root": str(tree), "builtin": "mnist"}, rf"^{KEY}\.builtin: unknown 'mnist'"),
+        ({"root": str(tree), "class_num": "ten"}, rf"^{KEY}\.class_num: expected a positive int"),
+        ({"root": str(tree), "seed": 3}, rf"^{KEY}\.seed: set by the trainer"),
+        ({"root": str(tree), "skip_bad_image": True}, rf"^{KEY}\.skip_bad_image: unknown key.*'skip_bad_images'"),
+        ({"root": str(tree), "transform_ops": [{"Flip": None}]},
+         rf"^{KEY}\.transform_ops\.0: unknown transform op 'Flip'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_dataset({"name": "GeneralClsDataset", **kwargs}, KEY, seed=0)
+    with pytest.raises(ConfigError, match=rf"^{KEY}\.views: must be >= 1"):
+        build_dataset({"name": "ContrastiveLearningDataset", "root": str(tree), "views": 0}, KEY, seed=0)
+    with pytest.raises(ConfigError, match=rf"^{KEY}: unknown dataset 'GeneralCls'"):
+        build_dataset({"name": "GeneralCls", "root": str(tree)}, KEY, seed=0)
+    with pytest.raises(ConfigError, match=rf"^{KEY}\.name: missing"):
+        build_dataset({"root": str(tree)}, KEY, seed=0)
+    ds = build_dataset({"name": "ContrativeLearningDataset", "image_root": str(tree), "cls_label_path": str(lst)},
+                       KEY, seed=0)
+    assert isinstance(ds, ContrastiveLearningDataset) and len(ds) == 1
+
+
+def test_builtin_digits_is_built_on_first_use(tmp_path):
+    root = tmp_path / "dataset" / "digits" / "val"
+    ds = build_dataset({"name": "GeneralClsDataset", "root": str(root), "builtin": "digits"}, KEY, seed=0)
+    assert len(ds) == 360 and ds.num_classes == 10 and ds[0][0].shape == (3, 32, 32)
+    listed = build_dataset({"name": "GeneralClsDataset", "image_root": str(root.parent), "builtin": "digits",
+                            "cls_label_path": str(root.parent / "val_list.txt")}, KEY, seed=0)
+    assert listed.samples == ds.samples
+    with pytest.raises(ConfigError, match=rf"^{KEY}\.builtin: 'digits' needs paths inside a folder named digits"):
+        build_dataset({"name": "GeneralClsDataset", "root": str(tmp_path / "x"), "builtin": "digits"}, KEY, seed=0)
