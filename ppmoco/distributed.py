@@ -1,0 +1,62 @@
+"""Collectives shared by methods and the engine: rank-ordered all-gather, shuffle BN, grad averaging.
+
+With one process every helper degenerates to the identity/local case, so the methods call them
+unconditionally and the single-process path is the same code as the multi-process one.
+"""
+import paddle
+import paddle.distributed as dist
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@paddle.no_grad()
+def concat_all_gather(tensor):
+    """Concatenate `tensor` from every rank along axis 0, in rank order (no gradient)."""
+    if world_size() == 1:
+        return tensor
+    parts = []
+    dist.all_gather(parts, tensor)
+    return paddle.concat(parts, axis=0)
+
+
+@paddle.no_grad()
+def batch_shuffle(x):
+    """Shuffle the global batch across ranks; return this rank's share and the undo index.
+
+    The permutation is drawn on every rank (so RNG streams stay aligned) and rank 0's wins.
+    """
+    x_all = concat_all_gather(x)
+    perm = paddle.randperm(x_all.shape[0])
+    if world_size() > 1:
+        dist.broadcast(perm, src=0)
+    mine = perm.reshape([world_size(), -1])[rank()]
+    return paddle.gather(x_all, mine, axis=0), paddle.argsort(perm)
+
+
+@paddle.no_grad()
+def batch_unshuffle(x, idx_unshuffle):
+    """Inverse of `batch_shuffle`: every row returns to the rank and position it came from."""
+    x_all = concat_all_gather(x)
+    mine = idx_unshuffle.reshape([world_size(), -1])[rank()]
+    return paddle.gather(x_all, mine, axis=0)
+
+
+def all_reduce_mean(tensors):
+    """Average a list of tensors over ranks in one fused all-reduce (in place)."""
+    n = world_size()
+    if n == 1 or not tensors:
+        return
+    flat = paddle.concat([t.reshape([-1]) for t in tensors])
+    dist.all_reduce(flat)
+    flat = flat / n
+    offset = 0
+    for t in tensors:
+        size = t.size
+        paddle.assign(flat[offset:offset + size].reshape(t.shape), t)
+        offset += size

@@ -1,0 +1,134 @@
+"""Atomic checkpoints: written to a temporary folder, fsynced, then renamed into place.
+
+Layout under `output_dir`: `epoch_N/` (end of epoch N), `step_S/` (mid-epoch, global step S),
+each with model.pdparams, optimizer.pdopt, trainer_state.pkl (progress + RNG) and meta.json
+(the same progress, readable); `latest` names the newest complete one. A folder that exists
+under its final name is complete; a kill during a save leaves only a `.tmp-*` folder behind,
+which is ignored and cleaned up by the next save.
+"""
+import json
+import os
+import pickle
+import shutil
+
+import paddle
+
+from ppmoco.errors import CheckpointError
+
+FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.pkl", "meta.json")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_text(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rename_optimizer_state(state, names):
+    """Re-key optimizer accumulators (`<param name>_velocity_0`) through the `names` mapping.
+
+    Paddle names parameters by a global counter (`conv2d_12.w_0`), which depends on everything
+    built before the model; checkpoints use the stable structured names (`encoder_q.backbone.conv1.weight`).
+    """
+    out = {}
+    for key, value in state.items():
+        owner = max((n for n in names if key.startswith(n + "_")), key=len, default=None)
+        out[names[owner] + key[len(owner):] if owner else key] = value
+    return out
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir`, oldest first (by global step)."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            meta = os.path.join(output_dir, name, "meta.json")
+            if not name.startswith(".") and os.path.isfile(meta):
+                with open(meta, encoding="utf-8") as f:
+                    found.append((json.load(f)["global_step"], name))
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, rotate=True):
+    """Write checkpoint `name` atomically, point `latest` at it and drop the oldest beyond keep_last."""
+    os.makedirs(output_dir, exist_ok=True)
+    for stale in os.listdir(output_dir):
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(output_dir, stale), ignore_errors=True)
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
+    try:
+        os.makedirs(tmp)
+        paddle.save(module.state_dict(), os.path.join(tmp, "model.pdparams"))
+        structured = {p.name: n for n, p in module.named_parameters()}
+        paddle.save(_rename_optimizer_state(optimizer.state_dict(), structured),
+                    os.path.join(tmp, "optimizer.pdopt"))
+        with open(os.path.join(tmp, "trainer_state.pkl"), "wb") as f:
+            pickle.dump(state, f)
+        meta = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        for file in FILES:
+            with open(os.path.join(tmp, file), "rb+") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # re-saving the same point (e.g. a resumed run's last step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(output_dir)
+        _write_atomic_text(os.path.join(output_dir, "latest"), name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; free disk space "
+                              "or set Engine.save_load.output_dir to a writable folder "
+                              "(earlier checkpoints are intact)") from None
+    if rotate and keep_last > 0:
+        for old in [p for p in list_checkpoints(output_dir)
+                    if os.path.basename(p) not in ("best",)][:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_resume_checkpoint(save_load):
+    """The checkpoint to resume from: ckpt_dir when given, else `latest` when auto_resume."""
+    path = save_load["ckpt_dir"]
+    if path is None and save_load["auto_resume"]:
+        latest = os.path.join(save_load["output_dir"], "latest")
+        if os.path.isfile(latest):
+            with open(latest, encoding="utf-8") as f:
+                path = os.path.join(save_load["output_dir"], f.read().strip())
+    if path is None:
+        return None
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CheckpointError(f"Engine.save_load.ckpt_dir: {path} is not a complete ppmoco checkpoint "
+                              f"(missing {', '.join(missing)}); point it at an epoch_N or step_N folder")
+    return path
+
+
+def load_checkpoint(path, module, optimizer):
+    """Restore module and optimizer in place; return the saved trainer state."""
+    weights = paddle.load(os.path.join(path, "model.pdparams"))
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    wrong = [k for k in expected if k in weights and list(weights[k].shape) != list(expected[k].shape)]
+    if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else f"shape mismatch {wrong[:3]}"
+        raise CheckpointError(f"{path}/model.pdparams does not fit this model ({detail}); "
+                              "resume with the config that wrote it")
+    module.set_state_dict(weights)
+    internal = {n: p.name for n, p in module.named_parameters()}
+    optimizer.set_state_dict(_rename_optimizer_state(
+        paddle.load(os.path.join(path, "optimizer.pdopt")), internal))
+    with open(os.path.join(path, "trainer_state.pkl"), "rb") as f:
+        return pickle.load(f)

@@ -1,0 +1,208 @@
+"""The training loop, shared by every method: data, optimizer, lr, AMP, DP, checkpoints, logs."""
+import contextlib
+import logging
+import math
+import os
+import time
+
+import paddle
+
+from ppmoco.config import dump_config
+from ppmoco.data import build_dataloader, build_dataset
+from ppmoco.distributed import all_reduce_mean
+from ppmoco.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ppmoco.engine.logger import ScalarWriter, format_eta
+from ppmoco.engine.lr import build_schedule
+from ppmoco.errors import ConfigError
+
+logger = logging.getLogger("ppmoco")
+
+
+def _positive(value, key):
+    if value <= 0:
+        raise ConfigError(f"{key}: {value} must be > 0")
+
+
+class Engine:
+    """Trains a Module with the Engine/Optimizer/Data sections of a resolved config."""
+
+    def __init__(self, cfg, module, env):
+        self.cfg, self.module, self.env = cfg, module, env
+        engine, train = cfg["Engine"], cfg["Data"]["Train"]
+        self.save_load = engine["save_load"]
+        self.epochs = engine["num_train_epochs"]
+        _positive(self.epochs, "Engine.num_train_epochs")
+        _positive(engine["logging_freq"], "Engine.logging_freq")
+        sampler = train["sampler"]
+        if sampler["name"] != "DistributedBatchSampler":
+            raise ConfigError(f"Data.Train.sampler.name: '{sampler['name']}' is not supported; "
+                              "use DistributedBatchSampler")
+        _positive(sampler["batch_size"], "Data.Train.sampler.batch_size")
+        self.global_batch = sampler["batch_size"] * env.world_size
+        module.setup(self.global_batch)
+
+        seed = cfg["Global"]["seed"]
+        self.train_set = build_dataset(train["dataset"], "Data.Train.dataset", seed)
+        self.train_loader, self.train_sampler = build_dataloader(
+            self.train_set, sampler["batch_size"], env.world_size, env.rank, sampler["shuffle"],
+            sampler["drop_last"], seed, **train["loader"])
+        if len(self.train_sampler) == 0:
+            raise ConfigError(f"Data.Train.sampler.batch_size: the global batch {self.global_batch} "
+                              f"exceeds the {len(self.train_set)} training images; lower it")
+
+        opt = cfg["Optimizer"]
+        _positive(opt["lr"].get("learning_rate", 1), "Optimizer.lr.learning_rate")
+        self.schedule = build_schedule(opt["lr"])
+        self.optimizer = paddle.optimizer.Momentum(
+            learning_rate=self.schedule(0, self.epochs), momentum=opt["momentum"],
+            parameters=module.trainable_parameters(), weight_decay=opt["weight_decay"])
+        self._setup_amp(engine["mix_precision"])
+        self.writer = ScalarWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
+
+    def _setup_amp(self, amp):
+        self.amp = amp
+        self.scaler = None
+        if amp["enable"] and amp["dtype"] == "float16":
+            self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp["scale_loss"])
+        if amp["enable"] and amp["level"] == "O2":
+            self.module, self.optimizer = paddle.amp.decorate(
+                self.module, self.optimizer, level="O2", dtype=amp["dtype"])
+
+    def _autocast(self):
+        if not self.amp["enable"]:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(level=self.amp["level"], dtype=self.amp["dtype"],
+                                    custom_white_list=self.amp["custom_white_list"],
+                                    custom_black_list=self.amp["custom_black_list"])
+
+    def _to_device(self, batch):
+        if self.env.device == "cpu":
+            return batch
+        return [paddle.to_tensor(t, place=paddle.get_device()) for t in batch]
+
+    def train_step(self, batch):
+        """One optimizer step; returns the module's metrics as tensors (no host sync)."""
+        with self._autocast():
+            out = self.module.training_step(self._to_device(batch))
+        loss = out["loss"]
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        params = self.optimizer._parameter_list
+        all_reduce_mean([p.grad for p in params if p.grad is not None])
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        return out
+
+    def _trainer_state(self, epoch, next_batch, global_step):
+        return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
+                "rng_state": paddle.get_rng_state()}
+
+    def save(self, name, epoch, next_batch, global_step):
+        if self.env.is_main:
+            path = save_checkpoint(self.save_load["output_dir"], name, self.module, self.optimizer,
+                                   self._trainer_state(epoch, next_batch, global_step),
+                                   self.save_load["keep_last"])
+            logger.info(f"saved checkpoint {path}")
+
+    def _resume(self):
+        path = find_resume_checkpoint(self.save_load)
+        if path is None:
+            return 0, 0, 0
+        state = load_checkpoint(path, self.module, self.optimizer)
+        paddle.set_rng_state(state["rng_state"])
+        logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
+                    f"global step {state['global_step']}")
+        return state["epoch"], state["next_batch"], state["global_step"]
+
+    def fit(self):
+        epoch, start_batch, global_step = self._resume()
+        if self.env.is_main:
+            dump_config(self.cfg, os.path.join(self.save_load["output_dir"], "config.yaml"))
+        steps_per_epoch = len(self.train_sampler)
+        max_steps = self.cfg["Engine"]["max_steps"]
+        total_steps = steps_per_epoch * self.epochs
+        if max_steps > 0:
+            total_steps = min(total_steps, max_steps)
+        logger.info(f"training {type(self.module).__name__}: {len(self.train_set)} images, "
+                    f"{self.env.world_size} process(es) x batch {self.global_batch // self.env.world_size}"
+                    f" on {self.env.device} ({self.env.num_threads} thread(s) each), "
+                    f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
+        meter = _Meter()
+        while epoch < self.epochs and global_step < total_steps:
+            self.module.train()
+            self.train_set.set_epoch(epoch)
+            self.train_sampler.set_epoch(epoch, start_batch)
+            meter.restart()
+            for batch_idx, batch in enumerate(self.train_loader, start=start_batch):
+                lr = self.schedule(epoch + batch_idx / steps_per_epoch, self.epochs)
+                self.optimizer.set_lr(lr)
+                meter.data_ready()
+                out = self.train_step(batch)
+                global_step += 1
+                meter.step_done(out)
+                if global_step % self.cfg["Engine"]["logging_freq"] == 0 or global_step == total_steps:
+                    self._log(meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr)
+                # max_steps ending mid-epoch saves where it stopped; a full epoch saves below.
+                stop = global_step == total_steps and batch_idx + 1 < steps_per_epoch
+                save_steps = self.save_load["save_steps"]
+                if stop or (save_steps > 0 and global_step % save_steps == 0):
+                    self.save(f"step_{global_step}", epoch, batch_idx + 1, global_step)
+                if stop:
+                    break
+            else:
+                start_batch = 0
+                epoch += 1
+                save_epoch = self.save_load["save_epoch"]
+                if save_epoch > 0 and (epoch % save_epoch == 0 or epoch == self.epochs):
+                    self.save(f"epoch_{epoch}", epoch, 0, global_step)
+        self.writer.close()
+        return global_step
+
+    def _log(self, meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr):
+        values, batch_cost, reader_cost = meter.summary()
+        ips = self.global_batch / batch_cost if batch_cost > 0 else float("nan")
+        metrics = ", ".join(f"{k}: {v:.4f}" for k, v in values.items())
+        if not all(math.isfinite(v) for v in values.values()):
+            logger.warning(f"non-finite metrics at step {global_step}: {metrics}")
+        logger.info(f"[train] epoch: {epoch + 1}/{self.epochs}, step: [{batch_idx + 1}/{steps_per_epoch}], "
+                    f"lr: {lr:.6f}, {metrics}, batch_cost: {batch_cost:.4f} s, "
+                    f"reader_cost: {reader_cost:.4f} s, ips: {ips:.1f} images/s, "
+                    f"eta: {format_eta(batch_cost * (total_steps - global_step))}")
+        for k, v in values.items():
+            self.writer.add(f"train/{k}", v, global_step)
+        self.writer.add("train/lr", lr, global_step)
+        self.writer.add("train/ips", ips, global_step)
+
+
+class _Meter:
+    """Sums metric tensors on device between log lines; syncs with the host only when read."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.sums, self.count = {}, 0
+        self.batch_time = self.reader_time = 0.0
+        self.last = time.perf_counter()
+
+    def data_ready(self):
+        self.reader_time += time.perf_counter() - self.last
+
+    def step_done(self, out):
+        for k, v in out.items():
+            v = v.detach()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        now = time.perf_counter()
+        self.batch_time += now - self.last
+        self.last = now
+
+    def summary(self):
+        n = max(self.count, 1)
+        values = {k: float(v) / n for k, v in self.sums.items()}
+        result = values, self.batch_time / n, self.reader_time / n
+        self.restart()
+        return result

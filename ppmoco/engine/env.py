@@ -1,0 +1,65 @@
+"""Process environment: device, CPU threads, process group and seeds."""
+import dataclasses
+import os
+import random
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from ppmoco.errors import ConfigError
+
+
+@dataclasses.dataclass
+class RunEnv:
+    device: str
+    world_size: int
+    rank: int
+    local_size: int
+    num_threads: int
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pick_device(requested):
+    """'auto' means GPU when Paddle was built with CUDA and one is visible, else CPU."""
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if requested == "gpu" and not has_gpu:
+        raise ConfigError("Global.device: gpu requested but this Paddle has no usable CUDA GPU; "
+                          "set Global.device=auto or cpu, or install paddlepaddle-gpu")
+    return "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def setup_environment(global_cfg, distributed_cfg):
+    """Select the device, set CPU threads, join the process group (when launched) and seed."""
+    world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    local_size = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
+    dp = distributed_cfg.get("dp_degree")
+    if dp is not None and dp != world_size:
+        raise ConfigError(f"Distributed.dp_degree: {dp} but {world_size} process(es) were launched; "
+                          "remove the key or launch that many processes")
+    device = pick_device(global_cfg["device"])
+    paddle.set_device(device)
+    threads = global_cfg["num_threads"] or max(1, _cpu_count() // local_size)
+    if device == "cpu":
+        # Paddle's CPU wheel runs one thread unless told otherwise; OMP_NUM_THREADS is ignored.
+        paddle.base.core.set_num_threads(threads)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_parallel_env()
+    seed_everything(global_cfg["seed"])
+    return RunEnv(device, world_size, dist.get_rank() if world_size > 1 else 0, local_size, threads)

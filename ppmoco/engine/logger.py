@@ -1,0 +1,47 @@
+"""Run logging: readable lines on stdout and in output_dir/train.log, scalars to VisualDL.
+
+Only rank 0 writes; other ranks keep a logger that prints warnings and errors.
+"""
+import datetime
+import logging
+import os
+import sys
+
+
+def setup_logger(output_dir, is_main):
+    logger = logging.getLogger("ppmoco")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        to_file = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
+        to_file.setFormatter(fmt)
+        logger.addHandler(to_file)
+    return logger
+
+
+class ScalarWriter:
+    """VisualDL writer on rank 0; a no-op elsewhere."""
+
+    def __init__(self, logdir, enabled):
+        self._writer = None
+        if enabled:
+            from visualdl import LogWriter
+            self._writer = LogWriter(logdir=logdir)
+
+    def add(self, tag, value, step):
+        if self._writer is not None:
+            self._writer.add_scalar(tag=tag, value=float(value), step=step)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
+def format_eta(seconds):
+    return str(datetime.timedelta(seconds=int(max(0, seconds))))

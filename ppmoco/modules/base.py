@@ -1,0 +1,25 @@
+"""The contract between a method (Module) and the Engine that trains it.
+
+A Module owns its networks, loss and metrics; the Engine owns optimisation, data, distribution,
+checkpoints and logging, and knows nothing about any particular method. A new method is a new
+Module subclass registered in MODULES plus a YAML file.
+
+Hooks a subclass defines:
+- `training_step(batch) -> {name: scalar tensor}`: 'loss' is back-propagated, the rest logged.
+  `batch` is the list of tensors the dataset yields (views..., label).
+- optionally `validation_step(batch) -> {name: [N, ...] tensor}` and
+  `validation_end(outputs) -> {name: float}`: the Engine gathers the per-sample outputs over the
+  exact evaluation set (rank-ordered, padding removed) before calling `validation_end`.
+"""
+import paddle.nn as nn
+
+
+class Module(nn.Layer):
+    """Base class of trainable methods."""
+
+    def setup(self, global_batch_size):
+        """Check the method against the run's geometry before anything starts (raise ConfigError)."""
+
+    def trainable_parameters(self):
+        """Parameters the optimizer updates (gradient-carrying ones by default)."""
+        return [p for p in self.parameters() if not p.stop_gradient]

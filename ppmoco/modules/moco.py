@@ -1,0 +1,130 @@
+"""MoCo v1/v2 (He et al. 2019; Chen et al. 2020), following facebookresearch/moco builder.py.
+
+v1 and v2 differ only by configuration: the projection head (linear vs 2-layer MLP), the
+temperature, the augmentation and the lr schedule.
+
+Deliberate choices (see README, "Where ppmoco differs"):
+- The momentum update averages parameters only. Paddle lists BatchNorm's running statistics among
+  `parameters()`; they are excluded, so the key encoder keeps its own statistics as in PyTorch.
+- Shuffle BN runs the same code for any number of processes; `bn_splits` > 1 additionally splits
+  each process's batch into BN groups, so a single process still gets per-group statistics with a
+  shuffled key batch (one process with bn_splits 8 behaves like 8 GPUs with 1 split).
+"""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
+from ppmoco.errors import ConfigError
+from ppmoco.models import ProjectionHead, build_backbone
+from ppmoco.modules.base import Module
+from ppmoco.registry import check_kwargs
+
+
+class Encoder(nn.Layer):
+    """Backbone followed by the projection head."""
+
+    def __init__(self, backbone_cfg, projector_cfg, dim):
+        super().__init__()
+        self.backbone = build_backbone(backbone_cfg, "Model.model.base_encoder")
+        head_kwargs = dict(projector_cfg or {}, in_dim=self.backbone.out_dim, out_dim=dim)
+        check_kwargs(ProjectionHead, head_kwargs, "Model.model.projector")
+        self.head = ProjectionHead(**head_kwargs)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _batchnorm_statistics(layer):
+    """ids of BatchNorm running mean/variance tensors, which Paddle reports as parameters."""
+    return {id(t) for sub in layer.sublayers(include_self=True)
+            if isinstance(sub, nn.layer.norm._BatchNormBase) for t in (sub._mean, sub._variance)}
+
+
+def accuracy(logits, labels, topk=(1, 5)):
+    """Percent of rows whose label is among the top-k logits, for each k."""
+    top = paddle.topk(logits, max(topk), axis=1)[1]
+    hit = (top == labels.unsqueeze(1)).astype("float32")
+    return [hit[:, :k].sum(axis=1).mean() * 100.0 for k in topk]
+
+
+def info_nce(q, k, queue, T):
+    """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T.
+
+    The queue must be a detached copy: it is overwritten in place after the logits.
+    """
+    l_pos = (q * k).sum(axis=1, keepdim=True)
+    l_neg = paddle.matmul(q, queue)
+    logits = paddle.concat([l_pos, l_neg], axis=1) / T
+    loss = F.cross_entropy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
+    return loss, logits
+
+
+class MoCo(Module):
+    """Query encoder, momentum key encoder and a queue of K negative keys."""
+
+    def __init__(self, base_encoder, projector=None, dim=128, K=65536, m=0.999, T=0.07,
+                 bn_splits=1):
+        super().__init__()
+        for key, value, ok in (("dim", dim, dim > 0), ("K", K, K > 0), ("T", T, T > 0),
+                               ("m", m, 0 <= m <= 1), ("bn_splits", bn_splits, bn_splits >= 1)):
+            if not ok:
+                raise ConfigError(f"Model.model.{key}: {value} is out of range")
+        self.K, self.m, self.T, self.bn_splits = K, m, T, bn_splits
+        self.encoder_q = Encoder(base_encoder, projector, dim)
+        self.encoder_k = Encoder(base_encoder, projector, dim)
+        self.encoder_k.set_state_dict(self.encoder_q.state_dict())
+        stats = _batchnorm_statistics(self.encoder_q)
+        self._ema_pairs = [(q, k) for q, k in zip(self.encoder_q.parameters(),
+                                                   self.encoder_k.parameters())
+                           if id(q) not in stats]
+        for p in self.encoder_k.parameters():
+            p.stop_gradient = True
+        self.register_buffer("queue", F.normalize(paddle.randn([dim, K]), axis=0))
+        self.register_buffer("queue_ptr", paddle.zeros([1], dtype="int64"))
+
+    def setup(self, global_batch_size):
+        if global_batch_size > self.K or self.K % global_batch_size:
+            raise ConfigError(
+                f"Model.model.K: {self.K} must be a multiple of the global batch size "
+                f"{global_batch_size} (batch_size x processes); e.g. K={global_batch_size * max(1, self.K // global_batch_size)}")
+        local = global_batch_size // world_size()
+        if local % self.bn_splits:
+            raise ConfigError(f"Model.model.bn_splits: {self.bn_splits} must divide the "
+                              f"per-process batch {local}")
+
+    @paddle.no_grad()
+    def momentum_update(self):
+        for q, k in self._ema_pairs:
+            k.set_value(k * self.m + q * (1.0 - self.m))
+
+    @paddle.no_grad()
+    def enqueue(self, keys):
+        """Replace the oldest keys with this step's keys from all ranks (in rank order)."""
+        keys = concat_all_gather(keys)
+        ptr = int(self.queue_ptr[0])
+        self.queue[:, ptr:ptr + keys.shape[0]] = keys.T
+        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
+
+    def _grouped(self, encoder, x):
+        """Run `encoder` on bn_splits chunks so each chunk gets its own BatchNorm statistics."""
+        if self.bn_splits == 1:
+            return encoder(x)
+        return paddle.concat([encoder(c) for c in paddle.chunk(x, self.bn_splits)], axis=0)
+
+    @paddle.no_grad()
+    def keys(self, im_k):
+        """Key features with shuffle BN: shuffle across ranks, encode, restore the order."""
+        self.momentum_update()
+        shuffled, idx_unshuffle = batch_shuffle(im_k)
+        k = F.normalize(self._grouped(self.encoder_k, shuffled), axis=1)
+        return batch_unshuffle(k, idx_unshuffle)
+
+    def training_step(self, batch):
+        im_q, im_k = batch[0], batch[1]
+        q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
+        k = self.keys(im_k)
+        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
+        self.enqueue(k)
+        return {"loss": loss, "acc1": acc1, "acc5": acc5}

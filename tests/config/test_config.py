@@ -1,0 +1,109 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ppmoco.config import load_config, merge, parse_value
+from ppmoco.errors import ConfigError
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+BASE = {"Model": {"module": "MOCOModule", "model": {"K": 16, "T": 0.2}},
+        "Optimizer": {"lr": {"name": "CosineDecay", "learning_rate": 0.03}},
+        "Data": {"Train": {"dataset": {"name": "ContrastiveLearningDataset", "root": "x",
+                                       "transform_ops": [{"RandCropImage": {"size": 32}},
+                                                         {"ToCHWImage": None}]}}}}
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("1e-3", 1e-3), ("5E4", 5e4), ("[1, 2]", [1, 2]),
+                                        ("null", None), ("0.5", 0.5), ("7", 7), ("abc", "abc"),
+                                        ("__import__('os')", "__import__('os')")])
+def test_values_are_typed_by_yaml(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    child = write(tmp_path / "child.yaml", {"_base_": "base.yaml", "Model": {"model": {"T": 0.07}},
+                                            "Data": {"Train": {"dataset": {"transform_ops": [{"ToCHWImage": None}]}}}})
+    cfg = load_config(child)
+    assert cfg["Model"]["model"] == {"K": 16, "T": 0.07}
+    assert cfg["Data"]["Train"]["dataset"]["transform_ops"] == [{"ToCHWImage": None}]
+    assert cfg["Data"]["Train"]["dataset"]["root"] == "x"
+    assert cfg["Engine"]["save_load"]["keep_last"] == 3  # defaults filled in
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_overrides_with_list_index_and_typing(tmp_path):
+    path = write(tmp_path / "c.yaml", BASE)
+    cfg = load_config(path, ["Data.Train.dataset.transform_ops.0.RandCropImage.size=96",
+                             "Optimizer.lr.learning_rate=1e-3", "Engine.save_load.auto_resume=true",
+                             "Model.model.base_encoder.pretrained=./pretrained/moco/mocov2_pt_imagenet2012_resnet50",
+                             "Engine.num_train_epochs=200"])
+    assert cfg["Data"]["Train"]["dataset"]["transform_ops"][0] == {"RandCropImage": {"size": 96}}
+    assert cfg["Optimizer"]["lr"]["learning_rate"] == 1e-3
+    assert cfg["Engine"]["save_load"]["auto_resume"] is True
+    assert cfg["Engine"]["num_train_epochs"] == 200
+    assert cfg["Model"]["model"]["base_encoder"]["pretrained"].endswith("resnet50")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("Engine.num_train_epoch=3", r"Engine.num_train_epoch: unknown key; did you mean 'Engine.num_train_epochs'\?"),
+    ("Engine.save_load.keep_lst=1", r"did you mean 'Engine.save_load.keep_last'"),
+    ("Engine.num_train_epochs=abc", r"Engine.num_train_epochs: expected int, got str 'abc'"),
+    ("Engine.num_train_epochs=1.5", r"Engine.num_train_epochs: expected int, got float"),
+    ("Engine.save_load.auto_resume=1", r"Engine.save_load.auto_resume: expected true/false"),
+    ("Global.device=tpu", r"Global.device: 'tpu' is not one of auto, cpu, gpu"),
+    ("Data.Train.dataset.transform_ops.5.X=1", r"needs a list index in \[0, 2\)"),
+    ("Engine.logging_freq", r"expected key.path=value"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, message):
+    path = write(tmp_path / "c.yaml", BASE)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_float_key_accepts_int(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", BASE), ["Optimizer.weight_decay=0"])
+    assert cfg["Optimizer"]["weight_decay"] == 0
+
+
+def test_base_cycle_and_missing_files(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    with pytest.raises(ConfigError, match="_base_ cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    write(tmp_path / "bad.yaml", "Engine: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml line 1: invalid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_shipped_configs_load():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        assert cfg["Model"]["module"]
+
+
+def test_train_cli_unknown_key_is_one_line_exit_2(tmp_path):
+    out_dir = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c",
+         os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml"),
+         "-o", f"Engine.save_load.output_dir={out_dir}", "-o", "Engine.save_load.kep_last=2"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: Engine.save_load.kep_last: unknown key; did you mean 'Engine.save_load.keep_last'? "
+        "(valid here: output_dir, save_epoch, save_steps, ckpt_dir, keep_last, auto_resume)")
+    assert "Traceback" not in proc.stderr
+    assert not out_dir.exists()

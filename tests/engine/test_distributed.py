@@ -1,0 +1,38 @@
+"""Two real processes under paddle.distributed.launch (gloo on CPU, loopback only)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow
+
+
+def launch(tmp_path, *args):
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "launch_logs"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text(errors="replace") for p in sorted((tmp_path / "launch_logs").glob("workerlog.*")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-5000:]
+    return logs
+
+
+def test_two_ranks_share_one_queue_of_rank_ordered_keys(tmp_path):
+    launch(tmp_path, os.path.join(ROOT, "tests", "engine", "dist_moco_worker.py"), str(tmp_path))
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    np.testing.assert_array_equal(r0["queue_before"], r1["queue_before"])  # same seed, same start
+    np.testing.assert_array_equal(r0["queue"], r1["queue"])
+    expected = np.concatenate([r0["keys"], r1["keys"]]).T
+    np.testing.assert_allclose(r0["queue"][:, :8], expected, atol=1e-6)
+    np.testing.assert_array_equal(r0["queue"][:, 8:], r0["queue_before"][:, 8:])
+    assert int(r0["ptr"][0]) == int(r1["ptr"][0]) == 8
+    assert not np.allclose(r0["keys"], r1["keys"])
+    for r in (r0, r1):  # shuffle then unshuffle returns every sample to its rank and position
+        np.testing.assert_array_equal(r["restored"], r["x"])
+    shuffled = np.concatenate([r0["shuffled"], r1["shuffled"]])
+    assert sorted(shuffled.tolist()) == sorted(np.concatenate([r0["x"], r1["x"]]).tolist())
+    np.testing.assert_allclose(r0["mean_grad"], (r0["local_grad"] + r1["local_grad"]) / 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(r0["mean_grad"], r1["mean_grad"])
+    assert np.isfinite(r0["loss"]) and np.isfinite(r1["loss"])

@@ -1,0 +1,114 @@
+import errno
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ppmoco.engine.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                                      save_checkpoint)
+from ppmoco.engine.lr import build_schedule
+from ppmoco.errors import CheckpointError, ConfigError
+
+
+def test_cosine_per_epoch_matches_main_moco():
+    lr = build_schedule({"name": "CosineDecay", "learning_rate": 0.03})
+    for epoch in (0, 1, 57, 199):
+        expected = 0.03 * 0.5 * (1 + math.cos(math.pi * epoch / 200))
+        assert lr(epoch + 0.7, 200) == pytest.approx(expected)
+
+
+def test_cosine_per_step_and_warmup():
+    lr = build_schedule({"name": "CosineDecay", "learning_rate": 0.1, "update_unit": "step", "warmup_epochs": 2})
+    assert lr(1.0, 10) == pytest.approx(0.05)
+    assert lr(5.5, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 5.5 / 10)))
+
+
+def test_multistep_matches_main_moco_schedule():
+    lr = build_schedule({"name": "MultiStepDecay", "learning_rate": 30.0, "milestones": [60, 80]})
+    assert [lr(e, 100) for e in (0, 59.9, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+
+
+def test_schedule_errors_name_the_key():
+    with pytest.raises(ConfigError, match="Optimizer.lr: unknown lr schedule 'Cosine'"):
+        build_schedule({"name": "Cosine"})
+    with pytest.raises(ConfigError, match="Optimizer.lr.milestone: unknown key"):
+        build_schedule({"name": "MultiStepDecay", "milestone": [1]})
+    with pytest.raises(ConfigError, match="Optimizer.lr.learning_rate: -1.0 must be > 0"):
+        build_schedule({"name": "CosineDecay", "learning_rate": -1.0})
+
+
+def _model_and_optimizer(seed):
+    paddle.seed(seed)
+    net = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4))
+    opt = paddle.optimizer.Momentum(0.1, parameters=net.parameters())
+    net(paddle.randn([5, 3])).sum().backward()
+    opt.step()
+    return net, opt
+
+
+def test_checkpoint_roundtrip_rotation_and_latest(tmp_path):
+    net, opt = _model_and_optimizer(0)
+    for step in (1, 2, 3):
+        save_checkpoint(str(tmp_path), f"step_{step}", net, opt,
+                        {"epoch": 0, "next_batch": step, "global_step": step}, keep_last=2)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step_2", "step_3"]
+    save_load = {"ckpt_dir": None, "auto_resume": True, "output_dir": str(tmp_path)}
+    path = find_resume_checkpoint(save_load)
+    assert path.endswith("step_3")
+    other, other_opt = _model_and_optimizer(1)
+    state = load_checkpoint(path, other, other_opt)
+    assert state["global_step"] == 3
+    for (k, a), b in zip(net.state_dict().items(), other.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=k)
+    # optimizer state follows the parameters although Paddle named them differently (other seed run)
+    velocities = [v for k, v in opt.state_dict().items() if "velocity" in k]
+    restored = [v for k, v in other_opt.state_dict().items() if "velocity" in k]
+    assert len(velocities) == len(restored) == 4
+    assert {p.name for p in net.parameters()}.isdisjoint({p.name for p in other.parameters()})
+    for a, b in zip(velocities, restored):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    net, opt = _model_and_optimizer(0)
+    save_checkpoint(str(tmp_path), "epoch_1", net, opt, {"epoch": 1, "next_batch": 0, "global_step": 5})
+    (tmp_path / ".tmp-epoch_2-999").mkdir()  # what a kill during a save leaves behind
+    (tmp_path / ".tmp-epoch_2-999" / "model.pdparams").write_bytes(b"partial")
+    save_load = {"ckpt_dir": None, "auto_resume": True, "output_dir": str(tmp_path)}
+    assert find_resume_checkpoint(save_load).endswith("epoch_1")
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["epoch_1"]
+    save_checkpoint(str(tmp_path), "epoch_2", net, opt, {"epoch": 2, "next_batch": 0, "global_step": 10})
+    assert not (tmp_path / ".tmp-epoch_2-999").exists()
+
+
+def test_incomplete_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "epoch_3").mkdir()
+    with pytest.raises(CheckpointError, match="epoch_3 is not a complete ppmoco checkpoint"):
+        find_resume_checkpoint({"ckpt_dir": str(tmp_path / "epoch_3"), "auto_resume": False,
+                                "output_dir": str(tmp_path)})
+    net, opt = _model_and_optimizer(0)
+    save_checkpoint(str(tmp_path), "epoch_1", net, opt, {"epoch": 1, "next_batch": 0, "global_step": 5})
+    wider = paddle.nn.Sequential(paddle.nn.Linear(3, 6), paddle.nn.BatchNorm1D(6))
+    with pytest.raises(CheckpointError, match="does not fit this model .shape mismatch"):
+        load_checkpoint(str(tmp_path / "epoch_1"), wider, paddle.optimizer.Momentum(0.1, parameters=wider.parameters()))
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    net, opt = _model_and_optimizer(0)
+    save_checkpoint(str(tmp_path), "epoch_1", net, opt, {"epoch": 1, "next_batch": 0, "global_step": 5})
+    before = (tmp_path / "epoch_1" / "model.pdparams").read_bytes()
+    real_save = paddle.save
+
+    def full_disk(obj, path, *a, **kw):
+        if path.endswith("optimizer.pdopt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(paddle, "save", full_disk)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*epoch_2: No space left on device"):
+        save_checkpoint(str(tmp_path), "epoch_2", net, opt, {"epoch": 2, "next_batch": 0, "global_step": 9})
+    assert (tmp_path / "latest").read_text().strip() == "epoch_1"
+    assert (tmp_path / "epoch_1" / "model.pdparams").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1", "latest"]

@@ -1,0 +1,74 @@
+"""tools/train.py end to end on the embedded digits data, and exact resume."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow
+
+# Small and quick: 32 images per step, K = 4 steps of keys.
+FAST = ["Data.Train.sampler.batch_size=32", "Model.model.K=128", "Engine.logging_freq=1",
+        "Model.model.base_encoder.widths=[8,16,16,16]", "Model.model.projector.hidden_dim=32",
+        "Model.model.dim=16"]
+
+
+def train(config, out_dir, *overrides, expect=0):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", os.path.join(ROOT, "configs", config),
+           "-o", f"Engine.save_load.output_dir={out_dir}"]
+    for o in (*FAST, *overrides):
+        cmd += ["-o", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_log_losses(out_dir):
+    lines = [l for l in (out_dir / "train.log").read_text().splitlines() if "[train]" in l]
+    return [float(l.split("loss: ")[1].split(",")[0]) for l in lines]
+
+
+@pytest.mark.parametrize("config", ["mocov1_pt_digits_1n2c.yaml", "mocov2_pt_digits_1n2c.yaml"])
+def test_pretrain_digits_few_steps(tmp_path, config):
+    out = tmp_path / "run"
+    proc = train(config, out, "Engine.max_steps=3")
+    losses = train_log_losses(out)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    for field in ("lr: ", "acc1: ", "batch_cost: ", "ips: ", "eta: "):
+        assert field in proc.stdout
+    assert (out / "config.yaml").is_file() and (out / "step_3" / "model.pdparams").is_file()
+    assert (out / "latest").read_text().strip() == "step_3"
+    assert any((out / "vdl").iterdir())
+
+
+def _final_state(out_dir, name):
+    return paddle.load(str(out_dir / name / "model.pdparams"))
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train("mocov2_pt_digits_1n2c.yaml", straight, "Engine.max_steps=6")
+    train("mocov2_pt_digits_1n2c.yaml", resumed, "Engine.max_steps=3")
+    train("mocov2_pt_digits_1n2c.yaml", resumed, "Engine.max_steps=6", "Engine.save_load.auto_resume=true")
+    a, b = _final_state(straight, "step_6"), _final_state(resumed, "step_6")
+    assert a.keys() == b.keys() and "queue" in a and "queue_ptr" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    assert train_log_losses(straight)[3:] == train_log_losses(resumed)[3:]
+
+
+def test_resume_at_epoch_boundary_with_ckpt_dir(tmp_path):
+    """FleetX's way: -o Engine.save_load.ckpt_dir=<epoch folder>."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["Data.Train.sampler.batch_size=256", "Model.model.K=256", "Engine.save_load.save_epoch=1"]
+    train("mocov1_pt_digits_1n2c.yaml", straight, *common, "Engine.num_train_epochs=2")
+    train("mocov1_pt_digits_1n2c.yaml", resumed, *common, "Engine.num_train_epochs=2", "Engine.max_steps=5")
+    assert (resumed / "epoch_1").is_dir()
+    train("mocov1_pt_digits_1n2c.yaml", resumed, *common, "Engine.num_train_epochs=2",
+          f"Engine.save_load.ckpt_dir={resumed / 'epoch_1'}")
+    a, b = _final_state(straight, "epoch_2"), _final_state(resumed, "epoch_2")
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)

@@ -1,0 +1,24 @@
+"""Train a method from a YAML config: python [-m paddle.distributed.launch] tools/train.py -c CFG [-o k=v]."""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from ppmoco.cli import parse_args, run  # noqa: E402
+from ppmoco.config import load_config  # noqa: E402
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    cfg = load_config(args.config, args.override)
+    from ppmoco.engine import Engine, setup_environment, setup_logger
+    from ppmoco.modules import build_module
+
+    env = setup_environment(cfg["Global"], cfg["Distributed"])
+    setup_logger(cfg["Engine"]["save_load"]["output_dir"], env.is_main)
+    module = build_module(cfg["Model"])
+    Engine(cfg, module, env).fit()
+
+
+if __name__ == "__main__":
+    run(main)
