@@ -1,6 +1,7 @@
 """YAML configs with `_base_` inheritance, `-o a.b.c=value` overrides and strict validation.
 
-Sections and keys follow PaddleFleetX (Global / Engine / Model / Optimizer / Data / Distributed).
+Sections and keys follow PaddleFleetX (Global / Engine / Model / Optimizer / Data / Distributed),
+plus Eval (the evaluation protocol).
 Every key is checked against SCHEMA below: an unknown key or a wrongly typed value is a one-line
 ConfigError naming the key and the closest valid one. Subtrees marked OPEN hold the arguments of a
 registered builder (module, dataset, lr schedule); those builders check them against their own
@@ -91,6 +92,14 @@ SCHEMA = {
         "Eval": {"dataset": OPEN, "sampler": dict(_SAMPLER, batch_size=64, drop_last=False,
                                                   shuffle=False),
                  "loader": dict(_LOADER)},
+    },
+    "Eval": {
+        "protocol": Choice(("linear", "knn")),  # linear: the module's classifier; knn: backbone features
+        "knn": {
+            "ks": [10, 20, 100, 200],
+            "temperature": 0.07,
+            "chunk_size": 256,     # evaluation rows per similarity block (bounds memory)
+        },
     },
     "Distributed": {
         "dp_degree": None,         # must equal the number of processes when given

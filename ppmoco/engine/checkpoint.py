@@ -60,8 +60,11 @@ def list_checkpoints(output_dir):
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, rotate=True):
-    """Write checkpoint `name` atomically, point `latest` at it and drop the oldest beyond keep_last."""
+def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, regular=True):
+    """Write checkpoint `name` atomically; a regular one becomes `latest` and rotates old ones.
+
+    Irregular checkpoints (`best`) are never rotated and never become `latest`.
+    """
     os.makedirs(output_dir, exist_ok=True)
     for stale in os.listdir(output_dir):
         if stale.startswith(".tmp-"):
@@ -86,29 +89,30 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, rot
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(output_dir)
-        _write_atomic_text(os.path.join(output_dir, "latest"), name + "\n")
+        if regular:
+            _write_atomic_text(os.path.join(output_dir, "latest"), name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; free disk space "
                               "or set Engine.save_load.output_dir to a writable folder "
                               "(earlier checkpoints are intact)") from None
-    if rotate and keep_last > 0:
-        for old in [p for p in list_checkpoints(output_dir)
-                    if os.path.basename(p) not in ("best",)][:-keep_last]:
+    if regular and keep_last > 0:
+        for old in [p for p in list_checkpoints(output_dir) if os.path.basename(p) != "best"][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_resume_checkpoint(save_load):
-    """The checkpoint to resume from: ckpt_dir when given, else `latest` when auto_resume."""
-    path = save_load["ckpt_dir"]
-    if path is None and save_load["auto_resume"]:
-        latest = os.path.join(save_load["output_dir"], "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as f:
-                path = os.path.join(save_load["output_dir"], f.read().strip())
-    if path is None:
+def latest_checkpoint(output_dir):
+    """The folder `output_dir/latest` names, or None."""
+    latest = os.path.join(output_dir, "latest")
+    if not os.path.isfile(latest):
         return None
+    with open(latest, encoding="utf-8") as f:
+        return os.path.join(output_dir, f.read().strip())
+
+
+def check_complete(path):
+    """Raise CheckpointError unless `path` is a complete checkpoint folder; return it."""
     missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise CheckpointError(f"Engine.save_load.ckpt_dir: {path} is not a complete ppmoco checkpoint "
@@ -116,8 +120,16 @@ def find_resume_checkpoint(save_load):
     return path
 
 
-def load_checkpoint(path, module, optimizer):
-    """Restore module and optimizer in place; return the saved trainer state."""
+def find_resume_checkpoint(save_load):
+    """The checkpoint to resume from: ckpt_dir when given, else `latest` when auto_resume."""
+    path = save_load["ckpt_dir"]
+    if path is None and save_load["auto_resume"]:
+        path = latest_checkpoint(save_load["output_dir"])
+    return None if path is None else check_complete(path)
+
+
+def load_module_weights(path, module):
+    """Restore the module's weights (and buffers such as the queue) from checkpoint folder `path`."""
     weights = paddle.load(os.path.join(path, "model.pdparams"))
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -127,6 +139,11 @@ def load_checkpoint(path, module, optimizer):
         raise CheckpointError(f"{path}/model.pdparams does not fit this model ({detail}); "
                               "resume with the config that wrote it")
     module.set_state_dict(weights)
+
+
+def load_checkpoint(path, module, optimizer):
+    """Restore module and optimizer in place; return the saved trainer state."""
+    load_module_weights(path, module)
     internal = {n: p.name for n, p in module.named_parameters()}
     optimizer.set_state_dict(_rename_optimizer_state(
         paddle.load(os.path.join(path, "optimizer.pdopt")), internal))

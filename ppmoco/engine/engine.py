@@ -14,6 +14,7 @@ from ppmoco.engine.checkpoint import find_resume_checkpoint, load_checkpoint, sa
 from ppmoco.engine.logger import ScalarWriter, format_eta
 from ppmoco.engine.lr import build_schedule
 from ppmoco.errors import ConfigError
+from ppmoco.eval.evaluator import Evaluator, summary_lines
 
 logger = logging.getLogger("ppmoco")
 
@@ -49,6 +50,14 @@ class Engine:
         if len(self.train_sampler) == 0:
             raise ConfigError(f"Data.Train.sampler.batch_size: the global batch {self.global_batch} "
                               f"exceeds the {len(self.train_set)} training images; lower it")
+
+        self.eval_freq = engine["eval_freq"]
+        has_eval = bool(cfg["Data"]["Eval"] and cfg["Data"]["Eval"]["dataset"])
+        if self.eval_freq > 0 and not has_eval:
+            raise ConfigError("Engine.eval_freq: validation requested but Data.Eval.dataset is not set; "
+                              "add Data.Eval or set Engine.eval_freq=-1")
+        self.evaluator = Evaluator(cfg, module, env) if has_eval else None
+        self.best = None
 
         opt = cfg["Optimizer"]
         _positive(opt["lr"].get("learning_rate", 1), "Optimizer.lr.learning_rate")
@@ -98,14 +107,40 @@ class Engine:
 
     def _trainer_state(self, epoch, next_batch, global_step):
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
-                "rng_state": paddle.get_rng_state()}
+                "best": self.best, "rng_state": paddle.get_rng_state()}
 
-    def save(self, name, epoch, next_batch, global_step):
+    def save(self, name, epoch, next_batch, global_step, regular=True):
+        """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
         if self.env.is_main:
             path = save_checkpoint(self.save_load["output_dir"], name, self.module, self.optimizer,
                                    self._trainer_state(epoch, next_batch, global_step),
-                                   self.save_load["keep_last"])
+                                   self.save_load["keep_last"], regular=regular)
             logger.info(f"saved checkpoint {path}")
+
+    def evaluate(self, global_step=0):
+        """Run the configured protocol; log one line per result and return the results."""
+        if self.evaluator is None:
+            raise ConfigError("Data.Eval.dataset: not set; name the evaluation images in the config")
+        results = self.evaluator()
+        for line in summary_lines(results):
+            logger.info(f"[eval] {line}")
+        for protocol, values in results.items():
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    for metric, v in value.items():
+                        self.writer.add(f"eval/{protocol}_k{key}_{metric}", v, global_step)
+                else:
+                    self.writer.add(f"eval/{protocol}_{key}", value, global_step)
+        return results
+
+    def _validate_and_keep_best(self, epoch, global_step):
+        results = self.evaluate(global_step)
+        monitor = self.module.monitor
+        value = results.get("linear", {}).get(monitor) if monitor else None
+        if value is not None and (self.best is None or value > self.best):
+            self.best = value
+            logger.info(f"new best {monitor} {value:.2f} at epoch {epoch}")
+            self.save("best", epoch, 0, global_step, regular=False)
 
     def _resume(self):
         path = find_resume_checkpoint(self.save_load)
@@ -113,6 +148,7 @@ class Engine:
             return 0, 0, 0
         state = load_checkpoint(path, self.module, self.optimizer)
         paddle.set_rng_state(state["rng_state"])
+        self.best = state.get("best")
         logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
                     f"global step {state['global_step']}")
         return state["epoch"], state["next_batch"], state["global_step"]
@@ -155,6 +191,9 @@ class Engine:
             else:
                 start_batch = 0
                 epoch += 1
+                self.module.on_epoch_end(epoch)
+                if self.eval_freq > 0 and (epoch % self.eval_freq == 0 or epoch == self.epochs):
+                    self._validate_and_keep_best(epoch, global_step)
                 save_epoch = self.save_load["save_epoch"]
                 if save_epoch > 0 and (epoch % save_epoch == 0 or epoch == self.epochs):
                     self.save(f"epoch_{epoch}", epoch, 0, global_step)

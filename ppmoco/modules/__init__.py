@@ -1,10 +1,12 @@
 """Methods (Modules) by the name a config's `Model.module` gives them."""
 from ppmoco.modules.base import Module
+from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
 from ppmoco.registry import Registry, check_kwargs
 
 MODULES = Registry("module")
 MODULES.register(MoCo, name="MOCOModule", aliases=("MoCo",))
+MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
 
 
 def build_module(model_cfg):
@@ -14,4 +16,4 @@ def build_module(model_cfg):
     return cls(**model_cfg["model"])
 
 
-__all__ = ["Module", "MoCo", "MODULES", "build_module"]
+__all__ = ["Module", "MoCo", "LinearEval", "MODULES", "build_module"]

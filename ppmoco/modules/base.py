@@ -9,7 +9,9 @@ Hooks a subclass defines:
   `batch` is the list of tensors the dataset yields (views..., label).
 - optionally `validation_step(batch) -> {name: [N, ...] tensor}` and
   `validation_end(outputs) -> {name: float}`: the Engine gathers the per-sample outputs over the
-  exact evaluation set (rank-ordered, padding removed) before calling `validation_end`.
+  exact evaluation set (dataset order, padding removed) before calling `validation_end`
+  (the `linear` evaluation protocol).
+- optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
 """
 import paddle.nn as nn
 
@@ -17,9 +19,14 @@ import paddle.nn as nn
 class Module(nn.Layer):
     """Base class of trainable methods."""
 
+    monitor = None  # name of the validation metric whose best value is kept as checkpoint `best`
+
     def setup(self, global_batch_size):
         """Check the method against the run's geometry before anything starts (raise ConfigError)."""
 
     def trainable_parameters(self):
         """Parameters the optimizer updates (gradient-carrying ones by default)."""
         return [p for p in self.parameters() if not p.stop_gradient]
+
+    def on_epoch_end(self, epoch):
+        """Called after every training epoch; `epoch` counts the finished epochs from 1."""

@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from ppmoco.errors import ConfigError
-from ppmoco.models import ProjectionHead, build_backbone
+from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
 from ppmoco.modules.base import Module
 from ppmoco.registry import check_kwargs
 
@@ -27,6 +27,8 @@ class Encoder(nn.Layer):
     def __init__(self, backbone_cfg, projector_cfg, dim):
         super().__init__()
         self.backbone = build_backbone(backbone_cfg, "Model.model.base_encoder")
+        if backbone_cfg.get("pretrained") is not None:  # start from given weights instead of random
+            load_pretrained_backbone(self.backbone, backbone_cfg["pretrained"])
         head_kwargs = dict(projector_cfg or {}, in_dim=self.backbone.out_dim, out_dim=dim)
         check_kwargs(ProjectionHead, head_kwargs, "Model.model.projector")
         self.head = ProjectionHead(**head_kwargs)
@@ -92,6 +94,9 @@ class MoCo(Module):
         if local % self.bn_splits:
             raise ConfigError(f"Model.model.bn_splits: {self.bn_splits} must divide the "
                               f"per-process batch {local}")
+
+    def extract_features(self, images):
+        return self.encoder_q.backbone(images)
 
     @paddle.no_grad()
     def momentum_update(self):

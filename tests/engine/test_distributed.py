@@ -36,3 +36,16 @@ def test_two_ranks_share_one_queue_of_rank_ordered_keys(tmp_path):
     np.testing.assert_allclose(r0["mean_grad"], (r0["local_grad"] + r1["local_grad"]) / 2, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(r0["mean_grad"], r1["mean_grad"])
     assert np.isfinite(r0["loss"]) and np.isfinite(r1["loss"])
+
+
+def test_train_tool_under_launch_logs_finite_loss(tmp_path):
+    out = tmp_path / "run"
+    logs = launch(tmp_path, "tools/train.py", "-c", "configs/mocov2_pt_digits_1n2c.yaml",
+                  "-o", f"Engine.save_load.output_dir={out}", "-o", "Engine.max_steps=3",
+                  "-o", "Engine.logging_freq=1", "-o", "Data.Train.sampler.batch_size=32",
+                  "-o", "Model.model.K=128", "-o", "Model.model.base_encoder.widths=[8,16,16,16]")
+    lines = [l for l in (out / "train.log").read_text().splitlines() if "[train]" in l]
+    assert len(lines) == 3
+    losses = [float(l.split("loss: ")[1].split(",")[0]) for l in lines]
+    assert all(np.isfinite(losses)) and "2 process(es) x batch 32" in logs
+    assert "ips: " in lines[-1] and (out / "step_3" / "model.pdparams").is_file()

@@ -1,0 +1,82 @@
+"""Evaluation protocols over `Data.Eval`: `linear` (the module's own classifier) and `knn`.
+
+kNN follows mmselfsup: global-average-pooled backbone features of the training images (memory bank,
+built with the evaluation transforms: no augmentation) vote for each evaluation image.
+"""
+import logging
+
+from ppmoco.data import build_dataloader, build_dataset
+from ppmoco.errors import ConfigError
+from ppmoco.eval.inference import predict_dataset
+from ppmoco.eval.knn import format_knn, knn_classify
+
+logger = logging.getLogger("ppmoco")
+
+
+def _eval_loader(dataset, data_cfg, key, env, seed):
+    sampler = data_cfg["sampler"]
+    if sampler["shuffle"] or sampler["drop_last"]:
+        raise ConfigError(f"{key}.sampler: evaluation visits every sample once; set shuffle: false "
+                          "and drop_last: false")
+    if sampler["batch_size"] <= 0:
+        raise ConfigError(f"{key}.sampler.batch_size: {sampler['batch_size']} must be > 0")
+    loader, sampler = build_dataloader(dataset, sampler["batch_size"], env.world_size, env.rank,
+                                       False, False, seed, **data_cfg["loader"])
+    return loader, sampler, dataset
+
+
+def _bank_dataset_cfg(train_cfg, eval_cfg):
+    """The training images as a labelled, unaugmented dataset: Train's source, Eval's transforms."""
+    cfg = {k: v for k, v in train_cfg.items() if k not in ("name", "views", "transform_ops")}
+    return dict(cfg, name="GeneralClsDataset", transform_ops=eval_cfg.get("transform_ops"))
+
+
+class Evaluator:
+    """Builds the evaluation data once; each call evaluates the module's current weights."""
+
+    def __init__(self, cfg, module, env):
+        self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
+        data, seed = cfg["Data"], cfg["Global"]["seed"]
+        needs = "validation_step" if self.protocol == "linear" else "extract_features"
+        if not hasattr(module, needs):
+            raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
+                              f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
+        eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
+        self.eval_data = _eval_loader(eval_set, data["Eval"], "Data.Eval", env, seed)
+        if self.protocol == "knn":
+            bank = build_dataset(_bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"]),
+                                 "Data.Train.dataset", seed)
+            self.bank_data = _eval_loader(bank, data["Eval"], "Data.Eval", env, seed)
+            self.num_classes = max(bank.num_classes, eval_set.num_classes)
+
+    def __call__(self):
+        """{'linear': {metric: value}} or {'knn': {k: {'top1', 'top5'}}}, percentages."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            if self.protocol == "linear":
+                out = predict_dataset(self.module.validation_step, *self.eval_data)
+                return {"linear": {k: float(v) for k, v in self.module.validation_end(out).items()}}
+            def features(batch):
+                return {"features": self.module.extract_features(batch[0]), "labels": batch[-1]}
+
+            bank = predict_dataset(features, *self.bank_data)
+            query = predict_dataset(features, *self.eval_data)
+            results = knn_classify(bank["features"], bank["labels"], query["features"], query["labels"],
+                                   self.num_classes, ks=tuple(self.knn_cfg["ks"]),
+                                   temperature=self.knn_cfg["temperature"],
+                                   chunk_size=self.knn_cfg["chunk_size"])
+            return {"knn": results}
+        finally:
+            if was_training:
+                self.module.train()
+
+
+def summary_lines(results):
+    """One line per result, e.g. `knn k=20 top1=97.11 top5=99.78` or `linear top1=71.20 top5=90.10`."""
+    lines = []
+    if "linear" in results:
+        lines.append("linear " + " ".join(f"{k}={v:.2f}" for k, v in results["linear"].items()))
+    if "knn" in results:
+        lines.extend(format_knn(results["knn"]))
+    return lines

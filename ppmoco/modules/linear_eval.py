@@ -1,0 +1,82 @@
+"""Linear evaluation of a frozen backbone, as facebookresearch/moco main_lincls.py.
+
+Every backbone weight is frozen and the backbone stays in eval mode (its BatchNorm statistics never
+change); only the fc layer, initialised N(0, 0.01) with zero bias, is trained. After the first epoch
+the backbone is compared with the pretrained file, as the reference's sanity check does.
+"""
+import logging
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ppmoco.models import LinearClassifier, build_backbone, load_pretrained_backbone
+from ppmoco.modules.base import Module
+from ppmoco.modules.moco import accuracy
+
+logger = logging.getLogger("ppmoco")
+
+
+def classification_accuracy(logits, labels):
+    """Top-1/top-5 in percent over every sample given (numpy), each counted once; ties by class index."""
+    k = min(5, logits.shape[1])
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    hits = ranked == labels[:, None]
+    return {"top1": 100.0 * float(hits[:, 0].mean()), "top5": 100.0 * float(hits.any(axis=1).mean())}
+
+
+class LinearEval(Module):
+    monitor = "top1"  # validation metric whose best value the Engine keeps as the `best` checkpoint
+
+    def __init__(self, base_encoder, num_classes):
+        super().__init__()
+        self.backbone = build_backbone(base_encoder, "Model.model.base_encoder")
+        self.pretrained = base_encoder.get("pretrained")
+        if self.pretrained is not None:
+            load_pretrained_backbone(self.backbone, self.pretrained)
+        else:
+            logger.warning("Model.model.base_encoder.pretrained is not set: evaluating a randomly "
+                           "initialised backbone (the baseline)")
+        self._frozen = {k: v.numpy().copy() for k, v in self.backbone.state_dict().items()}
+        for p in self.backbone.parameters():
+            p.stop_gradient = True
+        self.classifier = LinearClassifier(self.backbone.out_dim, num_classes)
+
+    def train(self):
+        """Train the classifier only; the frozen backbone keeps eval-mode BatchNorm."""
+        super().train()
+        self.backbone.eval()
+        return self
+
+    def extract_features(self, images):
+        return self.backbone(images)
+
+    def _logits(self, images):
+        with paddle.no_grad():
+            features = self.backbone(images)
+        return self.classifier(features)
+
+    def training_step(self, batch):
+        images, labels = batch[0], batch[-1]
+        logits = self._logits(images)
+        loss = F.cross_entropy(logits, labels)
+        acc1, acc5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
+        return {"loss": loss, "acc1": acc1, "acc5": acc5}
+
+    def validation_step(self, batch):
+        return {"logits": self._logits(batch[0]), "labels": batch[-1]}
+
+    def validation_end(self, outputs):
+        return classification_accuracy(outputs["logits"], outputs["labels"])
+
+    def on_epoch_end(self, epoch):
+        if epoch == 1:
+            self.check_backbone_unchanged()
+
+    def check_backbone_unchanged(self):
+        """The reference's sanity check: training the classifier must not touch the backbone."""
+        for name, value in self.backbone.state_dict().items():
+            if not np.array_equal(value.numpy(), self._frozen[name]):
+                raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; "
+                                  "the backbone must stay frozen (a ppmoco bug: please report it)")
+        logger.info("sanity check passed: the backbone equals the pretrained weights")

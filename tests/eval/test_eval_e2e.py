@@ -1,0 +1,51 @@
+"""Pretrain a few steps, linear-evaluate, and run the kNN benchmark through the tools, on digits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow
+NARROW = "Model.model.base_encoder.widths=[8,16,16,16]"
+
+
+def run(tool, config, *overrides):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", tool), "-c", os.path.join(ROOT, "configs", config)]
+    for o in overrides:
+        cmd += ["-o", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_pretrain_then_linear_and_knn(tmp_path):
+    pt, lin, knn, base = (tmp_path / n for n in ("pt", "lin", "knn", "knn_random"))
+    run("train.py", "mocov2_pt_digits_1n2c.yaml", f"Engine.save_load.output_dir={pt}", "Engine.max_steps=3",
+        "Data.Train.sampler.batch_size=32", "Model.model.K=128", NARROW)
+    weights = f"Model.model.base_encoder.pretrained={pt / 'step_3'}"
+
+    out = run("train.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={lin}", weights, NARROW,
+              "Engine.num_train_epochs=1", "Engine.eval_freq=1", "Data.Train.sampler.batch_size=256")
+    # ResNet-18: 20 convolutions + 20 BatchNorms x (weight, bias, mean, variance)
+    assert "loaded 100 backbone tensors" in out and "sanity check passed" in out
+    eval_line = [l for l in out.splitlines() if "[eval] linear" in l][-1]
+    assert (lin / "best" / "model.pdparams").is_file() and (lin / "latest").read_text().strip() == "epoch_1"
+
+    out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={lin}", weights, NARROW)
+    results = json.loads((lin / "eval_results.json").read_text())
+    assert results["protocol"] == "linear"
+    top1 = results["results"]["linear"]["top1"]
+    assert 0 <= top1 <= 100 and f"top1={top1:.2f}" in eval_line  # same model, same number as in training
+    assert f"linear top1={top1:.2f}" in out
+
+    for out_dir, init in ((knn, weights), (base, "Model.model.base_encoder.pretrained=null")):
+        out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={out_dir}", init,
+                  NARROW, "Eval.protocol=knn")
+        results = json.loads((out_dir / "eval_results.json").read_text())["results"]["knn"]
+        assert sorted(results, key=int) == ["10", "20", "100", "200"]
+        for k, v in results.items():
+            assert 0 <= v["top1"] <= v["top5"] <= 100
+            assert f"knn k={k} top1={v['top1']:.2f} top5={v['top5']:.2f}" in out
+    assert "randomly initialised backbone" in out
