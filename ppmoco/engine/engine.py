@@ -1,5 +1,4 @@
 """The training loop, shared by every method: data, optimizer, lr, AMP, DP, checkpoints, logs."""
-import contextlib
 import logging
 import math
 import os
@@ -9,10 +8,10 @@ import paddle
 
 from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset
-from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ppmoco.engine.logger import ScalarWriter, format_eta
 from ppmoco.engine.lr import build_schedule
+from ppmoco.engine.step import TrainStep, build_optimizer
 from ppmoco.errors import ConfigError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 
@@ -62,48 +61,15 @@ class Engine:
         opt = cfg["Optimizer"]
         _positive(opt["lr"].get("learning_rate", 1), "Optimizer.lr.learning_rate")
         self.schedule = build_schedule(opt["lr"])
-        self.optimizer = paddle.optimizer.Momentum(
-            learning_rate=self.schedule(0, self.epochs), momentum=opt["momentum"],
-            parameters=module.trainable_parameters(), weight_decay=opt["weight_decay"])
-        self._setup_amp(engine["mix_precision"])
+        self.train_step = TrainStep(module, build_optimizer(opt, module, self.schedule(0, self.epochs)),
+                                    engine["mix_precision"])
+        self.module, self.optimizer = self.train_step.module, self.train_step.optimizer
         self.writer = ScalarWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
-
-    def _setup_amp(self, amp):
-        self.amp = amp
-        self.scaler = None
-        if amp["enable"] and amp["dtype"] == "float16":
-            self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp["scale_loss"])
-        if amp["enable"] and amp["level"] == "O2":
-            self.module, self.optimizer = paddle.amp.decorate(
-                self.module, self.optimizer, level="O2", dtype=amp["dtype"])
-
-    def _autocast(self):
-        if not self.amp["enable"]:
-            return contextlib.nullcontext()
-        return paddle.amp.auto_cast(level=self.amp["level"], dtype=self.amp["dtype"],
-                                    custom_white_list=self.amp["custom_white_list"],
-                                    custom_black_list=self.amp["custom_black_list"])
 
     def _to_device(self, batch):
         if self.env.device == "cpu":
             return batch
         return [paddle.to_tensor(t, place=paddle.get_device()) for t in batch]
-
-    def train_step(self, batch):
-        """One optimizer step; returns the module's metrics as tensors (no host sync)."""
-        with self._autocast():
-            out = self.module.training_step(self._to_device(batch))
-        loss = out["loss"]
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        params = self.optimizer._parameter_list
-        all_reduce_mean([p.grad for p in params if p.grad is not None])
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.clear_grad()
-        return out
 
     def _trainer_state(self, epoch, next_batch, global_step):
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
@@ -176,7 +142,7 @@ class Engine:
                 lr = self.schedule(epoch + batch_idx / steps_per_epoch, self.epochs)
                 self.optimizer.set_lr(lr)
                 meter.data_ready()
-                out = self.train_step(batch)
+                out = self.train_step(self._to_device(batch))
                 global_step += 1
                 meter.step_done(out)
                 if global_step % self.cfg["Engine"]["logging_freq"] == 0 or global_step == total_steps:

@@ -1,0 +1,51 @@
+"""One optimisation step of a Module: autocast, backward, gradient averaging, optimizer update.
+
+Shared by the Engine's loop and tools/benchmark.py, so the benchmark measures the real step.
+"""
+import contextlib
+
+import paddle
+
+from ppmoco.distributed import all_reduce_mean
+
+
+def build_optimizer(opt_cfg, module, learning_rate):
+    """SGD with momentum over the module's trainable parameters (weight decay = L2, as torch SGD)."""
+    return paddle.optimizer.Momentum(learning_rate=learning_rate, momentum=opt_cfg["momentum"],
+                                     parameters=module.trainable_parameters(),
+                                     weight_decay=opt_cfg["weight_decay"])
+
+
+class TrainStep:
+    """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss."""
+
+    def __init__(self, module, optimizer, amp_cfg):
+        self.amp = amp_cfg
+        self.scaler = None
+        if amp_cfg["enable"] and amp_cfg["dtype"] == "float16":
+            self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp_cfg["scale_loss"])
+        if amp_cfg["enable"] and amp_cfg["level"] == "O2":
+            module, optimizer = paddle.amp.decorate(module, optimizer, level="O2", dtype=amp_cfg["dtype"])
+        self.module, self.optimizer = module, optimizer
+
+    def _autocast(self):
+        if not self.amp["enable"]:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(level=self.amp["level"], dtype=self.amp["dtype"],
+                                    custom_white_list=self.amp["custom_white_list"],
+                                    custom_black_list=self.amp["custom_black_list"])
+
+    def __call__(self, batch):
+        """Run one step on `batch`; return the module's metrics as tensors (no host sync)."""
+        with self._autocast():
+            out = self.module.training_step(batch)
+        loss = out["loss"]
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        all_reduce_mean([p.grad for p in self.optimizer._parameter_list if p.grad is not None])
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        return out
