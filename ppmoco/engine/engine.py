@@ -59,7 +59,6 @@ class Engine:
         self.best = None
 
         opt = cfg["Optimizer"]
-        _positive(opt["lr"].get("learning_rate", 1), "Optimizer.lr.learning_rate")
         self.schedule = build_schedule(opt["lr"])
         self.train_step = TrainStep(module, build_optimizer(opt, module, self.schedule(0, self.epochs)),
                                     engine["mix_precision"])

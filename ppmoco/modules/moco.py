@@ -84,6 +84,7 @@ class MoCo(Module):
             p.stop_gradient = True
         self.register_buffer("queue", F.normalize(paddle.randn([dim, K]), axis=0))
         self.register_buffer("queue_ptr", paddle.zeros([1], dtype="int64"))
+        self._ptr = None
 
     def setup(self, global_batch_size):
         if global_batch_size > self.K or self.K % global_batch_size:
@@ -107,9 +108,16 @@ class MoCo(Module):
     def enqueue(self, keys):
         """Replace the oldest keys with this step's keys from all ranks (in rank order)."""
         keys = concat_all_gather(keys)
-        ptr = int(self.queue_ptr[0])
+        if self._ptr is None:  # read the buffer once (after start or a load), then mirror it on the host
+            self._ptr = int(self.queue_ptr[0])
+        ptr = self._ptr
         self.queue[:, ptr:ptr + keys.shape[0]] = keys.T
-        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
+        self._ptr = (ptr + keys.shape[0]) % self.K
+        self.queue_ptr[0] = self._ptr
+
+    def set_state_dict(self, state_dict, *args, **kwargs):
+        self._ptr = None  # the loaded queue_ptr takes over
+        return super().set_state_dict(state_dict, *args, **kwargs)
 
     def _grouped(self, encoder, x):
         """Run `encoder` on bn_splits chunks so each chunk gets its own BatchNorm statistics."""

@@ -137,3 +137,15 @@ def test_build_module_reports_unknown_keys():
         build_module({"module": "MOCOModul", "model": {}})
     with pytest.raises(ConfigError, match="Model.model.T: 0 is out of range"):
         build_module({"module": "MOCOModule", "model": {"base_encoder": TINY, "T": 0}})
+
+
+def test_enqueue_continues_from_a_loaded_pointer():
+    moco = make_moco(K=8, dim=2)
+    moco.enqueue(paddle.full([4, 2], 1.0))  # host mirror of the pointer now says 4
+    state = moco.state_dict()
+    state["queue_ptr"] = paddle.to_tensor([2], dtype="int64")
+    moco.set_state_dict(state)
+    moco.enqueue(paddle.full([4, 2], 5.0))
+    np.testing.assert_array_equal(moco.queue.numpy()[0], [1, 1, 5, 5, 5, 5, moco.queue.numpy()[0, 6],
+                                                          moco.queue.numpy()[0, 7]])
+    assert int(moco.queue_ptr[0]) == 6
