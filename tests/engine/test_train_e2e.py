@@ -72,3 +72,14 @@ def test_resume_at_epoch_boundary_with_ckpt_dir(tmp_path):
     a, b = _final_state(straight, "epoch_2"), _final_state(resumed, "epoch_2")
     for key in a:
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_path_runs_and_matches_fp32(tmp_path, dtype):
+    """AMP O1 (autocast + loss scaling for float16) runs end to end. On CPU Paddle has no
+    reduced-precision conv kernels, so the loss stays close to the fp32 run's."""
+    fp32, amp = tmp_path / "fp32", tmp_path / "amp"
+    train("mocov2_pt_digits_1n2c.yaml", fp32, "Engine.max_steps=2", "Engine.eval_freq=-1")
+    train("mocov2_pt_digits_1n2c.yaml", amp, "Engine.max_steps=2", "Engine.eval_freq=-1",
+          "Engine.mix_precision.enable=true", f"Engine.mix_precision.dtype={dtype}")
+    np.testing.assert_allclose(train_log_losses(amp), train_log_losses(fp32), rtol=5e-2)
