@@ -1,8 +1,20 @@
 """Shared command-line handling for tools/: -c/-o parsing and one-line user errors (exit 2)."""
 import argparse
+import errno
+import multiprocessing
+import os
 import sys
+import threading
 
 from ppmoco.errors import PpmocoError
+
+# A user error raised in a helper thread (see _thread_hook), and who reports it: the main thread
+# when it can still exit normally (worker processes are stopped by the exit handlers), else the
+# helper thread itself after this grace period.
+_THREAD_ERRORS = []
+_THREAD_FAILED = threading.Event()
+_MAIN_REPORTS = threading.Event()
+_GRACE_S = 2.0
 
 
 def parse_args(description, argv=None):
@@ -16,13 +28,92 @@ def parse_args(description, argv=None):
     return args
 
 
+def one_line(err):
+    """The message of user error `err` as one line.
+
+    Paddle's DataLoader re-raises a worker's exception as the same type with the worker's whole
+    traceback as its message; the original message is that traceback's last line.
+    """
+    text = str(err).strip()
+    if "\n" in text:
+        text = text.splitlines()[-1].strip()
+        for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__qualname__):
+            if text.startswith(name + ": "):
+                text = text[len(name) + 2:]
+                break
+    return text
+
+
+def _report(err):
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+
+
+# File-system failures the user fixes (space, permissions, a file where a folder should be),
+# whichever write hits them first: the log, config.yaml, VisualDL, a checkpoint.
+_FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+              errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def _fs_error(err):
+    """`err` as a one-line message when it is a file-system failure on a named path, else None."""
+    if isinstance(err, OSError) and err.errno in _FS_ERRNOS and err.filename:
+        reason = err.strerror
+        if err.errno in (errno.ENOTDIR, errno.EEXIST):
+            reason = f"{reason} (a file stands where a folder is needed)"
+        return (f"file system error on {err.filename}: {reason}; free disk space, fix the "
+                "permissions, or point Engine.save_load.output_dir to a writable folder")
+    return None
+
+
+def _thread_hook(debug, previous):
+    """threading.excepthook that turns a user error raised in a helper thread into the run's error.
+
+    Python cannot move a thread's exception to the main thread. Paddle's DataLoader decodes in a
+    thread when num_workers is 0 and never wakes the consumer if the dataset raises: the main
+    thread would wait forever, so after a grace period this hook ends the process itself (any
+    checkpoint being written survives: they are atomic). With workers, the DataLoader re-raises a
+    worker's error in a reader thread and the main thread fails with an unrelated SystemError:
+    run() then reports this error instead and exits normally, which also stops the workers.
+    """
+    def hook(args):
+        if not isinstance(args.exc_value, PpmocoError):
+            return previous(args)
+        if debug:
+            previous(args)
+        _THREAD_ERRORS.append(args.exc_value)
+        _THREAD_FAILED.set()
+        if not _MAIN_REPORTS.wait(_GRACE_S):
+            _report(args.exc_value)
+            for child in multiprocessing.active_children():
+                child.terminate()
+            os._exit(args.exc_value.exit_code)
+    return hook
+
+
 def run(main, argv=None):
-    """Call main(argv); a PpmocoError becomes one line on stderr and exit code 2."""
+    """Call main(argv); a PpmocoError, from any thread, becomes one line on stderr and exit code 2."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = threading.excepthook
+    threading.excepthook = _thread_hook(debug, previous)
     try:
         return main(argv)
     except PpmocoError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         sys.exit(e.exit_code)
+    except OSError as e:
+        message = _fs_error(e)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(PpmocoError.exit_code)
+    except Exception:
+        # A helper thread's user error may be the cause (it broke a queue the main thread reads).
+        if not _THREAD_FAILED.wait(_GRACE_S if threading.active_count() > 1 else 0):
+            raise
+        _MAIN_REPORTS.set()
+        _report(_THREAD_ERRORS[0])
+        sys.exit(_THREAD_ERRORS[0].exit_code)
+    finally:
+        threading.excepthook = previous

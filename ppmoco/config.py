@@ -76,6 +76,12 @@ SCHEMA = {
             "keep_last": 3,        # rotate old checkpoints; <= 0 keeps all
             "auto_resume": False,  # resume from output_dir/latest when it exists
         },
+        # A step whose loss (or update) is not finite stops the run with an error naming the step,
+        # before anything poisoned is saved. true instead skips such steps: the weights, queue,
+        # BN statistics and optimizer state are put back as they were before the step, the batch is
+        # dropped and the step is counted in the log (costs one host sync and one on-device copy of
+        # the training state per step).
+        "skip_nonfinite_steps": False,
     },
     "Model": {
         "module": "",
@@ -108,6 +114,37 @@ SCHEMA = {
 
 # Sections a config may set to null (absent): no evaluation data, for instance.
 NULLABLE = {"Data.Eval", "Engine.save_load.ckpt_dir", "Distributed.dp_degree"}
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Ranges checked at load time, before anything is written, so a value Paddle or NumPy would reject
+# with a traceback (or silently accept, like a negative weight decay) is a one-line error instead:
+# dotted key -> (accepts(value), what is required, an example of a valid value).
+# `Optimizer.lr.learning_rate` sits in an OPEN subtree but every schedule takes it.
+LIMITS = {
+    "Global.seed": (lambda v: 0 <= v < 2 ** 32, "must lie in [0, 2**32)", 2022),
+    "Global.num_threads": (lambda v: v >= 0, "must be >= 0 (0 = cores / local processes)", 0),
+    "Engine.num_train_epochs": (lambda v: v > 0, "must be > 0", 100),
+    "Engine.max_steps": (lambda v: v == -1 or v > 0, "must be > 0, or -1 for no limit", -1),
+    "Engine.logging_freq": (lambda v: v > 0, "must be > 0", 10),
+    "Engine.mix_precision.scale_loss": (lambda v: v > 0, "must be > 0", 32768.0),
+    "Optimizer.momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1)", 0.9),
+    "Optimizer.weight_decay": (lambda v: v >= 0, "must be >= 0", 0.0001),
+    "Optimizer.lr.learning_rate": (lambda v: _number(v) and v > 0, "must be a number > 0", 0.03),
+    "Data.Train.sampler.batch_size": (lambda v: v > 0, "must be > 0", 32),
+    "Data.Eval.sampler.batch_size": (lambda v: v > 0, "must be > 0", 64),
+    "Data.Train.loader.num_workers": (lambda v: v >= 0, "must be >= 0 (0 = load in the main process)", 4),
+    "Data.Eval.loader.num_workers": (lambda v: v >= 0, "must be >= 0 (0 = load in the main process)", 4),
+    "Eval.knn.ks": (lambda v: bool(v) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0
+                                              for k in v), "must be a non-empty list of ints > 0", "[20,200]"),
+    "Eval.knn.temperature": (lambda v: v > 0, "must be > 0", 0.07),
+    "Eval.knn.chunk_size": (lambda v: v > 0, "must be > 0", 256),
+    "Distributed.dp_degree": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                              "must be an int > 0 (or null)", 8),
+}
 
 
 def _read_yaml(path):
@@ -237,6 +274,16 @@ def _validate(tree, schema, prefix):
     return out
 
 
+def _check_limits(cfg):
+    """Apply LIMITS to the keys present (a null section or an unset OPEN key is skipped)."""
+    for key, (accepts, requirement, example) in LIMITS.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not accepts(node):
+            raise ConfigError(f"{key}: {node!r} {requirement}; e.g. -o {key}={example}")
+
+
 def load_config(path, overrides=()):
     """Read `path` with its `_base_` chain, apply `-o` overrides, validate and fill defaults."""
     tree = _load_with_bases(path)
@@ -244,6 +291,7 @@ def load_config(path, overrides=()):
         key, value = parse_override(text)
         set_by_path(tree, key, value)
     cfg = _validate(tree, SCHEMA, "")
+    _check_limits(cfg)
     if not cfg["Model"]["module"]:
         raise ConfigError("Model.module: missing; name the method, e.g. MOCOModule or MOCOClsModule")
     return cfg
@@ -251,6 +299,7 @@ def load_config(path, overrides=()):
 
 def dump_config(cfg, path):
     """Write the resolved config (what actually ran) next to the run's outputs."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)

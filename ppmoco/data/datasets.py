@@ -51,6 +51,12 @@ def _read_rgb(path):
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise OSError("the file is empty (0 bytes)")
         with Image.open(path) as img:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and a corrupt header of a
+            # few hundred bytes can claim such a canvas: seconds of decoding, hundreds of MB per sample.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise OSError(f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS "
+                              f"({limit}); a corrupt header or a decompression bomb")
             img.load()
             return _to_rgb(img)
     finally:
@@ -211,8 +217,9 @@ class _ImageDataset(paddle.io.Dataset):
                 if not self.skip_bad_images:
                     raise _decode_error(path, err, self.config_key) from None
                 self.num_skipped += 1
-                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index",
-                               path, _reason(err), index)
+                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index "
+                               "(%d skipped so far by this process)", path, _reason(err), index,
+                               self.num_skipped)
         raise DataError(f"no image of {self.source} can be decoded")
 
 

@@ -71,6 +71,7 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
             shutil.rmtree(os.path.join(output_dir, stale), ignore_errors=True)
     final = os.path.join(output_dir, name)
     tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
+    old = os.path.join(output_dir, f".tmp-old-{name}-{os.getpid()}")
     try:
         os.makedirs(tmp)
         paddle.save(module.state_dict(), os.path.join(tmp, "model.pdparams"))
@@ -85,14 +86,19 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         for file in FILES:
             with open(os.path.join(tmp, file), "rb+") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(final):  # re-saving the same point (e.g. a resumed run's last step)
-            shutil.rmtree(final)
+        # Re-saving a name (`best`, a step a resumed run redoes): move the old copy aside in one
+        # rename before deleting it, so a crash never leaves a half-deleted folder under that name.
+        if os.path.exists(final):
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
         if regular:
             _write_atomic_text(os.path.join(output_dir, "latest"), name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(final):
+            os.rename(old, final)  # the new copy could not take its place: put the old one back
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; free disk space "
                               "or set Engine.save_load.output_dir to a writable folder "
                               "(earlier checkpoints are intact)") from None

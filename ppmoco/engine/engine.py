@@ -8,11 +8,13 @@ import paddle
 
 from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset
-from ppmoco.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ppmoco.distributed import all_reduce_mean
+from ppmoco.engine.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint)
 from ppmoco.engine.logger import ScalarWriter, format_eta
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.step import TrainStep, build_optimizer
-from ppmoco.errors import ConfigError
+from ppmoco.errors import ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 
 logger = logging.getLogger("ppmoco")
@@ -63,6 +65,8 @@ class Engine:
         self.train_step = TrainStep(module, build_optimizer(opt, module, self.schedule(0, self.epochs)),
                                     engine["mix_precision"])
         self.module, self.optimizer = self.train_step.module, self.train_step.optimizer
+        self.guard = _FiniteGuard(self.module, self.optimizer, engine["skip_nonfinite_steps"],
+                                  self.save_load["output_dir"])
         self.writer = ScalarWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
 
     def _to_device(self, batch):
@@ -72,10 +76,12 @@ class Engine:
 
     def _trainer_state(self, epoch, next_batch, global_step):
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
-                "best": self.best, "rng_state": paddle.get_rng_state()}
+                "best": self.best, "rng_state": paddle.get_rng_state(),
+                "skipped_steps": self.guard.skipped}
 
     def save(self, name, epoch, next_batch, global_step, regular=True):
         """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
+        self.guard.check(global_step, state=True)
         if self.env.is_main:
             path = save_checkpoint(self.save_load["output_dir"], name, self.module, self.optimizer,
                                    self._trainer_state(epoch, next_batch, global_step),
@@ -99,6 +105,7 @@ class Engine:
         return results
 
     def _validate_and_keep_best(self, epoch, global_step):
+        self.guard.check(global_step)
         results = self.evaluate(global_step)
         monitor = self.module.monitor
         value = results.get("linear", {}).get(monitor) if monitor else None
@@ -114,6 +121,7 @@ class Engine:
         state = load_checkpoint(path, self.module, self.optimizer)
         paddle.set_rng_state(state["rng_state"])
         self.best = state.get("best")
+        self.guard.skipped = state.get("skipped_steps", 0)
         logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
                     f"global step {state['global_step']}")
         return state["epoch"], state["next_batch"], state["global_step"]
@@ -141,10 +149,11 @@ class Engine:
                 lr = self.schedule(epoch + batch_idx / steps_per_epoch, self.epochs)
                 self.optimizer.set_lr(lr)
                 meter.data_ready()
-                out = self.train_step(self._to_device(batch))
+                out = self.guard.step(self.train_step, self._to_device(batch), global_step + 1)
                 global_step += 1
                 meter.step_done(out)
                 if global_step % self.cfg["Engine"]["logging_freq"] == 0 or global_step == total_steps:
+                    self.guard.check(global_step)
                     self._log(meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr)
                 # max_steps ending mid-epoch saves where it stopped; a full epoch saves below.
                 stop = global_step == total_steps and batch_idx + 1 < steps_per_epoch
@@ -160,7 +169,8 @@ class Engine:
                 if self.eval_freq > 0 and (epoch % self.eval_freq == 0 or epoch == self.epochs):
                     self._validate_and_keep_best(epoch, global_step)
                 save_epoch = self.save_load["save_epoch"]
-                if save_epoch > 0 and (epoch % save_epoch == 0 or epoch == self.epochs):
+                last = epoch == self.epochs or global_step == total_steps
+                if save_epoch > 0 and (epoch % save_epoch == 0 or last):
                     self.save(f"epoch_{epoch}", epoch, 0, global_step)
         self.writer.close()
         return global_step
@@ -168,17 +178,106 @@ class Engine:
     def _log(self, meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr):
         values, batch_cost, reader_cost = meter.summary()
         ips = self.global_batch / batch_cost if batch_cost > 0 else float("nan")
-        metrics = ", ".join(f"{k}: {v:.4f}" for k, v in values.items())
+        metrics = ", ".join(f"{k}: {v:.4f}" for k, v in values.items()) or "every step skipped"
         if not all(math.isfinite(v) for v in values.values()):
             logger.warning(f"non-finite metrics at step {global_step}: {metrics}")
+        skipped = f", skipped: {self.guard.skipped}" if self.guard.skip else ""
         logger.info(f"[train] epoch: {epoch + 1}/{self.epochs}, step: [{batch_idx + 1}/{steps_per_epoch}], "
                     f"lr: {lr:.6f}, {metrics}, batch_cost: {batch_cost:.4f} s, "
                     f"reader_cost: {reader_cost:.4f} s, ips: {ips:.1f} images/s, "
-                    f"eta: {format_eta(batch_cost * (total_steps - global_step))}")
+                    f"eta: {format_eta(batch_cost * (total_steps - global_step))}{skipped}")
+        if self.guard.skip:
+            self.writer.add("train/skipped_steps", self.guard.skipped, global_step)
         for k, v in values.items():
             self.writer.add(f"train/{k}", v, global_step)
         self.writer.add("train/lr", lr, global_step)
         self.writer.add("train/ips", ips, global_step)
+
+
+class NonFiniteError(PpmocoError):
+    """Training diverged: the loss, or the weights and buffers, became NaN or Inf."""
+
+
+def _tensors(state, prefix=""):
+    """(key, tensor) pairs of a possibly nested state dict (AMP nests its master weights)."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from _tensors(value, f"{prefix}{key}/")
+        elif isinstance(value, paddle.Tensor):
+            yield f"{prefix}{key}", value
+
+
+def _on_any_rank(flags):
+    """Host copy of float 0/1 `flags` that is non-zero wherever any rank's flag is set."""
+    flags = flags.astype("float32")
+    all_reduce_mean([flags])
+    return flags.numpy() > 0
+
+
+class _FiniteGuard:
+    """Keeps NaN/Inf out of checkpoints and evaluations (see Engine.skip_nonfinite_steps).
+
+    Stopping (the default) costs no host sync per step: each step's "loss not finite" flag stays
+    on the device until check() runs, which the loop calls where it syncs anyway (log lines) and
+    before every save or evaluation. So a divergence is reported with its first step, at most
+    logging_freq - 1 steps after it, and nothing computed from it is ever written. Before a save
+    the whole module state is checked too: an update can overflow the weights with a finite loss.
+
+    Skipping has to decide before the next step, so it syncs every step, and it undoes the step
+    generically (no method-specific code): the module state (weights, queue, BN statistics) and
+    the optimizer state are copied on the device before the step and put back if the loss or
+    the updated parameters are not finite. Flags are combined over ranks, so all ranks agree.
+    """
+
+    def __init__(self, module, optimizer, skip, output_dir):
+        self.module, self.optimizer, self.skip = module, optimizer, skip
+        self.params = module.trainable_parameters()
+        self.output_dir = output_dir
+        self.pending_from, self.pending = 0, []  # first step and flags not yet checked
+        self.skipped = 0
+
+    def step(self, train_step, batch, step):
+        """Run train_step(batch) as step number `step`; return its metrics (None if skipped)."""
+        if not self.skip:
+            out = train_step(batch)
+            if not self.pending:
+                self.pending_from = step
+            self.pending.append(paddle.logical_not(paddle.isfinite(out["loss"])))
+            return out
+        module_state = {k: v.clone() for k, v in self.module.state_dict().items()}
+        optimizer_state = {k: v.clone() for k, v in _tensors(self.optimizer.state_dict())}
+        out = train_step(batch)
+        finite = [paddle.isfinite(out["loss"]).all()] + [paddle.isfinite(p).all() for p in self.params]
+        if not _on_any_rank(paddle.logical_not(paddle.stack(finite).all()))[()]:
+            return out
+        self.module.set_state_dict(module_state)
+        for key, tensor in _tensors(self.optimizer.state_dict()):
+            # State the bad step created (Momentum's velocity on the first step) starts at zero.
+            tensor.set_value(optimizer_state[key] if key in optimizer_state else paddle.zeros_like(tensor))
+        self.skipped += 1
+        logger.warning(f"step {step}: loss or update not finite; skipped it and restored the weights, "
+                       f"buffers and optimizer state ({self.skipped} step(s) skipped so far)")
+        return None
+
+    def check(self, step, state=False):
+        """Raise NonFiniteError for a pending non-finite loss or, with `state`, a non-finite module state."""
+        pending, self.pending = self.pending, []
+        if pending:
+            bad = _on_any_rank(paddle.stack(pending)).nonzero()[0]
+            if bad.size:
+                self._stop(f"the loss is NaN or Inf at step {self.pending_from + int(bad[0])}")
+        if state:
+            finite = [paddle.isfinite(t).all() for t in self.module.state_dict().values()
+                      if paddle.is_floating_point(t)]
+            if _on_any_rank(paddle.logical_not(paddle.stack(finite).all()))[()]:
+                self._stop(f"the weights or buffers hold NaN or Inf after step {step} (the update overflowed)")
+
+    def _stop(self, what):
+        where = latest_checkpoint(self.output_dir)
+        kept = f"the last checkpoint, {where}, is intact" if where else "no checkpoint was written"
+        raise NonFiniteError(f"training diverged: {what}; stopped without saving ({kept}); lower "
+                             "Optimizer.lr.learning_rate, check the data, or set "
+                             "Engine.skip_nonfinite_steps=true to skip such steps")
 
 
 class _Meter:
@@ -188,7 +287,7 @@ class _Meter:
         self.restart()
 
     def restart(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.kept = {}, 0, 0
         self.batch_time = self.reader_time = 0.0
         self.last = time.perf_counter()
 
@@ -196,17 +295,19 @@ class _Meter:
         self.reader_time += time.perf_counter() - self.last
 
     def step_done(self, out):
-        for k, v in out.items():
+        """Account a step; `out` None (a skipped step) counts its time but not its metrics."""
+        for k, v in (out or {}).items():
             v = v.detach()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
+        self.kept += out is not None
         now = time.perf_counter()
         self.batch_time += now - self.last
         self.last = now
 
     def summary(self):
         n = max(self.count, 1)
-        values = {k: float(v) / n for k, v in self.sums.items()}
+        values = {k: float(v) / max(self.kept, 1) for k, v in self.sums.items()}
         result = values, self.batch_time / n, self.reader_time / n
         self.restart()
         return result

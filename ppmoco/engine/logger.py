@@ -8,6 +8,18 @@ import os
 import sys
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """Creates the log file (and its folder) with the first record: a run rejected before it logs
+    anything leaves nothing behind."""
+
+    def __init__(self, path):
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
 def setup_logger(output_dir, is_main):
     logger = logging.getLogger("ppmoco")
     logger.handlers.clear()
@@ -18,8 +30,7 @@ def setup_logger(output_dir, is_main):
     console.setFormatter(fmt)
     logger.addHandler(console)
     if is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        to_file = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
+        to_file = _LazyFileHandler(os.path.join(output_dir, "train.log"))
         to_file.setFormatter(fmt)
         logger.addHandler(to_file)
     return logger

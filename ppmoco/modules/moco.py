@@ -68,10 +68,12 @@ class MoCo(Module):
     def __init__(self, base_encoder, projector=None, dim=128, K=65536, m=0.999, T=0.07,
                  bn_splits=1):
         super().__init__()
-        for key, value, ok in (("dim", dim, dim > 0), ("K", K, K > 0), ("T", T, T > 0),
-                               ("m", m, 0 <= m <= 1), ("bn_splits", bn_splits, bn_splits >= 1)):
+        for key, value, ok, need in (("dim", dim, dim > 0, "> 0"), ("T", T, T > 0, "> 0"),
+                                     ("K", K, K > 0, "> 0 and a multiple of the global batch"),
+                                     ("m", m, 0 <= m <= 1, "in [0, 1]"),
+                                     ("bn_splits", bn_splits, bn_splits >= 1, ">= 1")):
             if not ok:
-                raise ConfigError(f"Model.model.{key}: {value} is out of range")
+                raise ConfigError(f"Model.model.{key}: {value} is out of range; it must be {need}")
         self.K, self.m, self.T, self.bn_splits = K, m, T, bn_splits
         self.encoder_q = Encoder(base_encoder, projector, dim)
         self.encoder_k = Encoder(base_encoder, projector, dim)

@@ -83,3 +83,10 @@ def test_mixed_precision_path_runs_and_matches_fp32(tmp_path, dtype):
     train("mocov2_pt_digits_1n2c.yaml", amp, "Engine.max_steps=2", "Engine.eval_freq=-1",
           "Engine.mix_precision.enable=true", f"Engine.mix_precision.dtype={dtype}")
     np.testing.assert_allclose(train_log_losses(amp), train_log_losses(fp32), rtol=5e-2)
+
+
+def test_max_steps_ending_on_an_epoch_boundary_still_saves(tmp_path):
+    out = tmp_path / "run"  # 1437 images / 256 = 5 steps per epoch; save_epoch alone would not save
+    train("mocov2_pt_digits_1n2c.yaml", out, "Data.Train.sampler.batch_size=256", "Model.model.K=256",
+          "Engine.max_steps=5", "Engine.eval_freq=-1", "Engine.save_load.save_epoch=50")
+    assert (out / "latest").read_text().strip() == "epoch_1"

@@ -49,3 +49,19 @@ def test_pretrain_then_linear_and_knn(tmp_path):
             assert 0 <= v["top1"] <= v["top5"] <= 100
             assert f"knn k={k} top1={v['top1']:.2f} top5={v['top5']:.2f}" in out
     assert "randomly initialised backbone" in out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("Eval.knn.ks=[10,0]", "error: Eval.knn.ks: [10, 0] must be a non-empty list of ints > 0; "
+                           "e.g. -o Eval.knn.ks=[20,200]"),
+    ("Eval.knn.chunk_size=0", "error: Eval.knn.chunk_size: 0 must be > 0; e.g. -o Eval.knn.chunk_size=256"),
+    ("Eval.protocol=svm", "error: Eval.protocol: 'svm' is not one of linear, knn"),
+])
+def test_bad_knn_settings_are_one_line_errors(tmp_path, override, message):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "eval.py"), "-c",
+           os.path.join(ROOT, "configs", "moco_lincls_digits_1n2c.yaml"), "-o", "Eval.protocol=knn",
+           "-o", "Model.model.base_encoder.pretrained=null", "-o", f"Engine.save_load.output_dir={tmp_path}",
+           "-o", override]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "eval_results.json").exists()
