@@ -20,11 +20,6 @@ from ppmoco.eval.evaluator import Evaluator, summary_lines
 logger = logging.getLogger("ppmoco")
 
 
-def _positive(value, key):
-    if value <= 0:
-        raise ConfigError(f"{key}: {value} must be > 0")
-
-
 class Engine:
     """Trains a Module with the Engine/Optimizer/Data sections of a resolved config."""
 
@@ -33,13 +28,10 @@ class Engine:
         engine, train = cfg["Engine"], cfg["Data"]["Train"]
         self.save_load = engine["save_load"]
         self.epochs = engine["num_train_epochs"]
-        _positive(self.epochs, "Engine.num_train_epochs")
-        _positive(engine["logging_freq"], "Engine.logging_freq")
         sampler = train["sampler"]
         if sampler["name"] != "DistributedBatchSampler":
             raise ConfigError(f"Data.Train.sampler.name: '{sampler['name']}' is not supported; "
                               "use DistributedBatchSampler")
-        _positive(sampler["batch_size"], "Data.Train.sampler.batch_size")
         self.global_batch = sampler["batch_size"] * env.world_size
         module.setup(self.global_batch)
 

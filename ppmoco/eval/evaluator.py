@@ -18,8 +18,6 @@ def _eval_loader(dataset, data_cfg, key, env, seed):
     if sampler["shuffle"] or sampler["drop_last"]:
         raise ConfigError(f"{key}.sampler: evaluation visits every sample once; set shuffle: false "
                           "and drop_last: false")
-    if sampler["batch_size"] <= 0:
-        raise ConfigError(f"{key}.sampler.batch_size: {sampler['batch_size']} must be > 0")
     loader, sampler = build_dataloader(dataset, sampler["batch_size"], env.world_size, env.rank,
                                        False, False, seed, **data_cfg["loader"])
     return loader, sampler, dataset
