@@ -44,8 +44,8 @@ def one_line(err):
     return text
 
 
-def _report(err):
-    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+def _report(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 # File-system failures the user fixes (space, permissions, a file where a folder should be),
@@ -83,7 +83,7 @@ def _thread_hook(debug, previous):
         _THREAD_ERRORS.append(args.exc_value)
         _THREAD_FAILED.set()
         if not _MAIN_REPORTS.wait(_GRACE_S):
-            _report(args.exc_value)
+            _report(one_line(args.exc_value))
             for child in multiprocessing.active_children():
                 child.terminate()
             os._exit(args.exc_value.exit_code)
@@ -100,20 +100,20 @@ def run(main, argv=None):
     except PpmocoError as e:
         if debug:
             raise
-        _report(e)
+        _report(one_line(e))
         sys.exit(e.exit_code)
     except OSError as e:
         message = _fs_error(e)
         if message is None or debug:
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _report(message)
         sys.exit(PpmocoError.exit_code)
     except Exception:
         # A helper thread's user error may be the cause (it broke a queue the main thread reads).
         if not _THREAD_FAILED.wait(_GRACE_S if threading.active_count() > 1 else 0):
             raise
         _MAIN_REPORTS.set()
-        _report(_THREAD_ERRORS[0])
+        _report(one_line(_THREAD_ERRORS[0]))
         sys.exit(_THREAD_ERRORS[0].exit_code)
     finally:
         threading.excepthook = previous

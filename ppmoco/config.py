@@ -17,6 +17,7 @@ import re
 import yaml
 
 from ppmoco.errors import ConfigError
+from ppmoco.fileio import write_text_atomic
 
 
 class _Loader(yaml.SafeLoader):
@@ -299,8 +300,4 @@ def load_config(path, overrides=()):
 
 def dump_config(cfg, path):
     """Write the resolved config (what actually ran) next to the run's outputs."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))

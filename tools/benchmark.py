@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from ppmoco.cli import run  # noqa: E402
 from ppmoco.config import load_config  # noqa: E402
+from ppmoco.fileio import write_text_atomic  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BASE = os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml")
@@ -189,10 +190,7 @@ def main(argv=None):
     if env.is_main:
         print_table(result)
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            write_text_atomic(args.json, json.dumps(result, indent=1))
             print(f"wrote {args.json}")
     return result
 

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from ppmoco.cli import parse_args, run  # noqa: E402
 from ppmoco.config import load_config  # noqa: E402
 from ppmoco.errors import CheckpointError  # noqa: E402
+from ppmoco.fileio import write_text_atomic  # noqa: E402
 
 
 def classifier_checkpoint(save_load):
@@ -47,9 +48,8 @@ def main(argv=None):
     results = engine.evaluate()
     if env.is_main:
         out = os.path.join(save_load["output_dir"], "eval_results.json")
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"protocol": cfg["Eval"]["protocol"], "results": results}, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": results},
+                                          indent=1))
         logger.info(f"wrote {out}")
 
 

@@ -14,6 +14,7 @@ import shutil
 import paddle
 
 from ppmoco.errors import CheckpointError
+from ppmoco.fileio import write_text_atomic
 
 FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.pkl", "meta.json")
 
@@ -24,15 +25,6 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic_text(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rename_optimizer_state(state, names):
@@ -94,7 +86,7 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         _fsync_dir(output_dir)
         shutil.rmtree(old, ignore_errors=True)
         if regular:
-            _write_atomic_text(os.path.join(output_dir, "latest"), name + "\n")
+            write_text_atomic(os.path.join(output_dir, "latest"), name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isdir(old) and not os.path.exists(final):
