@@ -37,6 +37,8 @@ class TrainStep:
 
     def __call__(self, batch):
         """Run one step on `batch`; return the module's metrics as tensors (no host sync)."""
+        with paddle.no_grad():
+            self.module.before_step()
         with self._autocast():
             out = self.module.training_step(batch)
         loss = out["loss"]
@@ -48,4 +50,6 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.clear_grad()
+        with paddle.no_grad():
+            self.module.after_step()
         return out

@@ -12,6 +12,10 @@ Hooks a subclass defines:
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
   (the `linear` evaluation protocol).
 - optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
+- optionally `before_step()` / `after_step()`: gradient-free state updates that must come before
+  the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's enqueue).
+  Kept out of `training_step` so no in-place write races a read of the same tensor, in autograd
+  or in the static program the CPU fast path compiles (ppmoco/engine/static_step.py).
 """
 import paddle.nn as nn
 
@@ -27,6 +31,12 @@ class Module(nn.Layer):
     def trainable_parameters(self):
         """Parameters the optimizer updates (gradient-carrying ones by default)."""
         return [p for p in self.parameters() if not p.stop_gradient]
+
+    def before_step(self):
+        """Runs (without gradient) before every training_step."""
+
+    def after_step(self):
+        """Runs (without gradient) after every optimizer update."""
 
     def on_epoch_end(self, epoch):
         """Called after every training epoch; `epoch` counts the finished epochs from 1."""

@@ -51,10 +51,7 @@ def accuracy(logits, labels, topk=(1, 5)):
 
 
 def info_nce(q, k, queue, T):
-    """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T.
-
-    The queue must be a detached copy: it is overwritten in place after the logits.
-    """
+    """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T."""
     l_pos = (q * k).sum(axis=1, keepdim=True)
     l_neg = paddle.matmul(q, queue)
     logits = paddle.concat([l_pos, l_neg], axis=1) / T
@@ -86,7 +83,7 @@ class MoCo(Module):
             p.stop_gradient = True
         self.register_buffer("queue", F.normalize(paddle.randn([dim, K]), axis=0))
         self.register_buffer("queue_ptr", paddle.zeros([1], dtype="int64"))
-        self._ptr = None
+        self._new_keys = None  # this step's keys, enqueued by after_step
 
     def setup(self, global_batch_size):
         if global_batch_size > self.K or self.K % global_batch_size:
@@ -104,22 +101,33 @@ class MoCo(Module):
     @paddle.no_grad()
     def momentum_update(self):
         for q, k in self._ema_pairs:
-            k.set_value(k * self.m + q * (1.0 - self.m))
+            paddle.assign(k * self.m + q * (1.0 - self.m), output=k)
+
+    def before_step(self):
+        # builder.py updates the key encoder after the query forward; the query forward does not
+        # read the key encoder, so updating first is the same computation.
+        self.momentum_update()
+
+    def after_step(self):
+        # builder.py enqueues inside forward and reads a copy of the queue; enqueueing after the
+        # update is the same computation without the copy, and keeps the in-place write after
+        # every read of the queue (autograd's and a static program's).
+        self.enqueue(self._new_keys)
+        self._new_keys = None
 
     @paddle.no_grad()
     def enqueue(self, keys):
-        """Replace the oldest keys with this step's keys from all ranks (in rank order)."""
-        keys = concat_all_gather(keys)
-        if self._ptr is None:  # read the buffer once (after start or a load), then mirror it on the host
-            self._ptr = int(self.queue_ptr[0])
-        ptr = self._ptr
-        self.queue[:, ptr:ptr + keys.shape[0]] = keys.T
-        self._ptr = (ptr + keys.shape[0]) % self.K
-        self.queue_ptr[0] = self._ptr
+        """Replace the oldest keys with this step's keys from all ranks (in rank order).
 
-    def set_state_dict(self, state_dict, *args, **kwargs):
-        self._ptr = None  # the loaded queue_ptr takes over
-        return super().set_state_dict(state_dict, *args, **kwargs)
+        The pointer stays a device tensor: no host sync per step.
+        """
+        keys = concat_all_gather(keys)
+        n = keys.shape[0]
+        columns = (self.queue_ptr + paddle.arange(n, dtype="int64")) % self.K
+        queue = paddle.put_along_axis(self.queue, columns.unsqueeze(0).expand([keys.shape[1], n]),
+                                      keys.T.astype(self.queue.dtype), axis=1)
+        paddle.assign(queue, output=self.queue)
+        paddle.assign((self.queue_ptr + n) % self.K, output=self.queue_ptr)
 
     def _grouped(self, encoder, x):
         """Run `encoder` on bn_splits chunks so each chunk gets its own BatchNorm statistics."""
@@ -130,7 +138,6 @@ class MoCo(Module):
     @paddle.no_grad()
     def keys(self, im_k):
         """Key features with shuffle BN: shuffle across ranks, encode, restore the order."""
-        self.momentum_update()
         shuffled, idx_unshuffle = batch_shuffle(im_k)
         k = F.normalize(self._grouped(self.encoder_k, shuffled), axis=1)
         return batch_unshuffle(k, idx_unshuffle)
@@ -139,7 +146,7 @@ class MoCo(Module):
         im_q, im_k = batch[0], batch[1]
         q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
         k = self.keys(im_k)
-        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        loss, logits = info_nce(q, k, self.queue.detach(), self.T)
         acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
-        self.enqueue(k)
+        self._new_keys = k
         return {"loss": loss, "acc1": acc1, "acc5": acc5}

@@ -49,17 +49,23 @@ def _inject_nan(engine, at_step):
 
     Returns the module state (weights, buffers, queue) recorded just before that step.
     """
-    module, real_step, calls, before = engine.module, engine.module.training_step, [0], {}
+    module, calls, before = engine.module, [0], {}
+    real_before, real_step = module.before_step, module.training_step
+
+    def before_step():  # the step starts here (MoCo's momentum update)
+        calls[0] += 1
+        if calls[0] == at_step:
+            before.update({k: v.numpy().copy() for k, v in module.state_dict().items()})
+        real_before()
 
     def training_step(batch):
-        calls[0] += 1
-        if calls[0] != at_step:
-            return real_step(batch)
-        before.update({k: v.numpy().copy() for k, v in module.state_dict().items()})
         out = real_step(batch)
+        if calls[0] != at_step:
+            return out
         module.queue.set_value(paddle.full_like(module.queue, float("nan")))
         return dict(out, loss=out["loss"] * float("nan"))
 
+    module.before_step = before_step
     module.training_step = training_step
     return before
 
@@ -72,8 +78,9 @@ def _optimizer_state(folder):
 def test_skipped_step_leaves_no_trace(tmp_path, monkeypatch, bad_step):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    engine = _engine(out, f"Engine.max_steps={bad_step + 1}", "Engine.save_load.save_steps=1",
-                     "Engine.save_load.keep_last=0", "Engine.skip_nonfinite_steps=true")
+    engine = _engine(out, f"Engine.max_steps={bad_step + 1}",
+                     "Engine.save_load.save_steps=1", "Engine.save_load.keep_last=0",
+                     "Engine.skip_nonfinite_steps=true")
     before = _inject_nan(engine, bad_step)
     assert engine.fit() == bad_step + 1
 
@@ -104,8 +111,8 @@ def test_nan_loss_stops_before_the_next_save_with_its_step(tmp_path, monkeypatch
     """No per-step sync: the NaN at step 3 is found at the step-4 save, which is not written."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    engine = _engine(out, "Engine.max_steps=8", "Engine.save_load.save_steps=2", "Engine.logging_freq=100",
-                     "Engine.save_load.keep_last=0")
+    engine = _engine(out, "Engine.max_steps=8", "Engine.save_load.save_steps=2",
+                     "Engine.logging_freq=100", "Engine.save_load.keep_last=0")
     _inject_nan(engine, 3)
     with pytest.raises(NonFiniteError, match=r"the loss is NaN or Inf at step 3; stopped without saving "
                                              rf"\(the last checkpoint, {out / 'step_2'}, is intact\)"):

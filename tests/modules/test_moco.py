@@ -53,12 +53,14 @@ def test_training_step_loss_and_enqueue_against_reference():
     out = moco.training_step([im_q, im_k])
     np.testing.assert_allclose(float(out["loss"]), numpy_info_nce(q_ref, k_ref, queue_before, 0.2),
                                rtol=1e-4)
+    np.testing.assert_array_equal(moco.queue.numpy(), queue_before)  # enqueued only by after_step
+    out["loss"].backward()
+    assert moco.encoder_q.head[0].weight.grad is not None
+    assert all(p.grad is None for p in moco.encoder_k.parameters())
+    moco.after_step()
     np.testing.assert_allclose(moco.queue.numpy()[:, :4], k_ref.T, atol=1e-5)
     np.testing.assert_array_equal(moco.queue.numpy()[:, 4:], queue_before[:, 4:])
     assert int(moco.queue_ptr[0]) == 4
-    out["loss"].backward()  # the in-place enqueue must not break the graph
-    assert moco.encoder_q.head[0].weight.grad is not None
-    assert all(p.grad is None for p in moco.encoder_k.parameters())
 
 
 def test_enqueue_wraps_around():
@@ -141,7 +143,7 @@ def test_build_module_reports_unknown_keys():
 
 def test_enqueue_continues_from_a_loaded_pointer():
     moco = make_moco(K=8, dim=2)
-    moco.enqueue(paddle.full([4, 2], 1.0))  # host mirror of the pointer now says 4
+    moco.enqueue(paddle.full([4, 2], 1.0))  # the pointer now says 4
     state = moco.state_dict()
     state["queue_ptr"] = paddle.to_tensor([2], dtype="int64")
     moco.set_state_dict(state)
