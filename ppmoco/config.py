@@ -61,6 +61,10 @@ SCHEMA = {
         "max_steps": -1,           # > 0 stops early after this many optimizer steps in total
         "logging_freq": 10,
         "eval_freq": -1,           # validate every N epochs; -1 never
+        # How a training step runs. static: one compiled program on oneDNN kernels, the CPU fast
+        # path (one process, float32; README "Performance"). eager: Paddle's dynamic mode (GPU,
+        # several processes, AMP). auto: static on a single CPU process in float32, else eager.
+        "execution": Choice(("auto", "eager", "static")),
         "mix_precision": {
             "enable": False,
             "dtype": Choice(("float16", "bfloat16")),

@@ -89,16 +89,20 @@ def bench_step(cfg, env, steps, warmup):
     import numpy as np
     import paddle
 
-    from ppmoco.engine.step import TrainStep, build_optimizer
+    from ppmoco.engine.step import build_train_step
     from ppmoco.modules import build_module
 
     module = build_module(cfg["Model"])
     batch_size = cfg["Data"]["Train"]["sampler"]["batch_size"]
     module.setup(batch_size * env.world_size)
     module.train()
-    step = TrainStep(module, build_optimizer(cfg["Optimizer"], module, 0.03), cfg["Engine"]["mix_precision"])
+    step = build_train_step(cfg["Engine"], cfg["Optimizer"], module, 0.03, env)
+    static = step.execution != "eager"
     sync = paddle.device.synchronize if env.device == "gpu" else (lambda: None)
-    phases = PhaseTimer(module, [n for n in PHASES if hasattr(module, n)], sync)
+    # A static program runs the key forward and the optimizer inside it: only the eager hooks
+    # around it can be timed on their own.
+    names = [n for n in PHASES if hasattr(module, n) and not (static and n == "keys")]
+    phases = PhaseTimer(module, names, sync)
     opt_timer = PhaseTimer(step.optimizer, ["step"], sync)
     rng = np.random.default_rng(0)
     h, w = crop_size(cfg)
@@ -117,10 +121,13 @@ def bench_step(cfg, env, steps, warmup):
     measured = times[warmup:]
     per_step = sum(measured) / steps
     ms = {name: 1000 * t / steps for name, t in phases.total.items()}
-    ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
-    ms["key_fwd"] = ms.pop("keys")
-    ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
-    return {"images_per_sec": batch_size * env.world_size / per_step, "ms_per_step": 1000 * per_step,
+    if static:
+        ms["program"] = 1000 * per_step - sum(ms.values())  # query fwd+bwd, key fwd, optimizer
+    else:
+        ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
+        ms["key_fwd"] = ms.pop("keys")
+        ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
+    return {"execution": step.execution, "images_per_sec": batch_size * env.world_size / per_step, "ms_per_step": 1000 * per_step,
             "ms_per_step_min": 1000 * min(measured), "phases_ms": ms, "batch_size": batch_size,
             "image_size": [h, w], "steps": steps, "warmup": warmup}
 
@@ -198,6 +205,7 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {s['image_size'][0]} px, "
                                f"batch {s['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
+            ("execution", s["execution"]),
             ("step images/s", f"{s['images_per_sec']:.2f}"),
             ("ms per step (mean / min)", f"{s['ms_per_step']:.1f} / {s['ms_per_step_min']:.1f}")]
     rows += [(f"  {name}", f"{ms:.1f} ms") for name, ms in s["phases_ms"].items()]

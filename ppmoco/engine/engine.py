@@ -13,7 +13,7 @@ from ppmoco.engine.checkpoint import (find_resume_checkpoint, latest_checkpoint,
                                       save_checkpoint)
 from ppmoco.engine.logger import ScalarWriter, format_eta
 from ppmoco.engine.lr import build_schedule
-from ppmoco.engine.step import TrainStep, build_optimizer
+from ppmoco.engine.step import build_train_step
 from ppmoco.errors import ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 
@@ -54,8 +54,7 @@ class Engine:
 
         opt = cfg["Optimizer"]
         self.schedule = build_schedule(opt["lr"])
-        self.train_step = TrainStep(module, build_optimizer(opt, module, self.schedule(0, self.epochs)),
-                                    engine["mix_precision"])
+        self.train_step = build_train_step(engine, opt, module, self.schedule(0, self.epochs), env)
         self.module, self.optimizer = self.train_step.module, self.train_step.optimizer
         self.guard = _FiniteGuard(self.module, self.optimizer, engine["skip_nonfinite_steps"],
                                   self.save_load["output_dir"])
@@ -129,7 +128,8 @@ class Engine:
             total_steps = min(total_steps, max_steps)
         logger.info(f"training {type(self.module).__name__}: {len(self.train_set)} images, "
                     f"{self.env.world_size} process(es) x batch {self.global_batch // self.env.world_size}"
-                    f" on {self.env.device} ({self.env.num_threads} thread(s) each), "
+                    f" on {self.env.device} ({self.env.num_threads} thread(s) each, "
+                    f"{self.train_step.execution} execution), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
         meter = _Meter()
         while epoch < self.epochs and global_step < total_steps:

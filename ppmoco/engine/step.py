@@ -16,8 +16,25 @@ def build_optimizer(opt_cfg, module, learning_rate):
                                      weight_decay=opt_cfg["weight_decay"])
 
 
+def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
+    """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager)."""
+    optimizer = build_optimizer(opt_cfg, module, learning_rate)
+    amp = engine_cfg["mix_precision"]
+    mode = engine_cfg["execution"]
+    if mode == "auto":
+        mode = "static" if env.device == "cpu" and env.world_size == 1 and not amp["enable"] else "eager"
+    if mode == "eager":
+        return TrainStep(module, optimizer, amp)
+    from ppmoco.engine.static_step import StaticTrainStep, check_static_supported
+    check_static_supported(env, amp)
+    return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
+        opt_cfg, static_module, learning_rate))
+
+
 class TrainStep:
     """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss."""
+
+    execution = "eager"
 
     def __init__(self, module, optimizer, amp_cfg):
         self.amp = amp_cfg

@@ -47,7 +47,9 @@ def _engine(out, *overrides):
 def _inject_nan(engine, at_step):
     """Make step `at_step` return a NaN loss after poisoning the queue, as diverged keys would.
 
-    Returns the module state (weights, buffers, queue) recorded just before that step.
+    Returns the module state (weights, buffers, queue) recorded just before that step. The
+    injection is eager Python, so engines built for it run Engine.execution=eager (the static
+    path meets NaN through the config-only divergence tests below).
     """
     module, calls, before = engine.module, [0], {}
     real_before, real_step = module.before_step, module.training_step
@@ -78,7 +80,7 @@ def _optimizer_state(folder):
 def test_skipped_step_leaves_no_trace(tmp_path, monkeypatch, bad_step):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    engine = _engine(out, f"Engine.max_steps={bad_step + 1}",
+    engine = _engine(out, "Engine.execution=eager", f"Engine.max_steps={bad_step + 1}",
                      "Engine.save_load.save_steps=1", "Engine.save_load.keep_last=0",
                      "Engine.skip_nonfinite_steps=true")
     before = _inject_nan(engine, bad_step)
@@ -111,7 +113,7 @@ def test_nan_loss_stops_before_the_next_save_with_its_step(tmp_path, monkeypatch
     """No per-step sync: the NaN at step 3 is found at the step-4 save, which is not written."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    engine = _engine(out, "Engine.max_steps=8", "Engine.save_load.save_steps=2",
+    engine = _engine(out, "Engine.execution=eager", "Engine.max_steps=8", "Engine.save_load.save_steps=2",
                      "Engine.logging_freq=100", "Engine.save_load.keep_last=0")
     _inject_nan(engine, 3)
     with pytest.raises(NonFiniteError, match=r"the loss is NaN or Inf at step 3; stopped without saving "

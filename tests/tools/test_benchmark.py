@@ -9,13 +9,18 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
+PHASES = {"eager": {"momentum_update", "enqueue", "optimizer", "key_fwd", "query_fwd_bwd"},
+          "static": {"momentum_update", "enqueue", "program"}}
+
+
 @pytest.mark.slow
-def test_benchmark_writes_json_with_measured_fields(tmp_path):
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_benchmark_writes_json_with_measured_fields(tmp_path, execution):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c",
            os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
-           "-o", "Data.Train.sampler.batch_size=16", "-o", "Model.model.K=64", "--steps", "2", "--warmup", "1",
-           "--data-samples", "4", "--json", str(out)]
+           "-o", "Data.Train.sampler.batch_size=16", "-o", "Model.model.K=64", "-o", f"Engine.execution={execution}",
+           "--steps", "2", "--warmup", "1", "--data-samples", "4", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -23,7 +28,7 @@ def test_benchmark_writes_json_with_measured_fields(tmp_path):
     assert result["images_per_sec"] == step["images_per_sec"] > 0
     assert step["batch_size"] == 16 and step["image_size"] == [16, 16] and step["steps"] == 2
     phases = step["phases_ms"]
-    assert set(phases) == {"momentum_update", "enqueue", "optimizer", "key_fwd", "query_fwd_bwd"}
+    assert set(phases) == PHASES[execution] and step["execution"].startswith(execution)
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
     assert result["data"]["images_per_sec_per_worker"] > 0 and result["data"]["samples"] == 4

@@ -1,0 +1,248 @@
+"""The training step compiled into one static program and run on oneDNN kernels (the CPU fast path).
+
+Eager Paddle runs conv2d on CPU with plain kernels; the same step as a static program whose
+convolutions run on oneDNN is 3-4.6x faster (tools/benchmark.py, README "Performance"). Nothing of
+the method is written twice: the program is built by calling the Module's own `training_step` once
+on static inputs while every parameter and buffer of the module is temporarily replaced by a static
+value of the same name. Those static variables then share memory with the eager tensors, and so do
+the optimizer's velocities, so checkpoints, evaluation, resume and the NaN guard keep working on
+the eager module and optimizer without copies. `Module.before_step` and `Module.after_step` (MoCo's
+momentum update and enqueue) run eagerly on the shared tensors around each program run: written
+inside the program, their in-place updates were measured to race the step's reads.
+
+Paddle's oneDNN placement pass moves every op it can to oneDNN; the ops in PLAIN_CPU_OPS go back
+to Paddle's CPU kernels, each for the measured reason given there. Equivalence with the eager path
+is tested in tests/engine/test_static_step.py.
+"""
+import contextlib
+
+import numpy as np
+import paddle
+
+from ppmoco.errors import ConfigError
+
+# oneDNN ops that go back to Paddle's CPU kernels, each for a measured reason (see the tests):
+PLAIN_CPU_OPS = {
+    "batch_norm_": "does not write the running mean/variance back in training mode",
+    "batch_norm_grad": "falls back to oneDNN's reference code on blocked-layout gradients (25x slower)",
+    "relu_grad": "same reference-code fallback as batch_norm_grad",
+    "relu_grad_": "same reference-code fallback as batch_norm_grad",
+    "matmul_grad": "crashes when one input needs no gradient (the detached queue)",
+    "divide_grad": "returns a wrong gradient for the divisor (F.normalize)",
+    "pool2d_grad": "raises a oneDNN error (ResNet's max-pool stem)",
+    "concat": "its gradients come out wrong in the MoCo step (50% off at the projection head)",
+}
+_onednn_ready = False
+
+
+def _register_onednn_dialect():
+    """Lower a one-op program with FLAGS_use_onednn, the only public way to load Paddle's oneDNN
+    operator dialect, which the placement pass below needs."""
+    global _onednn_ready
+    if _onednn_ready:
+        return
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        x = paddle.static.data("x", [1], "float32")
+        y = paddle.nn.functional.relu(x)
+    paddle.set_flags({"FLAGS_use_onednn": True})  # (called in static mode by place_on_onednn)
+    try:
+        paddle.static.Executor(paddle.CPUPlace()).run(
+            main, feed={"x": np.ones([1], "float32")}, fetch_list=[y], scope=paddle.static.Scope())
+    finally:
+        paddle.set_flags({"FLAGS_use_onednn": False})
+    _onednn_ready = True
+
+
+def _operand(value):
+    """An op's input as Paddle's builders take it (a list for a combined vector input)."""
+    owner = value.get_defining_op()
+    if owner is not None and owner.name() == "builtin.combine":
+        return [owner.operand_source(i) for i in range(owner.num_operands())]
+    return value
+
+
+def _rebuild_plain(op, attr_names, is_test):
+    """Replace a oneDNN op by the Paddle CPU op with the same operands and `attr_names` (the
+    Paddle op's attributes, in its builder's order; oneDNN ops carry extra ones)."""
+    attrs = op.attrs()
+    args = [_operand(op.operand_source(i)) for i in range(op.num_operands())]
+    args += [is_test if name == "is_test" else attrs[name] for name in attr_names]
+    paddle.pir.set_insertion_point(op)
+    outs = getattr(paddle._pir_ops, op.name().split(".", 1)[1])(*args)
+    for old, new in zip(op.results(), outs if isinstance(outs, (list, tuple)) else [outs]):
+        old.replace_all_uses_with(new)
+    op.erase()
+
+
+def _kind(op):
+    return op.name().split(".", 1)[1]
+
+
+def place_on_onednn(program):
+    """Move the ops of `program` that oneDNN supports onto oneDNN, except PLAIN_CPU_OPS."""
+    _register_onednn_dialect()
+    # The placement pass targets inference and sets every is_test; keep the program's own values
+    # (a frozen eval-mode backbone keeps is_test=True BatchNorm) and train everything else.
+    is_test, attr_names = {}, {}
+    for op in program.global_block().ops:
+        if _kind(op) in PLAIN_CPU_OPS:
+            attr_names[_kind(op)] = op.get_attr_names()
+        if op.has_attr("is_test"):
+            is_test.setdefault(_kind(op), []).append(op.attrs()["is_test"])
+    passes = paddle.pir.PassManager()
+    passes.add_pass("onednn_placement_pass", {})
+    passes.run(program)
+    for op in list(program.global_block().ops):
+        if not op.name().startswith("onednn_op."):
+            continue
+        kind = _kind(op)
+        own = is_test[kind].pop(0) if is_test.get(kind) else False
+        if kind in PLAIN_CPU_OPS:
+            _rebuild_plain(op, attr_names[kind], own)
+        elif op.has_attr("is_test"):
+            op.set_bool_attr("is_test", own)
+    paddle.pir.reset_insertion_point_to_end()
+
+
+def _dense(tensor):
+    return tensor.value().get_tensor()
+
+
+@contextlib.contextmanager
+def _static_mode():
+    """Paddle builds and runs PIR programs only while static mode is on; the rest of ppmoco is eager."""
+    paddle.enable_static()
+    try:
+        yield
+    finally:
+        paddle.disable_static()
+
+
+class _SwappedState:
+    """Context that replaces each parameter and buffer of `module` by a static value named after its
+    state-dict key (a trainable static parameter for a trainable one, else a frozen one)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.names = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+        self.saved, self.values = [], {}
+
+    def __enter__(self):
+        zero = paddle.nn.initializer.Constant(0.0)
+        for layer in self.module.sublayers(include_self=True):
+            for table in (layer._parameters, layer._buffers):
+                for attr, tensor in list(table.items()):
+                    if tensor is None or id(tensor) not in self.names:
+                        continue
+                    key = self.names[id(tensor)]
+                    trainable = not tensor.stop_gradient
+                    value = paddle.static.create_parameter(
+                        tensor.shape, tensor.dtype, name=key, default_initializer=zero)
+                    value.stop_gradient = not trainable
+                    value.trainable = trainable
+                    self.saved.append((table, attr, tensor))
+                    self.values[key] = (value, tensor)
+                    table[attr] = value
+        return self.values
+
+    def __exit__(self, *exc):
+        for table, attr, tensor in self.saved:
+            table[attr] = tensor
+
+
+class StaticTrainStep:
+    """Callable like TrainStep: one program run per step, on the module's and optimizer's own tensors.
+
+    After each run every shared variable is checked to still be the eager tensor's memory, so a
+    kernel that reallocated instead of updating in place fails loudly instead of training a copy.
+
+    Programs are built at the first batch of each shape (usually once). `build_optimizer(module)`
+    makes the optimizer for the static parameters, with the same settings as `optimizer`.
+    """
+
+    execution = "static (oneDNN)"
+
+    def __init__(self, module, optimizer, build_optimizer):
+        self.module, self.optimizer = module, optimizer
+        self.build_optimizer = build_optimizer
+        self.params = module.trainable_parameters()
+        optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(),
+                                       self.params)
+        self.velocity = optimizer._accumulators["velocity"]
+        self.place = paddle.CPUPlace()
+        # The interpreter's own scheduling threads compete with the kernels' OpenMP threads for
+        # the cores; running ops one after another was measured 14% faster (r50_224, 2 cores).
+        paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+        self.executor = paddle.static.Executor(self.place)
+        self.programs = {}
+
+    def _build(self, batch):
+        with _static_mode():
+            main, startup = paddle.static.Program(), paddle.static.Program()
+            with paddle.static.program_guard(main, startup), _SwappedState(self.module) as values:
+                inputs = [paddle.static.data(f"batch_{i}", t.shape, t.dtype) for i, t in enumerate(batch)]
+                out = self.module.training_step(inputs)
+                static_opt = self.build_optimizer(self.module)
+                static_opt.minimize(out["loss"])
+                # Tensors the module keeps for after_step (MoCo's keys) come out with the metrics;
+                # after_step runs eagerly: written inside the program, its in-place updates were
+                # measured to race the backward pass's reads.
+                kept = [k for k, v in vars(self.module).items() if isinstance(v, paddle.pir.Value)]
+                # Fetch copies: the placement pass replaces ops, which would orphan their results.
+                fetches = {k: paddle.assign(v) for k, v in out.items()}
+                fetches.update({k: paddle.assign(getattr(self.module, k)) for k in kept})
+                for k in kept:
+                    setattr(self.module, k, None)
+            lr_value = static_opt._learning_rate_map[main]
+            velocity = static_opt._accumulators["velocity"]
+            place_on_onednn(main)
+            scope = paddle.static.Scope()
+            self.executor.run(startup, scope=scope)
+        shared = []
+        for key, (value, tensor) in values.items():
+            shared.append((key, tensor))
+            if not tensor.stop_gradient:
+                shared.append((velocity[value.name].name, self.velocity[tensor.name]))
+        lr_name = lr_value.name
+        return main, scope, lr_name, list(fetches), list(fetches.values()), shared, kept
+
+    def __call__(self, batch):
+        """Run one step on `batch`; return the module's metrics as (CPU) tensors."""
+        shapes = tuple((tuple(t.shape), str(t.dtype)) for t in batch)
+        if shapes not in self.programs:
+            self.programs[shapes] = self._build(batch)
+        main, scope, lr_name, names, fetch_list, shared, kept = self.programs[shapes]
+        with paddle.no_grad():
+            self.module.before_step()
+        # Re-share every step: eager code (a checkpoint load, the NaN guard) may have given a tensor
+        # new memory. Sharing ~300 tensors costs well under a millisecond.
+        for name, tensor in shared:
+            scope.find_var(name).get_tensor()._share_data_with(_dense(tensor))
+        lr = scope.find_var(lr_name).get_tensor()
+        lr.set(np.full(np.array(lr).shape, self.optimizer.get_lr(), "float32"), self.place)
+        feed = {f"batch_{i}": t.numpy() for i, t in enumerate(batch)}
+        with _static_mode():
+            results = self.executor.run(main, feed=feed, fetch_list=fetch_list, scope=scope)
+        for name, tensor in shared:
+            if scope.find_var(name).get_tensor()._ptr() != _dense(tensor)._ptr():
+                raise RuntimeError(f"static step: Paddle reallocated '{name}' instead of updating it in "
+                                   "place; run with Engine.execution=eager and report this")
+        results = {k: paddle.to_tensor(np.asarray(v)) for k, v in zip(names, results)}
+        for k in kept:
+            setattr(self.module, k, results.pop(k))
+        with paddle.no_grad():
+            self.module.after_step()
+        return results
+
+
+def check_static_supported(env, mix_precision):
+    """Raise ConfigError when Engine.execution=static cannot run in this setting."""
+    if env.world_size > 1:
+        raise ConfigError("Engine.execution: static runs one process (use its threads instead); "
+                          f"{env.world_size} were launched; set Engine.execution=eager or auto")
+    if env.device != "cpu":
+        raise ConfigError("Engine.execution: static is the CPU fast path; on GPU set Engine.execution=eager or auto")
+    if mix_precision["enable"]:
+        raise ConfigError("Engine.execution: static runs float32; set Engine.mix_precision.enable=false "
+                          "or Engine.execution=eager")

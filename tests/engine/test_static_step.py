@@ -1,0 +1,119 @@
+"""The static/oneDNN fast path computes the same training as the eager path.
+
+Tolerance: the fast path runs other kernels (oneDNN convolutions) in float32, so results agree to
+rounding, not bit for bit; over three steps the measured worst difference is below 1e-6, and the
+tests allow 1e-5 (losses: relative 1e-5).
+"""
+import numpy as np
+import paddle
+import pytest
+
+from ppmoco.engine.env import RunEnv
+from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, check_static_supported, place_on_onednn
+from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
+from ppmoco.errors import ConfigError
+from ppmoco.modules.moco import MoCo
+
+TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
+OPT = {"momentum": 0.9, "weight_decay": 1e-4}
+NO_AMP = {"enable": False}
+
+
+def make_moco():
+    paddle.seed(0)
+    moco = MoCo(base_encoder=TINY, projector={"hidden_dim": 16}, dim=8, K=32, m=0.9, T=0.2, bn_splits=2)
+    moco.train()
+    return moco
+
+
+def train(static, steps=3):
+    moco = make_moco()
+    opt = build_optimizer(OPT, moco, 0.05)
+    if static:
+        step = StaticTrainStep(moco, opt, lambda module: build_optimizer(OPT, module, 0.05))
+    else:
+        step = TrainStep(moco, opt, NO_AMP)
+    rng = np.random.default_rng(0)
+    paddle.seed(123)  # the shuffle-BN permutations: both paths draw them from the same generator
+    losses, accs = [], []
+    for _ in range(steps):
+        views = [paddle.to_tensor(rng.standard_normal((8, 3, 16, 16)).astype("float32")) for _ in range(2)]
+        out = step(views)
+        losses.append(float(out["loss"]))
+        accs.append(float(out["acc1"]))
+    state = {k: v.numpy().copy() for k, v in moco.state_dict().items()}
+    velocity = [v.numpy().copy() for v in opt._accumulators["velocity"].values()]
+    return losses, accs, state, velocity
+
+
+@pytest.fixture(scope="module")
+def both_paths():
+    return train(static=False), train(static=True)
+
+
+def test_fast_path_gives_the_eager_losses_weights_queue_and_velocities(both_paths):
+    (le, ae, se, ve), (ls, as_, ss, vs) = both_paths
+    np.testing.assert_allclose(ls, le, rtol=1e-5)
+    np.testing.assert_allclose(as_, ae, atol=1e-4)
+    assert se.keys() == ss.keys()
+    for key in se:
+        np.testing.assert_allclose(ss[key], se[key], atol=1e-5, rtol=0, err_msg=key)
+    assert len(ve) == len(vs) > 0
+    for a, b in zip(ve, vs):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    assert int(ss["queue_ptr"][0]) == 24  # three batches of 8 keys
+
+
+def test_fast_path_updates_batchnorm_running_statistics(both_paths):
+    """oneDNN's training batch_norm leaves running mean/var untouched; the fast path must not."""
+    initial = make_moco().state_dict()
+    (_, _, eager, _), (_, _, static, _) = both_paths
+    for key in ("encoder_q.backbone.bn1._mean", "encoder_q.backbone.layer4.1.bn2._variance",
+                "encoder_k.backbone.bn1._mean"):
+        moved = np.abs(static[key] - initial[key].numpy()).max()
+        assert moved > 1e-3, f"{key} did not move: {moved}"
+        np.testing.assert_allclose(static[key], eager[key], atol=1e-5, rtol=0)
+
+
+def test_placement_keeps_convolutions_on_onednn_and_the_listed_ops_on_paddle():
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data("x", [2, 3, 8, 8], "float32")
+            y = paddle.nn.functional.relu(paddle.nn.BatchNorm2D(4)(paddle.nn.Conv2D(3, 4, 3)(x)))
+            loss = paddle.nn.functional.normalize(y.mean(axis=[2, 3]), axis=1).sum()
+            paddle.optimizer.SGD(0.1).minimize(loss)
+        place_on_onednn(main)
+        ops = {op.name(): op for op in main.global_block().ops}
+    finally:
+        paddle.disable_static()
+    assert {"onednn_op.conv2d", "onednn_op.conv2d_grad"} <= set(ops)
+    assert {"pd_op.batch_norm_", "pd_op.batch_norm_grad"} <= set(ops)
+    assert not {f"onednn_op.{name}" for name in PLAIN_CPU_OPS} & set(ops)
+    assert all(not op.attrs().get("is_test", False) for name, op in ops.items() if name.startswith("onednn_op."))
+
+
+def env(world_size=1, device="cpu"):
+    return RunEnv(device=device, world_size=world_size, rank=0, local_size=world_size, num_threads=1)
+
+
+@pytest.mark.parametrize("kwargs, amp, message", [
+    ({"world_size": 2}, False, "one process"),
+    ({"device": "gpu"}, False, "CPU fast path"),
+    ({}, True, "float32"),
+])
+def test_static_refuses_what_it_cannot_run(kwargs, amp, message):
+    with pytest.raises(ConfigError, match=f"Engine.execution: .*{message}"):
+        check_static_supported(env(**kwargs), {"enable": amp})
+
+
+@pytest.mark.parametrize("execution, world_size, amp, expected", [
+    ("auto", 1, False, "static (oneDNN)"), ("auto", 2, False, "eager"), ("auto", 1, True, "eager"),
+    ("eager", 1, False, "eager"), ("static", 1, False, "static (oneDNN)"),
+])
+def test_auto_picks_the_fast_path_only_where_it_runs(execution, world_size, amp, expected):
+    engine_cfg = {"execution": execution, "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16",
+                                                            "scale_loss": 1.0}}
+    step = build_train_step(engine_cfg, OPT, make_moco(), 0.05, env(world_size))
+    assert step.execution == expected
