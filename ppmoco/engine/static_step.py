@@ -1,7 +1,7 @@
 """The training step compiled into one static program and run on oneDNN kernels (the CPU fast path).
 
 Eager Paddle runs conv2d on CPU with plain kernels; the same step as a static program whose
-convolutions run on oneDNN is 3-4.6x faster (tools/benchmark.py, README "Performance"). Nothing of
+convolutions run on oneDNN is ~3x faster (tools/benchmark.py, README "Performance"). Nothing of
 the method is written twice: the program is built by calling the Module's own `training_step` once
 on static inputs while every parameter and buffer of the module is temporarily replaced by a static
 value of the same name. Those static variables then share memory with the eager tensors, and so do
@@ -15,6 +15,7 @@ to Paddle's CPU kernels, each for the measured reason given there. Equivalence w
 is tested in tests/engine/test_static_step.py.
 """
 import contextlib
+import dataclasses
 
 import numpy as np
 import paddle
@@ -151,6 +152,19 @@ class _SwappedState:
             table[attr] = tensor
 
 
+@dataclasses.dataclass
+class _Compiled:
+    """One built program and what running it needs."""
+
+    program: object
+    scope: object
+    lr_name: str
+    fetch_names: list  # metrics, then the module attributes kept for after_step
+    fetch_values: list
+    shared: list  # (static variable name, eager tensor) pairs that share memory
+    kept: list
+
+
 class StaticTrainStep:
     """Callable like TrainStep: one program run per step, on the module's and optimizer's own tensors.
 
@@ -166,9 +180,9 @@ class StaticTrainStep:
     def __init__(self, module, optimizer, build_optimizer):
         self.module, self.optimizer = module, optimizer
         self.build_optimizer = build_optimizer
-        self.params = module.trainable_parameters()
+        # The eager optimizer's velocities exist from the start, to be shared with the program's.
         optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(),
-                                       self.params)
+                                       module.trainable_parameters())
         self.velocity = optimizer._accumulators["velocity"]
         self.place = paddle.CPUPlace()
         # The interpreter's own scheduling threads compete with the kernels' OpenMP threads for
@@ -204,32 +218,33 @@ class StaticTrainStep:
             shared.append((key, tensor))
             if not tensor.stop_gradient:
                 shared.append((velocity[value.name].name, self.velocity[tensor.name]))
-        lr_name = lr_value.name
-        return main, scope, lr_name, list(fetches), list(fetches.values()), shared, kept
+        return _Compiled(main, scope, lr_value.name, list(fetches), list(fetches.values()), shared, kept)
 
     def __call__(self, batch):
         """Run one step on `batch`; return the module's metrics as (CPU) tensors."""
         shapes = tuple((tuple(t.shape), str(t.dtype)) for t in batch)
         if shapes not in self.programs:
             self.programs[shapes] = self._build(batch)
-        main, scope, lr_name, names, fetch_list, shared, kept = self.programs[shapes]
+        compiled = self.programs[shapes]
+        scope = compiled.scope
         with paddle.no_grad():
             self.module.before_step()
         # Re-share every step: eager code (a checkpoint load, the NaN guard) may have given a tensor
         # new memory. Sharing ~300 tensors costs well under a millisecond.
-        for name, tensor in shared:
+        for name, tensor in compiled.shared:
             scope.find_var(name).get_tensor()._share_data_with(_dense(tensor))
-        lr = scope.find_var(lr_name).get_tensor()
+        lr = scope.find_var(compiled.lr_name).get_tensor()
         lr.set(np.full(np.array(lr).shape, self.optimizer.get_lr(), "float32"), self.place)
         feed = {f"batch_{i}": t.numpy() for i, t in enumerate(batch)}
         with _static_mode():
-            results = self.executor.run(main, feed=feed, fetch_list=fetch_list, scope=scope)
-        for name, tensor in shared:
+            values = self.executor.run(compiled.program, feed=feed, fetch_list=compiled.fetch_values,
+                                       scope=scope)
+        for name, tensor in compiled.shared:
             if scope.find_var(name).get_tensor()._ptr() != _dense(tensor)._ptr():
                 raise RuntimeError(f"static step: Paddle reallocated '{name}' instead of updating it in "
                                    "place; run with Engine.execution=eager and report this")
-        results = {k: paddle.to_tensor(np.asarray(v)) for k, v in zip(names, results)}
-        for k in kept:
+        results = {k: paddle.to_tensor(np.asarray(v)) for k, v in zip(compiled.fetch_names, values)}
+        for k in compiled.kept:
             setattr(self.module, k, results.pop(k))
         with paddle.no_grad():
             self.module.after_step()

@@ -12,6 +12,7 @@ from ppmoco.engine.env import RunEnv
 from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, check_static_supported, place_on_onednn
 from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
+from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
@@ -117,3 +118,28 @@ def test_auto_picks_the_fast_path_only_where_it_runs(execution, world_size, amp,
                                                             "scale_loss": 1.0}}
     step = build_train_step(engine_cfg, OPT, make_moco(), 0.05, env(world_size))
     assert step.execution == expected
+
+
+def test_linear_eval_fast_path_trains_the_classifier_as_eager_and_keeps_the_backbone():
+    """The frozen backbone keeps eval-mode BatchNorm (is_test) on the fast path too."""
+    def run(static):
+        paddle.seed(0)
+        module = LinearEval(base_encoder=TINY, num_classes=3)
+        module.train()
+        opt = build_optimizer(OPT, module, 0.5)
+        step = (StaticTrainStep(module, opt, lambda m: build_optimizer(OPT, m, 0.5)) if static
+                else TrainStep(module, opt, NO_AMP))
+        rng = np.random.default_rng(1)
+        for _ in range(2):
+            images = paddle.to_tensor(rng.standard_normal((6, 3, 16, 16)).astype("float32"))
+            step([images, paddle.to_tensor(rng.integers(0, 3, 6))])
+        return {k: v.numpy().copy() for k, v in module.state_dict().items()}, module
+
+    eager, _ = run(False)
+    static, module = run(True)
+    module.check_backbone_unchanged()  # raises if a weight or BN statistic moved
+    paddle.seed(0)
+    initial = LinearEval(base_encoder=TINY, num_classes=3).state_dict()["classifier.fc.weight"].numpy()
+    assert np.abs(static["classifier.fc.weight"] - initial).max() > 1e-4  # the classifier trained
+    for key in eager:
+        np.testing.assert_allclose(static[key], eager[key], atol=1e-5, rtol=0, err_msg=key)
