@@ -33,6 +33,7 @@ PLAIN_CPU_OPS = {
     "divide_grad": "returns a wrong gradient for the divisor (F.normalize)",
     "pool2d_grad": "raises a oneDNN error (ResNet's max-pool stem)",
     "concat": "its gradients come out wrong in the MoCo step (50% off at the projection head)",
+    "mean": "prints 'ReduceMeanCheckIfOneDNNSupport' to stdout at every run (and it is cheap)",
 }
 _onednn_ready = False
 
