@@ -1,12 +1,14 @@
 """One optimisation step of a Module: autocast, backward, gradient averaging, optimizer update.
 
-Shared by the Engine's loop and tools/benchmark.py, so the benchmark measures the real step.
+`build_train_step` picks it (eager) or the CPU fast path (static_step.StaticTrainStep); both are
+shared by the Engine's loop and tools/benchmark.py, so the benchmark measures the real step.
 """
 import contextlib
 
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
+from ppmoco.engine.static_step import StaticTrainStep, check_static_supported
 
 
 def build_optimizer(opt_cfg, module, learning_rate):
@@ -25,7 +27,6 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
         mode = "static" if env.device == "cpu" and env.world_size == 1 and not amp["enable"] else "eager"
     if mode == "eager":
         return TrainStep(module, optimizer, amp)
-    from ppmoco.engine.static_step import StaticTrainStep, check_static_supported
     check_static_supported(env, amp)
     return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
         opt_cfg, static_module, learning_rate))
