@@ -31,9 +31,8 @@ class LinearEval(Module):
     def __init__(self, base_encoder, num_classes):
         super().__init__()
         self.backbone = build_backbone(base_encoder, "Model.model.base_encoder")
-        self.pretrained = base_encoder.get("pretrained")
-        if self.pretrained is not None:
-            load_pretrained_backbone(self.backbone, self.pretrained)
+        if base_encoder.get("pretrained") is not None:
+            load_pretrained_backbone(self.backbone, base_encoder["pretrained"])
         else:
             logger.warning("Model.model.base_encoder.pretrained is not set: evaluating a randomly "
                            "initialised backbone (the baseline)")

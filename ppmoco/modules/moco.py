@@ -27,8 +27,6 @@ class Encoder(nn.Layer):
     def __init__(self, backbone_cfg, projector_cfg, dim):
         super().__init__()
         self.backbone = build_backbone(backbone_cfg, "Model.model.base_encoder")
-        if backbone_cfg.get("pretrained") is not None:  # start from given weights instead of random
-            load_pretrained_backbone(self.backbone, backbone_cfg["pretrained"])
         head_kwargs = dict(projector_cfg or {}, in_dim=self.backbone.out_dim, out_dim=dim)
         check_kwargs(ProjectionHead, head_kwargs, "Model.model.projector")
         self.head = ProjectionHead(**head_kwargs)
@@ -73,6 +71,8 @@ class MoCo(Module):
                 raise ConfigError(f"Model.model.{key}: {value} is out of range; it must be {need}")
         self.K, self.m, self.T, self.bn_splits = K, m, T, bn_splits
         self.encoder_q = Encoder(base_encoder, projector, dim)
+        if base_encoder.get("pretrained") is not None:  # start from given weights instead of random
+            load_pretrained_backbone(self.encoder_q.backbone, base_encoder["pretrained"])
         self.encoder_k = Encoder(base_encoder, projector, dim)
         self.encoder_k.set_state_dict(self.encoder_q.state_dict())
         stats = _batchnorm_statistics(self.encoder_q)

@@ -58,6 +58,18 @@ def test_ppmoco_moco_checkpoint_by_folder_and_suffixless_file(tmp_path, caplog):
     assert_loaded(moco.encoder_q.backbone, str(folder / "model"))
 
 
+def test_moco_starts_both_encoders_from_pretrained_weights_read_once(tmp_path, source, caplog):
+    path = tmp_path / "r18.pdparams"
+    paddle.save(source.state_dict(), str(path))
+    with caplog.at_level(logging.INFO, logger="ppmoco"):
+        moco = MoCo(base_encoder=dict(TINY, pretrained=str(path)), projector={"hidden_dim": 16}, dim=8, K=16)
+    assert caplog.text.count("backbone tensors from") == 1
+    expected = numpy_state(source)
+    for encoder in (moco.encoder_q, moco.encoder_k):
+        for name, value in numpy_state(encoder.backbone).items():
+            np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
 def test_linear_classifier_checkpoint(tmp_path, source):
     state = numpy_state(source, "backbone.")
     state.update({"fc.weight": np.zeros([8, 10], "float32"), "fc.bias": np.zeros([10], "float32"),
