@@ -21,8 +21,6 @@ import warnings
 import numpy as np
 import paddle
 
-from ppmoco.errors import ConfigError
-
 # oneDNN ops that go back to Paddle's CPU kernels, each for a measured reason (see the tests):
 PLAIN_CPU_OPS = {
     "batch_norm_": "does not write the running mean/variance back in training mode",
@@ -255,13 +253,14 @@ class StaticTrainStep:
         return results
 
 
-def check_static_supported(env, mix_precision):
-    """Raise ConfigError when Engine.execution=static cannot run in this setting."""
+def static_unsupported(env, mix_precision):
+    """Why Engine.execution=static cannot run in this setting (a config error message), or None."""
     if env.world_size > 1:
-        raise ConfigError("Engine.execution: static runs one process (use its threads instead); "
-                          f"{env.world_size} were launched; set Engine.execution=eager or auto")
+        return ("Engine.execution: static runs one process (use its threads instead); "
+                f"{env.world_size} were launched; set Engine.execution=eager or auto")
     if env.device != "cpu":
-        raise ConfigError("Engine.execution: static is the CPU fast path; on GPU set Engine.execution=eager or auto")
+        return "Engine.execution: static is the CPU fast path; on GPU set Engine.execution=eager or auto"
     if mix_precision["enable"]:
-        raise ConfigError("Engine.execution: static runs float32; set Engine.mix_precision.enable=false "
-                          "or Engine.execution=eager")
+        return ("Engine.execution: static runs float32; set Engine.mix_precision.enable=false "
+                "or Engine.execution=eager")
+    return None

@@ -8,7 +8,8 @@ import contextlib
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.static_step import StaticTrainStep, check_static_supported
+from ppmoco.engine.static_step import StaticTrainStep, static_unsupported
+from ppmoco.errors import ConfigError
 
 
 def build_optimizer(opt_cfg, module, learning_rate):
@@ -23,11 +24,11 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
     amp = engine_cfg["mix_precision"]
     mode = engine_cfg["execution"]
-    if mode == "auto":
-        mode = "static" if env.device == "cpu" and env.world_size == 1 and not amp["enable"] else "eager"
-    if mode == "eager":
+    unsupported = static_unsupported(env, amp)
+    if mode == "static" and unsupported:
+        raise ConfigError(unsupported)
+    if mode == "eager" or unsupported:
         return TrainStep(module, optimizer, amp)
-    check_static_supported(env, amp)
     return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
         opt_cfg, static_module, learning_rate))
 

@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from ppmoco.engine.env import RunEnv
-from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, check_static_supported, place_on_onednn
+from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, place_on_onednn
 from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
 from ppmoco.modules.linear_eval import LinearEval
@@ -105,8 +105,10 @@ def env(world_size=1, device="cpu"):
     ({}, True, "float32"),
 ])
 def test_static_refuses_what_it_cannot_run(kwargs, amp, message):
+    engine_cfg = {"execution": "static", "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16",
+                                                           "scale_loss": 1.0}}
     with pytest.raises(ConfigError, match=f"Engine.execution: .*{message}"):
-        check_static_supported(env(**kwargs), {"enable": amp})
+        build_train_step(engine_cfg, OPT, make_moco(), 0.05, env(**kwargs))
 
 
 @pytest.mark.parametrize("execution, world_size, amp, expected", [
