@@ -4,8 +4,9 @@
     python tools/benchmark.py --preset r50_224 --steps 10
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
 
-The step runs the real TrainStep (Engine's code) on synthetic tensors of the config's image size;
-phases are timed by wrapping the module's own methods, so nothing here re-implements MoCo.
+The step is the one the Engine builds (build_train_step: eager, or the static CPU fast path per
+Engine.execution) on synthetic tensors of the config's image size; phases are timed by wrapping
+the module's own methods, so nothing here re-implements MoCo.
 Warm-up steps are excluded. Numbers are measurements of this run only.
 """
 import argparse
