@@ -11,18 +11,39 @@ momentum update and enqueue) run eagerly on the shared tensors around each progr
 inside the program, their in-place updates were measured to race the step's reads.
 
 Paddle's oneDNN placement pass moves every op it can to oneDNN; the ops in PLAIN_CPU_OPS go back
-to Paddle's CPU kernels, each for the measured reason given there. Equivalence with the eager path
-is tested in tests/engine/test_static_step.py.
+to Paddle's CPU kernels, each for the measured reason given there.
+
+No program is trusted unchecked: the first batch of every shape runs the eager step and the
+program from the same state (weights, BN statistics, queue, velocities, random generator) and
+compares the loss, the queue and the update of every tensor (CHECK_TOLERANCES). A program that
+disagrees, or fails natively, is dropped: that shape runs eagerly from then on and one log line says
+why; with `Engine.execution: static` it is a one-line error instead. The check costs one eager step
+and three host copies of the module state per batch shape (README "Performance").
+Equivalence with eager and with a PyTorch reference is tested in tests/engine/test_static_step.py
+and tests/engine/test_moco_reference.py.
 """
 import contextlib
 import dataclasses
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
 import warnings
 
 import numpy as np
 import paddle
 
+from ppmoco.errors import ConfigError
+
+logger = logging.getLogger("ppmoco")
+
 # oneDNN ops that go back to Paddle's CPU kernels, each for a measured reason (see the tests):
 PLAIN_CPU_OPS = {
+    "add": ("Paddle's in-place pass lets oneDNN's add write over an input the backward still reads "
+            "(ResNet-18/50 gradients 50-200% off; right with FLAGS_pir_apply_inplace_pass off)"),
+    "add_grad": "raises dnnl::error when a broadcast operand's reduction has batch 1 (the heads' bias)",
     "batch_norm_": "does not write the running mean/variance back in training mode",
     "batch_norm_grad": "falls back to oneDNN's reference code on blocked-layout gradients (25x slower)",
     "relu_grad": "same reference-code fallback as batch_norm_grad",
@@ -159,10 +180,89 @@ class _Compiled:
     program: object
     scope: object
     lr_name: str
-    fetch_names: list  # metrics, then the module attributes kept for after_step
+    fetch_names: list  # the metrics' names, then "after_step:<name>" for after_step's tensors
     fetch_values: list
     shared: list  # (static variable name, eager tensor) pairs that share memory
-    kept: list
+
+
+# How far the program's first step may be from the eager step's before it is dropped. r is the
+# relative error of a tensor's update, ||d_static - d_eager|| / ||d_eager||. Float32 alone (oneDNN's
+# summation order, a ReLU that flips sign) gives median r below 2e-3 over the trainable parameters
+# and r below 0.03 for every tensor; the faults this guards against gave a median of 0.5-0.7 and
+# a max of 2-5, or 1.0 for a BN statistic that never moves.
+CHECK_TOLERANCES = {"loss": 1e-4, "queue": 1e-3, "median_trainable": 0.05, "every_tensor": 0.5}
+
+
+class _Snapshot:
+    """Host copies of everything a step changes: `tensors` ({name: tensor}: the module state and
+    the optimizer velocities) and the random generator."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.values = {k: t.numpy().copy() for k, t in self.tensors.items()}
+        self.rng = paddle.get_rng_state()
+
+    def restore(self):
+        for key, tensor in self.tensors.items():
+            paddle.assign(self.values[key], output=tensor)
+        paddle.set_rng_state(self.rng)
+
+
+class _StderrCapture:
+    """Collects what native code writes to file descriptor 2 (Paddle names a failing op there)
+    and passes it on to the real stderr afterwards."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        sys.stderr.write(self.text)
+        sys.stderr.flush()
+
+    def failing_op(self):
+        found = re.findall(r"(\S+) raises an exception", self.text)
+        return found[-1] if found else None
+
+
+def _relative(delta, reference, scale):
+    return float(np.linalg.norm(delta - reference) / max(np.linalg.norm(reference), 1e-6 * scale, 1e-12))
+
+
+def _disagreement(before, eager, static, expected, got, trainable):
+    """Why the static step's result is not the eager step's (a short phrase), or None."""
+    loss_e, loss_s = float(expected["loss"]), float(got["loss"])
+    if abs(loss_s - loss_e) > CHECK_TOLERANCES["loss"] * max(1.0, abs(loss_e)):
+        return f"loss {loss_s:.6g} vs eager {loss_e:.6g}"
+    errors = {}
+    for key, start in before.values.items():
+        if start.dtype.kind != "f":
+            if not np.array_equal(static.values[key], eager.values[key]):
+                return f"{key} differs from eager"
+            continue
+        start = start.astype("float64")
+        d_eager, d_static = eager.values[key] - start, static.values[key] - start
+        if key == "queue":
+            gap = float(np.abs(d_static - d_eager).max())
+            if gap > CHECK_TOLERANCES["queue"]:
+                return f"the queue differs from eager by {gap:.2g}"
+            continue
+        errors[key] = _relative(d_static, d_eager, np.linalg.norm(start))
+    worst = max(errors, key=errors.get)
+    if errors[worst] > CHECK_TOLERANCES["every_tensor"]:
+        return f"the update of {worst} is {errors[worst]:.2g} off eager's"
+    median = float(np.median([errors[k] for k in trainable]))
+    if median > CHECK_TOLERANCES["median_trainable"]:
+        return f"the trainable parameters' updates are {median:.2g} off eager's (median)"
+    return None
 
 
 class StaticTrainStep:
@@ -171,45 +271,49 @@ class StaticTrainStep:
     After each run every shared variable is checked to still be the eager tensor's memory, so a
     kernel that reallocated instead of updating in place fails loudly instead of training a copy.
 
-    Programs are built at the first batch of each shape (usually once). `build_optimizer(module)`
-    makes the optimizer for the static parameters, with the same settings as `optimizer`.
+    Programs are built and checked against `eager_step` (a TrainStep on the same module and
+    optimizer) at the first batch of each shape (usually once). `build_optimizer(module)` makes the
+    optimizer for the static parameters, with the same settings as `optimizer`. `strict` turns a
+    failed check into a ConfigError instead of the eager fallback.
     """
 
     execution = "static (oneDNN)"
 
-    def __init__(self, module, optimizer, build_optimizer):
+    def __init__(self, module, optimizer, build_optimizer, eager_step, strict=False):
         self.module, self.optimizer = module, optimizer
-        self.build_optimizer = build_optimizer
+        self.build_optimizer, self.eager_step, self.strict = build_optimizer, eager_step, strict
         # The eager optimizer's velocities exist from the start, to be shared with the program's.
         optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(),
                                        module.trainable_parameters())
         self.velocity = optimizer._accumulators["velocity"]
+        state = module.state_dict()
+        self.trainable = [k for k, t in state.items() if not t.stop_gradient]
+        # Everything a step changes, by the names the check reports.
+        self.step_state = dict(state, **{f"{k} (velocity)": self.velocity[state[k].name] for k in self.trainable})
         self.place = paddle.CPUPlace()
         # The interpreter's own scheduling threads compete with the kernels' OpenMP threads for
         # the cores; running ops one after another was measured 14% faster (r50_224, 2 cores).
         paddle.set_flags({"FLAGS_new_executor_serial_run": True})
         self.executor = paddle.static.Executor(self.place)
-        self.programs = {}
+        self.programs = {}  # batch shapes -> _Compiled, or None where the eager step runs
 
     def _build(self, batch):
         with _static_mode():
             main, startup = paddle.static.Program(), paddle.static.Program()
             with paddle.static.program_guard(main, startup), _SwappedState(self.module) as values:
                 inputs = [paddle.static.data(f"batch_{i}", t.shape, t.dtype) for i, t in enumerate(batch)]
-                out = self.module.training_step(inputs)
+                out = dict(self.module.training_step(inputs))
+                state = out.pop("after_step", {})
                 static_opt = self.build_optimizer(self.module)
                 with warnings.catch_warnings():  # Paddle's own backward asks a Value for its place
                     warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface")
                     static_opt.minimize(out["loss"])
-                # Tensors the module keeps for after_step (MoCo's keys) come out with the metrics;
-                # after_step runs eagerly: written inside the program, its in-place updates were
-                # measured to race the backward pass's reads.
-                kept = [k for k, v in vars(self.module).items() if isinstance(v, paddle.pir.Value)]
-                # Fetch copies: the placement pass replaces ops, which would orphan their results.
+                # after_step's tensors (MoCo's keys) come out with the metrics and after_step runs
+                # eagerly: written inside the program, its in-place updates were measured to race
+                # the backward pass's reads. Fetch copies: the placement pass replaces ops, which
+                # would orphan their results.
                 fetches = {k: paddle.assign(v) for k, v in out.items()}
-                fetches.update({k: paddle.assign(getattr(self.module, k)) for k in kept})
-                for k in kept:
-                    setattr(self.module, k, None)
+                fetches.update({f"after_step:{k}": paddle.assign(v) for k, v in state.items()})
             lr_value = static_opt._learning_rate_map[main]
             velocity = static_opt._accumulators["velocity"]
             place_on_onednn(main)
@@ -220,14 +324,49 @@ class StaticTrainStep:
             shared.append((key, tensor))
             if not tensor.stop_gradient:
                 shared.append((velocity[value.name].name, self.velocity[tensor.name]))
-        return _Compiled(main, scope, lr_value.name, list(fetches), list(fetches.values()), shared, kept)
+        return _Compiled(main, scope, lr_value.name, list(fetches), list(fetches.values()), shared)
 
     def __call__(self, batch):
         """Run one step on `batch`; return the module's metrics as (CPU) tensors."""
         shapes = tuple((tuple(t.shape), str(t.dtype)) for t in batch)
         if shapes not in self.programs:
-            self.programs[shapes] = self._build(batch)
+            return self._build_and_check(shapes, batch)
         compiled = self.programs[shapes]
+        return self.eager_step(batch) if compiled is None else self._run(compiled, batch)
+
+    def _build_and_check(self, shapes, batch):
+        """The first step of a batch shape: eager, then the new program from the same state."""
+        started = time.perf_counter()
+        before = _Snapshot(self.step_state)
+        expected = self.eager_step(batch)
+        eager = _Snapshot(self.step_state)
+        before.restore()
+        capture = _StderrCapture()
+        try:
+            with capture:
+                compiled = self._build(batch)
+                got = self._run(compiled, batch)
+            problem = _disagreement(before, eager, _Snapshot(self.step_state), expected, got, self.trainable)
+        except Exception as err:  # noqa: BLE001 - a native failure of the program is reported, not fatal
+            op = capture.failing_op()
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            problem = f"the program failed{f' in {op}' if op else ''} ({type(err).__name__}: {message})"
+        shape = "x".join(map(str, batch[0].shape))
+        if problem is None:
+            self.programs[shapes] = compiled
+            logger.info(f"static fast path checked against the eager step for batch {shape} "
+                        f"({time.perf_counter() - started:.1f} s)")
+            return got
+        eager.restore()  # the step as the eager path computed it
+        if self.strict:
+            raise ConfigError(f"Engine.execution: static: for batch {shape} {problem}; "
+                              "set Engine.execution=auto (falls back by itself) or eager")
+        self.programs[shapes] = None
+        logger.warning(f"static fast path not used for batch {shape}: {problem}; "
+                       "those steps run eagerly (Engine.execution=eager skips this check)")
+        return expected
+
+    def _run(self, compiled, batch):
         scope = compiled.scope
         with paddle.no_grad():
             self.module.before_step()
@@ -245,11 +384,12 @@ class StaticTrainStep:
             if scope.find_var(name).get_tensor()._ptr() != _dense(tensor)._ptr():
                 raise RuntimeError(f"static step: Paddle reallocated '{name}' instead of updating it in "
                                    "place; run with Engine.execution=eager and report this")
-        results = {k: paddle.to_tensor(np.asarray(v)) for k, v in zip(compiled.fetch_names, values)}
-        for k in compiled.kept:
-            setattr(self.module, k, results.pop(k))
+        results, state = {}, {}
+        for name, value in zip(compiled.fetch_names, values):
+            kind, _, key = name.rpartition(":")
+            (state if kind == "after_step" else results)[key] = paddle.to_tensor(np.asarray(value))
         with paddle.no_grad():
-            self.module.after_step()
+            self.module.after_step(state)
         return results
 
 

@@ -27,10 +27,11 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     unsupported = static_unsupported(env, amp)
     if mode == "static" and unsupported:
         raise ConfigError(unsupported)
+    eager = TrainStep(module, optimizer, amp)
     if mode == "eager" or unsupported:
-        return TrainStep(module, optimizer, amp)
+        return eager
     return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
-        opt_cfg, static_module, learning_rate))
+        opt_cfg, static_module, learning_rate), eager, strict=mode == "static")
 
 
 class TrainStep:
@@ -59,7 +60,8 @@ class TrainStep:
         with paddle.no_grad():
             self.module.before_step()
         with self._autocast():
-            out = self.module.training_step(batch)
+            out = dict(self.module.training_step(batch))
+        state = out.pop("after_step", {})
         loss = out["loss"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         all_reduce_mean([p.grad for p in self.optimizer._parameter_list if p.grad is not None])
@@ -70,5 +72,5 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.clear_grad()
         with paddle.no_grad():
-            self.module.after_step()
+            self.module.after_step(state)
         return out

@@ -6,14 +6,21 @@ Module subclass registered in MODULES plus a YAML file.
 
 Hooks a subclass defines:
 - `training_step(batch) -> {name: scalar tensor}`: 'loss' is back-propagated, the rest logged.
-  `batch` is the list of tensors the dataset yields (views..., label).
+  `batch` is the list of tensors the dataset yields (views..., label). Tensors the method needs
+  after the optimizer update (MoCo's keys) go under the entry `"after_step"` as a dict of tensors;
+  the step hands that dict to `after_step` and does not log it. Keep no per-step tensor on `self`:
+  Paddle turns a Tensor attribute of a Layer into a buffer, and the CPU fast path cannot see it.
+  `training_step` must also trace into a static program (the CPU fast path calls it once with
+  static inputs, ppmoco/engine/static_step.py): no Python branch on a tensor's value, no host
+  read (`.numpy()`, `float()`), no in-place write to a parameter or buffer.
 - optionally `validation_step(batch) -> {name: [N, ...] tensor}` and
   `validation_end(outputs) -> {name: float}`: the Engine gathers the per-sample outputs over the
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
   (the `linear` evaluation protocol).
 - optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
-- optionally `before_step()` / `after_step()`: gradient-free state updates that must come before
-  the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's enqueue).
+- optionally `before_step()` / `after_step(state)`: gradient-free state updates that must come
+  before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
+  enqueue of `state["keys"]`, `state` being training_step's "after_step" entry).
   Kept out of `training_step` so no in-place write races a read of the same tensor, in autograd
   or in the static program the CPU fast path compiles (ppmoco/engine/static_step.py).
 """
@@ -35,8 +42,9 @@ class Module(nn.Layer):
     def before_step(self):
         """Runs (without gradient) before every training_step."""
 
-    def after_step(self):
-        """Runs (without gradient) after every optimizer update."""
+    def after_step(self, state):
+        """Runs (without gradient) after every optimizer update, with training_step's "after_step"
+        entry (an empty dict when it returned none)."""
 
     def on_epoch_end(self, epoch):
         """Called after every training epoch; `epoch` counts the finished epochs from 1."""

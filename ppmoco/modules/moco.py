@@ -83,7 +83,6 @@ class MoCo(Module):
             p.stop_gradient = True
         self.register_buffer("queue", F.normalize(paddle.randn([dim, K]), axis=0))
         self.register_buffer("queue_ptr", paddle.zeros([1], dtype="int64"))
-        self._new_keys = None  # this step's keys, enqueued by after_step
 
     def setup(self, global_batch_size):
         if global_batch_size > self.K or self.K % global_batch_size:
@@ -108,12 +107,11 @@ class MoCo(Module):
         # read the key encoder, so updating first is the same computation.
         self.momentum_update()
 
-    def after_step(self):
+    def after_step(self, state):
         # builder.py enqueues inside forward and reads a copy of the queue; enqueueing after the
         # update is the same computation without the copy, and keeps the in-place write after
         # every read of the queue (autograd's and a static program's).
-        self.enqueue(self._new_keys)
-        self._new_keys = None
+        self.enqueue(state["keys"])
 
     @paddle.no_grad()
     def enqueue(self, keys):
@@ -148,5 +146,4 @@ class MoCo(Module):
         k = self.keys(im_k)
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
         acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
-        self._new_keys = k
-        return {"loss": loss, "acc1": acc1, "acc5": acc5}
+        return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}

@@ -42,7 +42,7 @@ def spy(keys):
 moco.enqueue = spy
 out = moco.training_step([im_q, im_k])
 out["loss"].backward()
-moco.after_step()  # enqueues this step's keys from every rank
+moco.after_step(out["after_step"])  # enqueues this step's keys from every rank
 grad = moco.encoder_q.head[0].weight.grad
 local_grad = grad.numpy().copy()
 all_reduce_mean([grad])

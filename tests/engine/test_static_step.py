@@ -14,6 +14,7 @@ from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
+from moco_equivalence import Setup, numpy_state
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
 OPT = {"momentum": 0.9, "weight_decay": 1e-4}
@@ -31,7 +32,8 @@ def train(static, steps=3):
     moco = make_moco()
     opt = build_optimizer(OPT, moco, 0.05)
     if static:
-        step = StaticTrainStep(moco, opt, lambda module: build_optimizer(OPT, module, 0.05))
+        step = StaticTrainStep(moco, opt, lambda module: build_optimizer(OPT, module, 0.05),
+                               TrainStep(moco, opt, NO_AMP), strict=True)
     else:
         step = TrainStep(moco, opt, NO_AMP)
     rng = np.random.default_rng(0)
@@ -129,8 +131,9 @@ def test_linear_eval_fast_path_trains_the_classifier_as_eager_and_keeps_the_back
         module = LinearEval(base_encoder=TINY, num_classes=3)
         module.train()
         opt = build_optimizer(OPT, module, 0.5)
-        step = (StaticTrainStep(module, opt, lambda m: build_optimizer(OPT, m, 0.5)) if static
-                else TrainStep(module, opt, NO_AMP))
+        step = TrainStep(module, opt, NO_AMP)
+        if static:
+            step = StaticTrainStep(module, opt, lambda m: build_optimizer(OPT, m, 0.5), step, strict=True)
         rng = np.random.default_rng(1)
         for _ in range(2):
             images = paddle.to_tensor(rng.standard_normal((6, 3, 16, 16)).astype("float32"))
@@ -145,3 +148,61 @@ def test_linear_eval_fast_path_trains_the_classifier_as_eager_and_keeps_the_back
     assert np.abs(static["classifier.fc.weight"] - initial).max() > 1e-4  # the classifier trained
     for key in eager:
         np.testing.assert_allclose(static[key], eager[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+# The check of a new program against the eager step, at the real shapes of the urgent issue.
+def _standard_run(static, batch=8, steps=2, strict=False):
+    setup = Setup(batch=batch, steps=steps)
+    moco = setup.moco()
+    opt = build_optimizer(OPT, moco, setup.lr)
+    step = TrainStep(moco, opt, NO_AMP)
+    if static:
+        step = StaticTrainStep(moco, opt, lambda m: build_optimizer(OPT, m, setup.lr), step, strict=strict)
+    paddle.seed(123)
+    losses = [float(step([paddle.to_tensor(v) for v in views])["loss"]) for views in setup.views()]
+    return losses, numpy_state(moco), step
+
+
+@pytest.fixture(scope="module")
+def eager_standard():
+    return _standard_run(static=False)
+
+
+def test_a_program_that_fails_its_check_is_dropped_and_the_run_continues_eagerly(
+        monkeypatch, caplog, eager_standard):
+    monkeypatch.delitem(PLAIN_CPU_OPS, "add")  # the oneDNN in-place add fault, back on purpose
+    losses, state, step = _standard_run(static=True)
+    assert "static fast path not used for batch 8x3x64x64" in caplog.text
+    assert "off eager's" in caplog.text
+    assert list(step.programs.values()) == [None]
+    eager_losses, eager_state, _ = eager_standard
+    assert losses == eager_losses  # bit-identical: the check's eager result is the step's result
+    for key in eager_state:
+        np.testing.assert_array_equal(state[key], eager_state[key], err_msg=key)
+
+
+def test_strict_static_execution_refuses_a_program_that_fails_its_check(monkeypatch):
+    monkeypatch.delitem(PLAIN_CPU_OPS, "add")
+    with pytest.raises(ConfigError, match=r"^Engine.execution: static: for batch 8x3x64x64 the update of .* "
+                                          r"off eager's; set Engine.execution=auto"):
+        _standard_run(static=True, steps=1, strict=True)
+
+
+def test_a_native_failure_names_the_op_and_falls_back(monkeypatch, caplog):
+    monkeypatch.delitem(PLAIN_CPU_OPS, "add_grad")  # oneDNN's add_grad raises dnnl::error at batch 1
+    losses, _, step = _standard_run(static=True, batch=1, steps=1)
+    assert "static fast path not used for batch 1x3x64x64: the program failed in onednn_op.add_grad" in caplog.text
+    assert list(step.programs.values()) == [None] and np.isfinite(losses[0])
+
+
+def test_batch_of_one_trains_on_the_fast_path():
+    _, _, step = _standard_run(static=True, batch=1, steps=2, strict=True)
+    assert all(program is not None for program in step.programs.values())
+
+
+def test_paddle_batchnorm_updates_the_running_variance_with_the_biased_batch_variance():
+    """The one convention in which ppmoco's BN differs from PyTorch's (README "Where ppmoco differs")."""
+    bn = paddle.nn.BatchNorm2D(3, momentum=0.9)
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype("float32")
+    bn(paddle.to_tensor(x))
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * x.var(axis=(0, 2, 3)), rtol=1e-5)

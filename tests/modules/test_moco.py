@@ -57,7 +57,7 @@ def test_training_step_loss_and_enqueue_against_reference():
     out["loss"].backward()
     assert moco.encoder_q.head[0].weight.grad is not None
     assert all(p.grad is None for p in moco.encoder_k.parameters())
-    moco.after_step()
+    moco.after_step(out["after_step"])
     np.testing.assert_allclose(moco.queue.numpy()[:, :4], k_ref.T, atol=1e-5)
     np.testing.assert_array_equal(moco.queue.numpy()[:, 4:], queue_before[:, 4:])
     assert int(moco.queue_ptr[0]) == 4
