@@ -35,6 +35,7 @@ PRESETS = {  # the two configurations of the performance table in the README
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
 }
 PHASES = ("momentum_update", "keys", "enqueue")
+CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 
 
 def parse_args(argv):
@@ -120,6 +121,7 @@ def bench_step(cfg, env, steps, warmup):
         float(out["loss"])  # the host sync a logging step would do
         times.append(time.perf_counter() - start)
     measured = times[warmup:]
+    # The first step of the static path builds the program and checks it against an eager step.
     per_step = sum(measured) / steps
     ms = {name: 1000 * t / steps for name, t in phases.total.items()}
     if static:
@@ -129,7 +131,8 @@ def bench_step(cfg, env, steps, warmup):
         ms["key_fwd"] = ms.pop("keys")
         ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
     return {"execution": step.execution, "images_per_sec": batch_size * env.world_size / per_step, "ms_per_step": 1000 * per_step,
-            "ms_per_step_min": 1000 * min(measured), "phases_ms": ms, "batch_size": batch_size,
+            "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "phases_ms": ms,
+            "batch_size": batch_size,
             "image_size": [h, w], "steps": steps, "warmup": warmup}
 
 
@@ -167,6 +170,25 @@ def bench_data(cfg, samples, data_root):
             "source": data_root or "synthetic 500x375 JPEGs"}
 
 
+def cpu_info():
+    """The CPU model and the instruction-set flags that decide oneDNN's kernels (Linux)."""
+    info = {"model": None, "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["model"] is None:
+            info["model"] = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            info["flags"] = sorted(f for f in flags if f in CPU_FLAGS)
+            break
+    return info
+
+
 def peak_memory_mb(device):
     import paddle
 
@@ -186,7 +208,7 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     result = {"preset": args.preset, "config": os.path.relpath(args.config, ROOT), "overrides": overrides,
               "device": env.device, "threads": env.num_threads, "processes": env.world_size,
-              "paddle": paddle.__version__, "backbone": cfg["Model"]["model"]["base_encoder"]["name"],
+              "paddle": paddle.__version__, "cpu": cpu_info(), "backbone": cfg["Model"]["model"]["base_encoder"]["name"],
               "K": cfg["Model"]["model"].get("K")}
     result["step"] = bench_step(cfg, env, args.steps, args.warmup)
     result["peak_memory_mb"] = peak_memory_mb(env.device)
@@ -206,9 +228,11 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {s['image_size'][0]} px, "
                                f"batch {s['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
+            ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"),
             ("execution", s["execution"]),
             ("step images/s", f"{s['images_per_sec']:.2f}"),
-            ("ms per step (mean / min)", f"{s['ms_per_step']:.1f} / {s['ms_per_step_min']:.1f}")]
+            ("ms per step (mean / min)", f"{s['ms_per_step']:.1f} / {s['ms_per_step_min']:.1f}"),
+            ("first step (build + check)", f"{s['first_step_s']:.1f} s")]
     rows += [(f"  {name}", f"{ms:.1f} ms") for name, ms in s["phases_ms"].items()]
     rows += [("data images/s per worker", f"{r['data']['images_per_sec_per_worker']:.1f} (decode + {r['data']['views']} views)"),
              ("peak memory", f"{r['peak_memory_mb']:.0f} MiB")]

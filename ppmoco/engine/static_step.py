@@ -277,8 +277,6 @@ class StaticTrainStep:
     failed check into a ConfigError instead of the eager fallback.
     """
 
-    execution = "static (oneDNN)"
-
     def __init__(self, module, optimizer, build_optimizer, eager_step, strict=False):
         self.module, self.optimizer = module, optimizer
         self.build_optimizer, self.eager_step, self.strict = build_optimizer, eager_step, strict
@@ -296,6 +294,13 @@ class StaticTrainStep:
         paddle.set_flags({"FLAGS_new_executor_serial_run": True})
         self.executor = paddle.static.Executor(self.place)
         self.programs = {}  # batch shapes -> _Compiled, or None where the eager step runs
+
+    @property
+    def execution(self):
+        """What runs the steps: the programs, or eager where a program failed its check."""
+        if any(compiled is None for compiled in self.programs.values()):
+            return "eager where the static program failed its check, else static (oneDNN)"
+        return "static (oneDNN)"
 
     def _build(self, batch):
         with _static_mode():

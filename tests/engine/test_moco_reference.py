@@ -27,6 +27,7 @@ SETUPS = {
     "r18_cifar_stem_32px_v2_bn_splits_2": Setup(cifar_stem=True, px=32, hidden_dim=512, bn_splits=2),
     "r18_imagenet_stem_64px_v1": Setup(hidden_dim=None),
     "r50_imagenet_stem_64px_v2": Setup(arch="resnet50", hidden_dim=2048),
+    "r50_imagenet_stem_64px_v1": Setup(arch="resnet50", hidden_dim=None, T=0.07),
     # The batch that crashed oneDNN's add_grad natively.
     "r18_imagenet_stem_64px_batch_1": Setup(batch=1),
 }

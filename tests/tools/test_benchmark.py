@@ -33,6 +33,11 @@ def test_benchmark_writes_json_with_measured_fields(tmp_path, execution):
     assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
     assert result["data"]["images_per_sec_per_worker"] > 0 and result["data"]["samples"] == 4
     assert result["peak_memory_mb"] > 0 and result["device"] == "cpu"
+    assert step["first_step_s"] > 0
+    with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    assert result["cpu"]["model"] and result["cpu"]["model"] in cpuinfo
+    assert all(f" {flag}" in cpuinfo for flag in result["cpu"]["flags"])
     assert "step images/s" in proc.stdout
 
 
