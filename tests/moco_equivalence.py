@@ -19,6 +19,7 @@ import paddle
 from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.engine.step import TrainStep, build_optimizer
 from ppmoco.modules.moco import MoCo
+from ppmoco.paddle_internals import velocities
 
 OPT = {"momentum": 0.9, "weight_decay": 1e-4}
 
@@ -88,7 +89,7 @@ class PpmocoRunner:
     def load(self, state, velocity):
         for key, tensor in self.module.state_dict().items():
             paddle.assign(state[key].astype("int64" if key == "queue_ptr" else "float32"), output=tensor)
-        accumulators = self.optimizer._accumulators["velocity"]
+        accumulators = velocities(self.optimizer)
         for key, value in velocity.items():
             paddle.assign(value.astype("float32"), output=accumulators[self.params[key].name])
 

@@ -9,6 +9,7 @@ import paddle
 import paddle.distributed as dist
 
 from ppmoco.errors import ConfigError
+from ppmoco.paddle_internals import set_cpu_threads
 
 
 @dataclasses.dataclass
@@ -45,8 +46,8 @@ def keep_freed_memory():
 
     Activations of tens of MB are allocated and freed every step; by default glibc serves them with
     mmap and unmaps them on free, so each step page-faults all of them in again. Keeping them in
-    the heap was measured 1.9x faster for the CIFAR ResNet-18 MoCo step on 2 cores (README,
-    "Performance"); the process keeps its peak memory instead of returning it between steps.
+    the heap avoids that (docs/performance.md); the process keeps its peak memory instead of
+    returning it between steps.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -75,7 +76,7 @@ def setup_environment(global_cfg, distributed_cfg):
     threads = global_cfg["num_threads"] or max(1, _cpu_count() // local_size)
     if device == "cpu":
         # Paddle's CPU wheel runs one thread unless told otherwise; OMP_NUM_THREADS is ignored.
-        paddle.base.core.set_num_threads(threads)
+        set_cpu_threads(threads)
         keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         dist.init_parallel_env()

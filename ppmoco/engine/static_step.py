@@ -1,7 +1,7 @@
 """The training step compiled into one static program and run on oneDNN kernels (the CPU fast path).
 
 Eager Paddle runs conv2d on CPU with plain kernels; the same step as a static program whose
-convolutions run on oneDNN is ~3x faster (tools/benchmark.py, README "Performance"). Nothing of
+convolutions run on oneDNN is several times faster (README "Performance", docs/performance.md). Nothing of
 the method is written twice: the program is built by calling the Module's own `training_step` once
 on static inputs while every parameter and buffer of the module is temporarily replaced by a static
 value of the same name. Those static variables then share memory with the eager tensors, and so do
@@ -35,23 +35,24 @@ import warnings
 import numpy as np
 import paddle
 
+from ppmoco import paddle_internals as internals
 from ppmoco.errors import ConfigError
 
 logger = logging.getLogger("ppmoco")
 
-# oneDNN ops that go back to Paddle's CPU kernels, each for a measured reason (see the tests):
+# oneDNN ops that go back to Paddle's CPU kernels, each for a measured reason (docs/performance.md):
 PLAIN_CPU_OPS = {
     "add": ("Paddle's in-place pass lets oneDNN's add write over an input the backward still reads "
-            "(ResNet-18/50 gradients 50-200% off; right with FLAGS_pir_apply_inplace_pass off)"),
+            "(wrong ResNet gradients; right with FLAGS_pir_apply_inplace_pass off)"),
     "add_grad": "raises dnnl::error when a broadcast operand's reduction has batch 1 (the heads' bias)",
     "batch_norm_": "does not write the running mean/variance back in training mode",
-    "batch_norm_grad": "falls back to oneDNN's reference code on blocked-layout gradients (25x slower)",
+    "batch_norm_grad": "falls back to oneDNN's slow reference code on blocked-layout gradients",
     "relu_grad": "same reference-code fallback as batch_norm_grad",
     "relu_grad_": "same reference-code fallback as batch_norm_grad",
     "matmul_grad": "crashes when one input needs no gradient (the detached queue)",
     "divide_grad": "returns a wrong gradient for the divisor (F.normalize)",
     "pool2d_grad": "raises a oneDNN error (ResNet's max-pool stem)",
-    "concat": "its gradients come out wrong in the MoCo step (50% off at the projection head)",
+    "concat": "its gradients came out wrong in the MoCo step (at the projection head)",
     "mean": "prints 'ReduceMeanCheckIfOneDNNSupport' to stdout at every run (and it is cheap)",
 }
 _onednn_ready = False
@@ -91,7 +92,7 @@ def _rebuild_plain(op, attr_names, is_test):
     args = [_operand(op.operand_source(i)) for i in range(op.num_operands())]
     args += [is_test if name == "is_test" else attrs[name] for name in attr_names]
     paddle.pir.set_insertion_point(op)
-    outs = getattr(paddle._pir_ops, op.name().split(".", 1)[1])(*args)
+    outs = internals.pir_builder(op.name().split(".", 1)[1])(*args)
     for old, new in zip(op.results(), outs if isinstance(outs, (list, tuple)) else [outs]):
         old.replace_all_uses_with(new)
     op.erase()
@@ -113,7 +114,7 @@ def place_on_onednn(program):
         if op.has_attr("is_test"):
             is_test.setdefault(_kind(op), []).append(op.attrs()["is_test"])
     passes = paddle.pir.PassManager()
-    passes.add_pass("onednn_placement_pass", {})
+    passes.add_pass(internals.ONEDNN_PLACEMENT_PASS, {})
     passes.run(program)
     for op in list(program.global_block().ops):
         if not op.name().startswith("onednn_op."):
@@ -125,10 +126,6 @@ def place_on_onednn(program):
         elif op.has_attr("is_test"):
             op.set_bool_attr("is_test", own)
     paddle.pir.reset_insertion_point_to_end()
-
-
-def _dense(tensor):
-    return tensor.value().get_tensor()
 
 
 @contextlib.contextmanager
@@ -153,7 +150,7 @@ class _SwappedState:
     def __enter__(self):
         zero = paddle.nn.initializer.Constant(0.0)
         for layer in self.module.sublayers(include_self=True):
-            for table in (layer._parameters, layer._buffers):
+            for table in internals.parameter_tables(layer):
                 for attr, tensor in list(table.items()):
                     if tensor is None or id(tensor) not in self.names:
                         continue
@@ -281,16 +278,15 @@ class StaticTrainStep:
         self.module, self.optimizer = module, optimizer
         self.build_optimizer, self.eager_step, self.strict = build_optimizer, eager_step, strict
         # The eager optimizer's velocities exist from the start, to be shared with the program's.
-        optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(),
-                                       module.trainable_parameters())
-        self.velocity = optimizer._accumulators["velocity"]
+        internals.create_velocities(optimizer, module.trainable_parameters())
+        self.velocity = internals.velocities(optimizer)
         state = module.state_dict()
         self.trainable = [k for k, t in state.items() if not t.stop_gradient]
         # Everything a step changes, by the names the check reports.
         self.step_state = dict(state, **{f"{k} (velocity)": self.velocity[state[k].name] for k in self.trainable})
         self.place = paddle.CPUPlace()
         # The interpreter's own scheduling threads compete with the kernels' OpenMP threads for
-        # the cores; running ops one after another was measured 14% faster (r50_224, 2 cores).
+        # the cores; running ops one after another is faster (docs/performance.md).
         paddle.set_flags({"FLAGS_new_executor_serial_run": True})
         self.executor = paddle.static.Executor(self.place)
         self.programs = {}  # batch shapes -> _Compiled, or None where the eager step runs
@@ -319,8 +315,8 @@ class StaticTrainStep:
                 # would orphan their results.
                 fetches = {k: paddle.assign(v) for k, v in out.items()}
                 fetches.update({f"after_step:{k}": paddle.assign(v) for k, v in state.items()})
-            lr_value = static_opt._learning_rate_map[main]
-            velocity = static_opt._accumulators["velocity"]
+            lr_value = internals.learning_rate_variable(static_opt, main)
+            velocity = internals.velocities(static_opt)
             place_on_onednn(main)
             scope = paddle.static.Scope()
             self.executor.run(startup, scope=scope)
@@ -376,9 +372,9 @@ class StaticTrainStep:
         with paddle.no_grad():
             self.module.before_step()
         # Re-share every step: eager code (a checkpoint load, the NaN guard) may have given a tensor
-        # new memory. Sharing ~300 tensors costs well under a millisecond.
+        # new memory. Sharing is cheap next to a step.
         for name, tensor in compiled.shared:
-            scope.find_var(name).get_tensor()._share_data_with(_dense(tensor))
+            internals.share_memory(scope.find_var(name).get_tensor(), tensor)
         lr = scope.find_var(compiled.lr_name).get_tensor()
         lr.set(np.full(np.array(lr).shape, self.optimizer.get_lr(), "float32"), self.place)
         feed = {f"batch_{i}": t.numpy() for i, t in enumerate(batch)}
@@ -386,7 +382,7 @@ class StaticTrainStep:
             values = self.executor.run(compiled.program, feed=feed, fetch_list=compiled.fetch_values,
                                        scope=scope)
         for name, tensor in compiled.shared:
-            if scope.find_var(name).get_tensor()._ptr() != _dense(tensor)._ptr():
+            if not internals.same_memory(scope.find_var(name).get_tensor(), tensor):
                 raise RuntimeError(f"static step: Paddle reallocated '{name}' instead of updating it in "
                                    "place; run with Engine.execution=eager and report this")
         results, state = {}, {}
@@ -398,7 +394,7 @@ class StaticTrainStep:
         return results
 
 
-def static_unsupported(env, mix_precision):
+def static_unsupported_reason(env, mix_precision):
     """Why Engine.execution=static cannot run in this setting (a config error message), or None."""
     if env.world_size > 1:
         return ("Engine.execution: static runs one process (use its threads instead); "

@@ -8,7 +8,7 @@ import contextlib
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.static_step import StaticTrainStep, static_unsupported
+from ppmoco.engine.static_step import StaticTrainStep, static_unsupported_reason
 from ppmoco.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
     amp = engine_cfg["mix_precision"]
     mode = engine_cfg["execution"]
-    unsupported = static_unsupported(env, amp)
+    unsupported = static_unsupported_reason(env, amp)
     if mode == "static" and unsupported:
         raise ConfigError(unsupported)
     eager = TrainStep(module, optimizer, amp)
@@ -64,7 +64,7 @@ class TrainStep:
         state = out.pop("after_step", {})
         loss = out["loss"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        all_reduce_mean([p.grad for p in self.optimizer._parameter_list if p.grad is not None])
+        all_reduce_mean([p.grad for p in self.module.trainable_parameters() if p.grad is not None])
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

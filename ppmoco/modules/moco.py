@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from ppmoco.errors import ConfigError
+from ppmoco.paddle_internals import batchnorm_statistics
 from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
 from ppmoco.modules.base import Module
 from ppmoco.registry import check_kwargs
@@ -33,12 +34,6 @@ class Encoder(nn.Layer):
 
     def forward(self, x):
         return self.head(self.backbone(x))
-
-
-def _batchnorm_statistics(layer):
-    """ids of BatchNorm running mean/variance tensors, which Paddle reports as parameters."""
-    return {id(t) for sub in layer.sublayers(include_self=True)
-            if isinstance(sub, nn.layer.norm._BatchNormBase) for t in (sub._mean, sub._variance)}
 
 
 def accuracy(logits, labels, topk=(1, 5)):
@@ -75,7 +70,7 @@ class MoCo(Module):
             load_pretrained_backbone(self.encoder_q.backbone, base_encoder["pretrained"])
         self.encoder_k = Encoder(base_encoder, projector, dim)
         self.encoder_k.set_state_dict(self.encoder_q.state_dict())
-        stats = _batchnorm_statistics(self.encoder_q)
+        stats = batchnorm_statistics(self.encoder_q)  # Paddle lists them among parameters()
         self._ema_pairs = [(q, k) for q, k in zip(self.encoder_q.parameters(),
                                                    self.encoder_k.parameters())
                            if id(q) not in stats]
@@ -134,7 +129,7 @@ class MoCo(Module):
         return paddle.concat([encoder(c) for c in paddle.chunk(x, self.bn_splits)], axis=0)
 
     @paddle.no_grad()
-    def keys(self, im_k):
+    def encode_keys(self, im_k):
         """Key features with shuffle BN: shuffle across ranks, encode, restore the order."""
         shuffled, idx_unshuffle = batch_shuffle(im_k)
         k = F.normalize(self._grouped(self.encoder_k, shuffled), axis=1)
@@ -143,7 +138,7 @@ class MoCo(Module):
     def training_step(self, batch):
         im_q, im_k = batch[0], batch[1]
         q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
-        k = self.keys(im_k)
+        k = self.encode_keys(im_k)
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
         acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
         return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}

@@ -14,6 +14,7 @@ from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
+from ppmoco.paddle_internals import velocities
 from moco_equivalence import Setup, numpy_state
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
@@ -45,7 +46,7 @@ def train(static, steps=3):
         losses.append(float(out["loss"]))
         accs.append(float(out["acc1"]))
     state = {k: v.numpy().copy() for k, v in moco.state_dict().items()}
-    velocity = [v.numpy().copy() for v in opt._accumulators["velocity"].values()]
+    velocity = [v.numpy().copy() for v in velocities(opt).values()]
     return losses, accs, state, velocity
 
 

@@ -1,0 +1,70 @@
+"""Smoke test of every Paddle internal ppmoco relies on (ppmoco/paddle_internals.py).
+
+Each check names the call, so after a Paddle upgrade the failure says which internal moved.
+"""
+import os
+import re
+
+import numpy as np
+import paddle
+
+from ppmoco import paddle_internals as internals
+from ppmoco.engine.static_step import _static_mode
+
+
+def test_cpu_threads_can_be_set():
+    internals.set_cpu_threads(1)  # raises if paddle.base.core.set_num_threads is gone
+
+
+def test_batchnorm_statistics_are_the_running_mean_and_variance():
+    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.BatchNorm1D(2))
+    stats = internals.batchnorm_statistics(net)
+    expected = {id(net[1]._mean), id(net[1]._variance), id(net[2]._mean), id(net[2]._variance)}
+    assert stats == expected, "BatchNorm's _mean/_variance or nn.layer.norm._BatchNormBase changed"
+    assert stats <= {id(p) for p in net.parameters()}, "Paddle no longer lists BN statistics as parameters"
+
+
+def test_optimizer_velocities_exist_before_the_first_step_and_are_the_live_tensors():
+    layer = paddle.nn.Linear(3, 2)
+    opt = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=layer.parameters())
+    internals.create_velocities(opt, layer.parameters())
+    velocity = internals.velocities(opt)
+    assert set(velocity) == {p.name for p in layer.parameters()}, "optimizer._accumulators['velocity'] keys"
+    layer(paddle.ones([1, 3])).sum().backward()
+    opt.step()
+    assert np.abs(velocity[layer.bias.name].numpy()).sum() > 0, "velocities are not the tensors the step updates"
+
+
+def test_static_program_internals():
+    with _static_mode():
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data("x", [2, 3], "float32")
+            layer = paddle.nn.Linear(3, 1)
+            opt = paddle.optimizer.SGD(0.1)
+            opt.minimize(layer(x).mean())
+            assert internals.learning_rate_variable(opt, main) is not None, "optimizer._learning_rate_map"
+            assert internals.pir_builder("relu") is not None, "paddle._pir_ops.relu"
+            pass_manager = paddle.pir.PassManager()
+            pass_manager.add_pass(internals.ONEDNN_PLACEMENT_PASS, {})  # raises for an unknown pass name
+    params, buffers = internals.parameter_tables(paddle.nn.BatchNorm1D(2))
+    assert "weight" in params and {"_mean", "_variance"} <= set(params) | set(buffers)
+
+
+def test_a_scope_variable_shares_an_eager_tensors_memory():
+    eager = paddle.to_tensor(np.arange(4, dtype="float32"))
+    variable = paddle.static.Scope().var("shared").get_tensor()
+    internals.share_memory(variable, eager)
+    assert internals.same_memory(variable, eager), "_share_data_with / _ptr"
+    paddle.assign(paddle.full([4], 7.0), output=eager)
+    np.testing.assert_array_equal(np.array(variable), np.full(4, 7.0, "float32"))
+
+
+def test_the_installed_paddle_is_in_the_pinned_range():
+    """requirements.txt pins the range these internals were tested with."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "requirements.txt")) as f:
+        spec = next(line for line in f if line.startswith("paddlepaddle"))
+    low, high = re.findall(r"[<>]=?\s*([\d.]+)", spec)
+    version = tuple(int(p) for p in paddle.__version__.split(".")[:3])
+    assert tuple(int(p) for p in low.split(".")) <= version < tuple(int(p) for p in high.split("."))
