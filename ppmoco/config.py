@@ -278,6 +278,15 @@ def _check_limits(cfg):
             raise ConfigError(f"{key}: {node!r} {requirement}; e.g. -o {key}={example}")
 
 
+def _check_eval_sampler(evaluation):
+    """Evaluation sees every sample once, in order; only checked where an evaluator gets built,
+    i.e. when Data.Eval names a dataset."""
+    if evaluation and evaluation["dataset"] and (evaluation["sampler"]["shuffle"]
+                                                 or evaluation["sampler"]["drop_last"]):
+        raise ConfigError("Data.Eval.sampler: evaluation visits every sample once; set shuffle: false "
+                          "and drop_last: false")
+
+
 def load_config(path, overrides=()):
     """Read `path` with its `_base_` chain, apply `-o` overrides, validate and fill defaults."""
     tree = _load_with_bases(path)
@@ -286,6 +295,7 @@ def load_config(path, overrides=()):
         set_by_path(tree, key, value)
     cfg = _validate(tree, SCHEMA, "")
     _check_limits(cfg)
+    _check_eval_sampler(cfg["Data"]["Eval"])
     if not cfg["Model"]["module"]:
         raise ConfigError("Model.module: missing; name the method, e.g. MOCOModule or MOCOClsModule")
     return cfg

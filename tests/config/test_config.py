@@ -111,3 +111,14 @@ def test_train_cli_unknown_key_is_one_line_exit_2(tmp_path):
         "(valid here: output_dir, save_epoch, save_steps, ckpt_dir, keep_last, auto_resume)")
     assert "Traceback" not in proc.stderr
     assert not out_dir.exists()
+
+
+def test_eval_sampler_must_visit_every_sample_once_when_evaluating(tmp_path):
+    digits = os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml")
+    for override in ("Data.Eval.sampler.shuffle=true", "Data.Eval.sampler.drop_last=true"):
+        with pytest.raises(ConfigError, match=r"^Data.Eval.sampler: evaluation visits every sample once; "
+                                              r"set shuffle: false and drop_last: false$"):
+            load_config(digits, [override])
+    # no evaluation images, no evaluator: the sampler is never used, as before
+    path = write(tmp_path / "c.yaml", BASE)
+    assert load_config(path, ["Data.Eval.sampler.shuffle=true"])["Data"]["Eval"]["sampler"]["shuffle"] is True
