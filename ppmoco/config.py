@@ -18,6 +18,7 @@ import yaml
 
 from ppmoco.errors import ConfigError
 from ppmoco.fileio import write_text_atomic
+from ppmoco.registry import is_number, type_ok
 
 
 class _Loader(yaml.SafeLoader):
@@ -121,10 +122,6 @@ SCHEMA = {
 NULLABLE = {"Data.Eval", "Engine.save_load.ckpt_dir", "Distributed.dp_degree"}
 
 
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 # Ranges checked at load time, before anything is written, so a value Paddle or NumPy would reject
 # with a traceback (or silently accept, like a negative weight decay) is a one-line error instead:
 # dotted key -> (accepts(value), what is required, an example of a valid value).
@@ -138,7 +135,7 @@ LIMITS = {
     "Engine.mix_precision.scale_loss": (lambda v: v > 0, "must be > 0", 32768.0),
     "Optimizer.momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1)", 0.9),
     "Optimizer.weight_decay": (lambda v: v >= 0, "must be >= 0", 0.0001),
-    "Optimizer.lr.learning_rate": (lambda v: _number(v) and v > 0, "must be a number > 0", 0.03),
+    "Optimizer.lr.learning_rate": (lambda v: is_number(v) and v > 0, "must be a number > 0", 0.03),
     "Data.Train.sampler.batch_size": (lambda v: v > 0, "must be > 0", 32),
     "Data.Eval.sampler.batch_size": (lambda v: v > 0, "must be > 0", 64),
     "Data.Train.loader.num_workers": (lambda v: v >= 0, "must be >= 0 (0 = load in the main process)", 4),
@@ -232,17 +229,9 @@ def _check_leaf(key, value, default):
     if isinstance(default, Choice):
         if value not in default:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(default)}")
-    elif default is None or value is None:
-        return
-    elif isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {_type_name(value)} {value!r}")
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) if isinstance(default, float) else isinstance(value, int)
-        if not ok or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected {_type_name(default)}, got {_type_name(value)} {value!r}")
-    elif not isinstance(value, type(default)):
-        raise ConfigError(f"{key}: expected {_type_name(default)}, got {_type_name(value)} {value!r}")
+    elif not type_ok(value, default):
+        wanted = "true/false" if isinstance(default, bool) else _type_name(default)
+        raise ConfigError(f"{key}: expected {wanted}, got {_type_name(value)} {value!r}")
 
 
 def _validate(tree, schema, prefix):
@@ -289,6 +278,15 @@ def _check_limits(cfg):
             raise ConfigError(f"{key}: {node!r} {requirement}; e.g. -o {key}={example}")
 
 
+def _check_eval_sampler(evaluation):
+    """Evaluation sees every sample once, in order; only checked where an evaluator gets built,
+    i.e. when Data.Eval names a dataset."""
+    if evaluation and evaluation["dataset"] and (evaluation["sampler"]["shuffle"]
+                                                 or evaluation["sampler"]["drop_last"]):
+        raise ConfigError("Data.Eval.sampler: evaluation visits every sample once; set shuffle: false "
+                          "and drop_last: false")
+
+
 def load_config(path, overrides=()):
     """Read `path` with its `_base_` chain, apply `-o` overrides, validate and fill defaults."""
     tree = _load_with_bases(path)
@@ -297,6 +295,7 @@ def load_config(path, overrides=()):
         set_by_path(tree, key, value)
     cfg = _validate(tree, SCHEMA, "")
     _check_limits(cfg)
+    _check_eval_sampler(cfg["Data"]["Eval"])
     if not cfg["Model"]["module"]:
         raise ConfigError("Model.module: missing; name the method, e.g. MOCOModule or MOCOClsModule")
     return cfg

@@ -16,7 +16,16 @@ def closest(name, choices):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _type_ok(value, default):
+def is_number(value):
+    """An int or float, not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def type_ok(value, default):
+    """Whether a YAML `value` has the type declared by `default`: the one rule for config keys
+    (config.SCHEMA) and builder arguments (signature defaults). None on either side accepts
+    anything, an int is a valid float, a bool is never a number, and lists and tuples are one type
+    (YAML only makes lists)."""
     if value is None or default is None:
         return True
     if isinstance(default, bool):
@@ -24,7 +33,7 @@ def _type_ok(value, default):
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
@@ -43,7 +52,7 @@ def check_kwargs(fn, kwargs, key_path):
             raise ConfigError(f"{key_path}.{key}: unknown key{closest(key, named)}; "
                               f"valid keys: {', '.join(sorted(named))}")
         default = named[key].default
-        if default is not inspect.Parameter.empty and not _type_ok(value, default):
+        if default is not inspect.Parameter.empty and not type_ok(value, default):
             raise ConfigError(f"{key_path}.{key}: expected {type(default).__name__} "
                               f"(like {default!r}), got {type(value).__name__} {value!r}")
     missing = [n for n, p in named.items() if p.default is inspect.Parameter.empty and n not in kwargs]

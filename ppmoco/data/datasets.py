@@ -160,8 +160,6 @@ class _ImageDataset(paddle.io.Dataset):
                               "or both image_root and cls_label_path")
         if class_num is not None and not (isinstance(class_num, int) and class_num > 0):
             raise ConfigError(f"{config_key}.class_num: expected a positive int, got {class_num!r}")
-        if not (isinstance(seed, int) and seed >= 0):
-            raise ConfigError(f"{config_key}.seed: expected a non-negative int, got {seed!r}")
         if builtin is not None:
             if builtin not in BUILTINS:
                 raise ConfigError(f"{config_key}.builtin: unknown '{builtin}'; choose one of {', '.join(BUILTINS)}")
@@ -192,7 +190,7 @@ class _ImageDataset(paddle.io.Dataset):
         self.num_classes = class_num if class_num is not None else found
         self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
         self.skip_bad_images = skip_bad_images
-        self.seed = seed
+        self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
         self.config_key = config_key
         self.epoch = 0
         self.num_skipped = 0  # per process: each loader worker counts its own skips

@@ -23,15 +23,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from ppmoco.errors import ConfigError
-from ppmoco.registry import Registry, check_kwargs
+from ppmoco.registry import Registry, check_kwargs, is_number
 
 TRANSFORMS = Registry("transform op")
 
 _INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _interpolation(name):
@@ -55,7 +51,7 @@ def _size(value):
 
 def _range(value, key, low):
     """A [min, max] pair of numbers with low <= min <= max."""
-    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) for v in value)
             and low <= value[0] <= value[1]):
         return float(value[0]), float(value[1])
     raise ConfigError(f"{key}: expected [min, max] with {low} <= min <= max, got {value!r}")
@@ -189,7 +185,7 @@ class RandomAffine:
 
     def __init__(self, degrees=0.0, translate=[0.0, 0.0], scale=[1.0, 1.0], shear=0.0, p=1.0):
         self.degrees = _non_negative(degrees, "degrees")
-        if not (len(translate) == 2 and all(_is_number(t) and 0.0 <= t <= 1.0 for t in translate)):
+        if not (len(translate) == 2 and all(is_number(t) and 0.0 <= t <= 1.0 for t in translate)):
             raise ConfigError(f"translate: expected [fraction of width, fraction of height] in [0, 1], "
                               f"got {translate!r}")
         self.translate = (float(translate[0]), float(translate[1]))
@@ -275,7 +271,7 @@ class CenterCropImage:
 def parse_scale(value):
     """A positive number, or a string "a" or "a/b" as FleetX configs write `1.0/255.0`; never eval'd."""
     number = None
-    if _is_number(value):
+    if is_number(value):
         number = float(value)
     elif isinstance(value, str) and value.count("/") <= 1:
         try:
@@ -289,7 +285,7 @@ def parse_scale(value):
 
 
 def _channel_stats(values, key):
-    if not (len(values) in (1, 3) and all(_is_number(v) for v in values)):
+    if not (len(values) in (1, 3) and all(is_number(v) for v in values)):
         raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel) or 1 for all, got {values!r}")
     return np.asarray(values, dtype=np.float32)
 

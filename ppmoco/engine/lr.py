@@ -13,8 +13,7 @@ SCHEDULES = Registry("lr schedule")
 
 class _Schedule:
     def __init__(self, learning_rate, warmup_epochs, update_unit):
-        if learning_rate <= 0:
-            raise ConfigError(f"Optimizer.lr.learning_rate: {learning_rate} must be > 0")
+        # learning_rate > 0 is checked where the config loads (config.LIMITS): every schedule has it
         if update_unit not in ("epoch", "step"):
             raise ConfigError(f"Optimizer.lr.update_unit: '{update_unit}' must be epoch or step")
         self.base, self.warmup, self.unit = learning_rate, warmup_epochs, update_unit

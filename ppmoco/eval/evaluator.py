@@ -13,12 +13,9 @@ from ppmoco.eval.knn import format_knn, knn_classify
 logger = logging.getLogger("ppmoco")
 
 
-def _eval_loader(dataset, data_cfg, key, env, seed):
-    sampler = data_cfg["sampler"]
-    if sampler["shuffle"] or sampler["drop_last"]:
-        raise ConfigError(f"{key}.sampler: evaluation visits every sample once; set shuffle: false "
-                          "and drop_last: false")
-    loader, sampler = build_dataloader(dataset, sampler["batch_size"], env.world_size, env.rank,
+def _eval_loader(dataset, data_cfg, env, seed):
+    # Unshuffled and without drop_last: config.load_config rejects an Eval sampler asking otherwise.
+    loader, sampler = build_dataloader(dataset, data_cfg["sampler"]["batch_size"], env.world_size, env.rank,
                                        False, False, seed, **data_cfg["loader"])
     return loader, sampler, dataset
 
@@ -40,11 +37,11 @@ class Evaluator:
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
                               f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
-        self.eval_data = _eval_loader(eval_set, data["Eval"], "Data.Eval", env, seed)
+        self.eval_data = _eval_loader(eval_set, data["Eval"], env, seed)
         if self.protocol == "knn":
             bank = build_dataset(_bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"]),
                                  "Data.Train.dataset", seed)
-            self.bank_data = _eval_loader(bank, data["Eval"], "Data.Eval", env, seed)
+            self.bank_data = _eval_loader(bank, data["Eval"], env, seed)
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
 
     def __call__(self):

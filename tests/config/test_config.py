@@ -62,6 +62,9 @@ def test_overrides_with_list_index_and_typing(tmp_path):
     ("Engine.num_train_epochs=1.5", r"Engine.num_train_epochs: expected int, got float"),
     ("Engine.save_load.auto_resume=1", r"Engine.save_load.auto_resume: expected true/false"),
     ("Global.device=tpu", r"Global.device: 'tpu' is not one of auto, cpu, gpu"),
+    # every schedule takes it, so it is checked once, here, not by the schedule
+    ("Optimizer.lr.learning_rate=-1.0", r"Optimizer.lr.learning_rate: -1.0 must be a number > 0; "
+                                        r"e\.g\. -o Optimizer.lr.learning_rate=0.03"),
     ("Data.Train.dataset.transform_ops.5.X=1", r"needs a list index in \[0, 2\)"),
     ("Engine.logging_freq", r"expected key.path=value"),
 ])
@@ -89,7 +92,8 @@ def test_base_cycle_and_missing_files(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+    # configs/base/ holds what the runnable configs inherit, not runs of its own
+    for name in sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")):
         cfg = load_config(os.path.join(ROOT, "configs", name))
         assert cfg["Model"]["module"]
 
@@ -107,3 +111,14 @@ def test_train_cli_unknown_key_is_one_line_exit_2(tmp_path):
         "(valid here: output_dir, save_epoch, save_steps, ckpt_dir, keep_last, auto_resume)")
     assert "Traceback" not in proc.stderr
     assert not out_dir.exists()
+
+
+def test_eval_sampler_must_visit_every_sample_once_when_evaluating(tmp_path):
+    digits = os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml")
+    for override in ("Data.Eval.sampler.shuffle=true", "Data.Eval.sampler.drop_last=true"):
+        with pytest.raises(ConfigError, match=r"^Data.Eval.sampler: evaluation visits every sample once; "
+                                              r"set shuffle: false and drop_last: false$"):
+            load_config(digits, [override])
+    # no evaluation images, no evaluator: the sampler is never used, as before
+    path = write(tmp_path / "c.yaml", BASE)
+    assert load_config(path, ["Data.Eval.sampler.shuffle=true"])["Data"]["Eval"]["sampler"]["shuffle"] is True

@@ -30,6 +30,8 @@ AT_LOAD = {
     "negative_seed": ("Global.seed=-1", "Global.seed: -1 must lie in [0, 2**32)"),
     "negative_threads": ("Global.num_threads=-2", "Global.num_threads: -2 must be >= 0"),
     "knn_k_zero": ("Eval.knn.ks=[0,20]", "Eval.knn.ks: [0, 20] must be a non-empty list of ints > 0"),
+    "eval_shuffled": ("Data.Eval.sampler.shuffle=true",
+                      "Data.Eval.sampler: evaluation visits every sample once; set shuffle: false"),
 }
 
 
