@@ -130,7 +130,8 @@ def bench_step(cfg, env, steps, warmup):
         ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
         ms["key_fwd"] = ms.pop("encode_keys")
         ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
-    return {"execution": step.execution, "images_per_sec": batch_size * env.world_size / per_step, "ms_per_step": 1000 * per_step,
+    return {"execution": step.execution, "images_per_sec": batch_size * env.world_size / per_step,
+            "ms_per_step": 1000 * per_step,
             "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "phases_ms": ms,
             "batch_size": batch_size,
             "image_size": [h, w], "steps": steps, "warmup": warmup}
@@ -208,7 +209,8 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     result = {"preset": args.preset, "config": os.path.relpath(args.config, ROOT), "overrides": overrides,
               "device": env.device, "threads": env.num_threads, "processes": env.world_size,
-              "paddle": paddle.__version__, "cpu": cpu_info(), "backbone": cfg["Model"]["model"]["base_encoder"]["name"],
+              "paddle": paddle.__version__, "cpu": cpu_info(),
+              "backbone": cfg["Model"]["model"]["base_encoder"]["name"],
               "K": cfg["Model"]["model"].get("K")}
     result["step"] = bench_step(cfg, env, args.steps, args.warmup)
     result["peak_memory_mb"] = peak_memory_mb(env.device)
@@ -234,7 +236,8 @@ def print_table(r):
             ("ms per step (mean / min)", f"{s['ms_per_step']:.1f} / {s['ms_per_step_min']:.1f}"),
             ("first step (build + check)", f"{s['first_step_s']:.1f} s")]
     rows += [(f"  {name}", f"{ms:.1f} ms") for name, ms in s["phases_ms"].items()]
-    rows += [("data images/s per worker", f"{r['data']['images_per_sec_per_worker']:.1f} (decode + {r['data']['views']} views)"),
+    data = r["data"]
+    rows += [("data images/s per worker", f"{data['images_per_sec_per_worker']:.1f} (decode + {data['views']} views)"),
              ("peak memory", f"{r['peak_memory_mb']:.0f} MiB")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -3,9 +3,22 @@ import pytest
 import yaml
 from PIL import Image
 
-from ppmoco.data.transforms import (TRANSFORMS, CenterCropImage, ColorJitter, GaussianBlur, GaussianNoise,
-                                    NormalizeImage, RandCropImage, RandFlipImage, RandomAffine, RandomGrayscale,
-                                    ResizeImage, ToCHWImage, build_transforms, parse_scale)
+from ppmoco.data.transforms import (
+    TRANSFORMS,
+    CenterCropImage,
+    ColorJitter,
+    GaussianBlur,
+    GaussianNoise,
+    NormalizeImage,
+    RandCropImage,
+    RandFlipImage,
+    RandomAffine,
+    RandomGrayscale,
+    ResizeImage,
+    ToCHWImage,
+    build_transforms,
+    parse_scale,
+)
 from ppmoco.errors import ConfigError
 
 V1 = """

@@ -44,8 +44,8 @@ def test_train_tool_under_launch_logs_finite_loss(tmp_path):
                   "-o", f"Engine.save_load.output_dir={out}", "-o", "Engine.max_steps=3",
                   "-o", "Engine.logging_freq=1", "-o", "Data.Train.sampler.batch_size=32",
                   "-o", "Model.model.K=128", "-o", "Model.model.base_encoder.widths=[8,16,16,16]")
-    lines = [l for l in (out / "train.log").read_text().splitlines() if "[train]" in l]
+    lines = [line for line in (out / "train.log").read_text().splitlines() if "[train]" in line]
     assert len(lines) == 3
-    losses = [float(l.split("loss: ")[1].split(",")[0]) for l in lines]
+    losses = [float(line.split("loss: ")[1].split(",")[0]) for line in lines]
     assert all(np.isfinite(losses)) and "2 process(es) x batch 32" in logs
     assert "ips: " in lines[-1] and (out / "step_3" / "model.pdparams").is_file()

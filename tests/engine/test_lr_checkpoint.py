@@ -6,8 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppmoco.engine.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint,
-                                      save_checkpoint)
+from ppmoco.engine.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ppmoco.engine.lr import build_schedule
 from ppmoco.errors import CheckpointError, ConfigError
 

@@ -63,7 +63,8 @@ def test_step_equals_the_pytorch_reference(name, execution, float32_spread):
         p90_32, worst_32 = _quantiles(f32)
         worst_key = max(own["updates"], key=own["updates"].get)
         assert p90 <= 4 * p90_32 + 1e-2, f"{where}: 90% of updates within {p90:.2g} (float32: {p90_32:.2g})"
-        assert worst <= 4 * worst_32 + 5e-2, f"{where}: {worst_key} update off by {worst:.2g} (float32 worst: {worst_32:.2g})"
+        assert worst <= 4 * worst_32 + 5e-2, (f"{where}: {worst_key} update off by {worst:.2g} "
+                                              f"(float32 worst: {worst_32:.2g})")
 
 
 def test_float32_is_well_conditioned_at_these_sizes(float32_spread):

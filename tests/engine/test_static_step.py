@@ -15,6 +15,7 @@ from ppmoco.errors import ConfigError
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
 from ppmoco.paddle_internals import velocities
+
 from moco_equivalence import Setup, numpy_state
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}

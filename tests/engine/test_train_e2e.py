@@ -27,8 +27,8 @@ def train(config, out_dir, *overrides, expect=0):
 
 
 def train_log_losses(out_dir):
-    lines = [l for l in (out_dir / "train.log").read_text().splitlines() if "[train]" in l]
-    return [float(l.split("loss: ")[1].split(",")[0]) for l in lines]
+    lines = [line for line in (out_dir / "train.log").read_text().splitlines() if "[train]" in line]
+    return [float(line.split("loss: ")[1].split(",")[0]) for line in lines]
 
 
 @pytest.mark.parametrize("config", ["mocov1_pt_digits_1n2c.yaml", "mocov2_pt_digits_1n2c.yaml"])

@@ -7,10 +7,9 @@ import paddle
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import (DIGITS_V2, assert_untouched, assert_user_error, run, run_train,  # noqa: E402
-                           train_cmd)
-
 from ppmoco.models import build_backbone  # noqa: E402
+
+from fault_helpers import DIGITS_V2, assert_untouched, assert_user_error, run, run_train, train_cmd  # noqa: E402
 
 # Rejected while the config loads, before Paddle is imported and before anything is written.
 AT_LOAD = {
@@ -70,8 +69,10 @@ def test_invalid_yaml(tmp_path):
 
 # Rejected when the module or the Engine is built (Paddle imported, nothing trained or saved).
 AT_SETUP = {
-    "zero_K": ("Model.model.K=0", "Model.model.K: 0 is out of range; it must be > 0 and a multiple of the global batch"),
-    "negative_K": ("Model.model.K=-128", "Model.model.K: -128 is out of range; it must be > 0 and a multiple of the global batch"),
+    "zero_K": ("Model.model.K=0",
+               "Model.model.K: 0 is out of range; it must be > 0 and a multiple of the global batch"),
+    "negative_K": ("Model.model.K=-128",
+                   "Model.model.K: -128 is out of range; it must be > 0 and a multiple of the global batch"),
     "wrong_type_K": ("Model.model.K=lots", "Model.model.K: expected int"),
     "K_not_multiple": ("Model.model.K=100", "Model.model.K: 100 must be a multiple of the global batch size 32 "
                        "(batch_size x processes); e.g. K=96"),

@@ -9,8 +9,15 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import (SMALL_DATA, assert_nothing_saved, assert_untouched, assert_user_error,  # noqa: E402
-                           image_tree, run_train, save_rgb)
+from fault_helpers import (  # noqa: E402
+    SMALL_DATA,
+    assert_nothing_saved,
+    assert_untouched,
+    assert_user_error,
+    image_tree,
+    run_train,
+    save_rgb,
+)
 
 pytestmark = pytest.mark.slow
 

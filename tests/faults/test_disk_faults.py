@@ -9,9 +9,9 @@ import paddle
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import CHECKPOINT_FILES, assert_user_error, checkpoints, run_train  # noqa: E402
-
 from ppmoco.engine import checkpoint as ckpt  # noqa: E402
+
+from fault_helpers import CHECKPOINT_FILES, assert_user_error, checkpoints, run_train  # noqa: E402
 
 
 def _small_file_limit():

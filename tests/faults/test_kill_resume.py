@@ -14,8 +14,16 @@ import paddle
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import (CHECKPOINT_FILES, ROOT, assert_same_weights, checkpoints, load_weights,  # noqa: E402
-                           run_train, train_cmd, wait_until)
+from fault_helpers import (  # noqa: E402
+    CHECKPOINT_FILES,
+    ROOT,
+    assert_same_weights,
+    checkpoints,
+    load_weights,
+    run_train,
+    train_cmd,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,25 @@ import paddle
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import (DIGITS_V2, FAST, ROOT, TRAIN, assert_user_error, checkpoints,  # noqa: E402
-                           launch_cmd, load_weights, run, run_train, train_args, worker_logs)
-
 from ppmoco.config import load_config  # noqa: E402
 from ppmoco.engine import Engine, setup_environment, setup_logger  # noqa: E402
 from ppmoco.engine.engine import NonFiniteError  # noqa: E402
 from ppmoco.modules import build_module  # noqa: E402
+
+from fault_helpers import (  # noqa: E402
+    DIGITS_V2,
+    FAST,
+    ROOT,
+    TRAIN,
+    assert_user_error,
+    checkpoints,
+    launch_cmd,
+    load_weights,
+    run,
+    run_train,
+    train_args,
+    worker_logs,
+)
 
 # Divergence from the config alone: at 5% of the first epoch (step 4 of 44) the learning rate is
 # multiplied by `gamma`. 1e30 gives finite but huge weights and a NaN loss one step later; 1e300

@@ -10,8 +10,18 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fault_helpers import (ROOT, TRAIN, assert_same_weights, describe, free_port, launch_cmd,  # noqa: E402
-                           run, train_args, wait_until, worker_logs)
+from fault_helpers import (  # noqa: E402
+    ROOT,
+    TRAIN,
+    assert_same_weights,
+    describe,
+    free_port,
+    launch_cmd,
+    run,
+    train_args,
+    wait_until,
+    worker_logs,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ PHASES = {"eager": {"momentum_update", "enqueue", "optimizer", "key_fwd", "query
 def test_benchmark_writes_json_with_measured_fields(tmp_path, execution):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c",
-           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
+           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"),
+           "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
            "-o", "Data.Train.sampler.batch_size=16", "-o", "Model.model.K=64", "-o", f"Engine.execution={execution}",
            "--steps", "2", "--warmup", "1", "--data-samples", "4", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
