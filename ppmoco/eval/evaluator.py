@@ -13,6 +13,10 @@ from ppmoco.eval.knn import format_knn, knn_classify
 logger = logging.getLogger("ppmoco")
 
 
+# The optional Module hooks each protocol calls (see ppmoco/modules/base.py).
+_HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",)}
+
+
 def _eval_loader(dataset, data_cfg, key, env, seed):
     sampler = data_cfg["sampler"]
     if sampler["shuffle"] or sampler["drop_last"]:
@@ -35,8 +39,7 @@ class Evaluator:
     def __init__(self, cfg, module, env):
         self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
         data, seed = cfg["Data"], cfg["Global"]["seed"]
-        needs = "validation_step" if self.protocol == "linear" else "extract_features"
-        if not hasattr(module, needs):
+        if not all(module.supports(hook) for hook in _HOOKS[self.protocol]):
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
                               f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
