@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from ppmoco.errors import ConfigError
+from ppmoco.metrics import topk_accuracy
 from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
 from ppmoco.modules.base import Module
 from ppmoco.registry import check_kwargs
@@ -39,13 +40,6 @@ def _batchnorm_statistics(layer):
     """ids of BatchNorm running mean/variance tensors, which Paddle reports as parameters."""
     return {id(t) for sub in layer.sublayers(include_self=True)
             if isinstance(sub, nn.layer.norm._BatchNormBase) for t in (sub._mean, sub._variance)}
-
-
-def accuracy(logits, labels, topk=(1, 5)):
-    """Percent of rows whose label is among the top-k logits, for each k."""
-    top = paddle.topk(logits, max(topk), axis=1)[1]
-    hit = (top == labels.unsqueeze(1)).astype("float32")
-    return [hit[:, :k].sum(axis=1).mean() * 100.0 for k in topk]
 
 
 def info_nce(q, k, queue, T):
@@ -145,5 +139,5 @@ class MoCo(Module):
         q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
         k = self.keys(im_k)
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
-        acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
+        acc1, acc5 = topk_accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
         return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}
