@@ -18,6 +18,7 @@ from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather
 from ppmoco.errors import ConfigError
 from ppmoco.metrics import topk_accuracy
 from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
+from ppmoco.modules import momentum
 from ppmoco.modules.base import Module
 from ppmoco.registry import check_kwargs
 
@@ -91,10 +92,9 @@ class MoCo(Module):
     def extract_features(self, images):
         return self.encoder_q.backbone(images)
 
-    @paddle.no_grad()
     def momentum_update(self):
-        for q, k in self._ema_pairs:
-            paddle.assign(k * self.m + q * (1.0 - self.m), output=k)
+        """Key encoder parameters <- m * key + (1 - m) * query (BatchNorm statistics excluded)."""
+        momentum.momentum_update(self._ema_pairs, self.m)
 
     def before_step(self):
         # builder.py updates the key encoder after the query forward; the query forward does not
