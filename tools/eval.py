@@ -34,6 +34,7 @@ def main(argv=None):
     cfg = load_config(args.config, args.override)
     from ppmoco.engine import Engine, setup_environment, setup_logger
     from ppmoco.engine.checkpoint import load_module_weights
+    from ppmoco.eval.evaluator import report
     from ppmoco.modules import build_module
 
     save_load = cfg["Engine"]["save_load"]
@@ -48,7 +49,7 @@ def main(argv=None):
     results = engine.evaluate()
     if env.is_main:
         out = os.path.join(save_load["output_dir"], "eval_results.json")
-        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": results},
+        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": report(results)},
                                           indent=1))
         logger.info(f"wrote {out}")
 

@@ -82,6 +82,24 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
                 "top5": 100.0 * hits[min(k, num_train)][1] / num_test} for k in ks}
 
 
+def flatten_knn(results):
+    """knn_classify's {k: {"top1", "top5"}} as one flat {"k20_top1": %, ...}, in the same order.
+
+    The Engine logs flat results by name (VisualDL tag `eval/knn_k20_top1`) and looks its monitor
+    up among them, so it needs no knowledge of kNN's nesting.
+    """
+    return {f"k{k}_{metric}": value for k, values in results.items() for metric, value in values.items()}
+
+
+def nest_knn(flat):
+    """The inverse of flatten_knn: {"k20_top1": %} -> {20: {"top1": %}}, order kept."""
+    nested = {}
+    for name, value in flat.items():
+        k, _, metric = name.partition("_")
+        nested.setdefault(int(k[1:]), {})[metric] = value
+    return nested
+
+
 def format_knn(results):
     """One log line per k, ascending: `knn k=20 top1=97.11 top5=99.78`."""
     return [f"knn k={k} top1={results[k]['top1']:.2f} top5={results[k]['top5']:.2f}"

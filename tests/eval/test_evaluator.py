@@ -1,8 +1,11 @@
 """The Evaluator's contract with the Engine: refusal of unsupported protocols, flat results, log lines."""
+import json
+
 import pytest
 
 from ppmoco.errors import ConfigError
-from ppmoco.eval.evaluator import Evaluator
+from ppmoco.eval.evaluator import Evaluator, report, summary_lines
+from ppmoco.eval.knn import flatten_knn, nest_knn
 from ppmoco.modules.base import Module
 
 
@@ -32,3 +35,30 @@ def test_a_protocol_the_module_cannot_serve_is_a_one_line_config_error(module, p
     with pytest.raises(ConfigError) as err:
         Evaluator(config(protocol), module, env=None)
     assert str(err.value) == f"Eval.protocol: {message}"
+
+
+KNN = {10: {"top1": 95.2777, "top5": 99.7222}, 200: {"top1": 90.0, "top5": 99.0}}  # knn_classify's form
+KNN_FLAT = {"k10_top1": 95.2777, "k10_top5": 99.7222, "k200_top1": 90.0, "k200_top5": 99.0}
+
+
+def test_knn_results_flatten_to_the_names_of_their_visualdl_tags_and_back():
+    # Catches a renamed flat key, which would rename the VisualDL tag eval/knn_k10_top1, and a
+    # nest_knn that keeps k as a string (eval_results.json and the log sort k numerically).
+    assert flatten_knn(KNN) == KNN_FLAT and list(flatten_knn(KNN)) == list(KNN_FLAT)
+    assert nest_knn(KNN_FLAT) == KNN and list(nest_knn(KNN_FLAT)) == [10, 200]
+
+
+def test_summary_lines_of_flat_results_are_the_lines_the_logs_always_had():
+    # Catches log lines built from the flat names (`knn k10_top1=...`) instead of per k.
+    assert summary_lines({"knn": KNN_FLAT}) == ["knn k=10 top1=95.28 top5=99.72",
+                                                "knn k=200 top1=90.00 top5=99.00"]
+    assert summary_lines({"linear": {"top1": 71.2, "top5": 90.1}}) == ["linear top1=71.20 top5=90.10"]
+
+
+def test_report_keeps_the_eval_results_json_format():
+    # Catches eval_results.json switching to the flat form that tools/summarize_digits.py and
+    # tests/eval/test_eval_e2e.py cannot read ({"knn": {"10": {"top1": ...}}}).
+    flat = {"knn": KNN_FLAT}
+    assert json.loads(json.dumps(report(flat))) == {"knn": {"10": KNN[10], "200": KNN[200]}}
+    linear = {"linear": {"top1": 71.2, "top5": 90.1}}
+    assert report(linear) == linear
