@@ -8,15 +8,7 @@ from ppmoco.eval.evaluator import Evaluator, report, summary_lines
 from ppmoco.eval.knn import flatten_knn, nest_knn
 from ppmoco.modules.base import Module
 
-
-class FeaturesOnly(Module):
-    def extract_features(self, images):
-        return images
-
-
-class StepWithoutEnd(FeaturesOnly):
-    def validation_step(self, batch):
-        return {"x": batch[0]}
+from hook_modules import Features, StepOnly
 
 
 def config(protocol):
@@ -25,8 +17,8 @@ def config(protocol):
 
 
 @pytest.mark.parametrize("module, protocol, message", [
-    (FeaturesOnly(), "linear", "FeaturesOnly does not support 'linear'; use knn"),
-    (StepWithoutEnd(), "linear", "StepWithoutEnd does not support 'linear'; use knn"),
+    (Features(), "linear", "Features does not support 'linear'; use knn"),
+    (StepOnly(), "linear", "StepOnly does not support 'linear'; use knn"),
     (Module(), "knn", "Module does not support 'knn'; use linear"),
 ])
 def test_a_protocol_the_module_cannot_serve_is_a_one_line_config_error(module, protocol, message):

@@ -4,22 +4,7 @@ import pytest
 from ppmoco.errors import PpmocoError
 from ppmoco.modules.base import OPTIONAL_HOOKS, Module, UnsupportedHook
 
-
-class Features(Module):
-    """Defines extract_features only (like MoCo)."""
-
-    def extract_features(self, images):
-        return images
-
-
-class Classifier(Features):
-    """Inherits extract_features and defines both validation hooks (like LinearEval)."""
-
-    def validation_step(self, batch):
-        return {"x": batch[0]}
-
-    def validation_end(self, outputs):
-        return {"top1": 1.0}
+from hook_modules import Classifier, Features, StepOnly
 
 
 def test_supports_tells_defined_from_inherited_refusal():
@@ -27,6 +12,7 @@ def test_supports_tells_defined_from_inherited_refusal():
     # the instance's own __dict__ only (Classifier's inherited extract_features would look missing).
     assert [Module().supports(h) for h in OPTIONAL_HOOKS] == [False, False, False]
     assert [Features().supports(h) for h in OPTIONAL_HOOKS] == [False, False, True]
+    assert [StepOnly().supports(h) for h in OPTIONAL_HOOKS] == [True, False, True]
     assert [Classifier().supports(h) for h in OPTIONAL_HOOKS] == [True, True, True]
 
 
