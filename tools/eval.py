@@ -24,8 +24,9 @@ def classifier_checkpoint(save_load):
     best = os.path.join(save_load["output_dir"], "best")
     path = save_load["ckpt_dir"] or (best if os.path.isdir(best) else latest_checkpoint(save_load["output_dir"]))
     if path is None:
-        raise CheckpointError(f"no trained classifier in {save_load['output_dir']}: train it with tools/train.py "
-                              "first, set -o Engine.save_load.ckpt_dir=<checkpoint folder>, or use -o Eval.protocol=knn")
+        raise CheckpointError(f"no trained classifier in {save_load['output_dir']}: train it with "
+                              "tools/train.py first, set -o Engine.save_load.ckpt_dir=<checkpoint folder>, "
+                              "or use -o Eval.protocol=knn")
     return check_complete(path)
 
 
@@ -34,6 +35,7 @@ def main(argv=None):
     cfg = load_config(args.config, args.override)
     from ppmoco.engine import Engine, setup_environment, setup_logger
     from ppmoco.engine.checkpoint import load_module_weights
+    from ppmoco.eval.evaluator import report
     from ppmoco.modules import build_module
 
     save_load = cfg["Engine"]["save_load"]
@@ -48,7 +50,7 @@ def main(argv=None):
     results = engine.evaluate()
     if env.is_main:
         out = os.path.join(save_load["output_dir"], "eval_results.json")
-        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": results},
+        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": report(results)},
                                           indent=1))
         logger.info(f"wrote {out}")
 

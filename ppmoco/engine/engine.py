@@ -9,8 +9,7 @@ import paddle
 from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint,
-                                      save_checkpoint)
+from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from ppmoco.engine.logger import ScalarWriter, format_eta
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.step import build_train_step
@@ -80,26 +79,25 @@ class Engine:
             logger.info(f"saved checkpoint {path}")
 
     def evaluate(self, global_step=0):
-        """Run the configured protocol; log one line per result and return the results."""
+        """Run the configured protocol and return its {protocol: {name: value}}.
+
+        Logs the protocol's own lines and writes every value to VisualDL as `eval/{protocol}_{name}`.
+        """
         if self.evaluator is None:
             raise ConfigError("Data.Eval.dataset: not set; name the evaluation images in the config")
         results = self.evaluator()
         for line in summary_lines(results):
             logger.info(f"[eval] {line}")
         for protocol, values in results.items():
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    for metric, v in value.items():
-                        self.writer.add(f"eval/{protocol}_k{key}_{metric}", v, global_step)
-                else:
-                    self.writer.add(f"eval/{protocol}_{key}", value, global_step)
+            for name, value in values.items():
+                self.writer.add(f"eval/{protocol}_{name}", value, global_step)
         return results
 
     def _validate_and_keep_best(self, epoch, global_step):
         self.guard.check(global_step)
         results = self.evaluate(global_step)
         monitor = self.module.monitor
-        value = results.get("linear", {}).get(monitor) if monitor else None
+        value = monitored_value(results, monitor)
         if value is not None and (self.best is None or value > self.best):
             self.best = value
             logger.info(f"new best {monitor} {value:.2f} at epoch {epoch}")
@@ -184,6 +182,16 @@ class Engine:
             self.writer.add(f"train/{k}", v, global_step)
         self.writer.add("train/lr", lr, global_step)
         self.writer.add("train/ips", ips, global_step)
+
+
+def monitored_value(results, monitor):
+    """The value named `monitor` in whichever protocol's flat results hold it, else None.
+
+    None as well when the module monitors nothing: its best checkpoint is then never written.
+    """
+    if not monitor:
+        return None
+    return next((values[monitor] for values in results.values() if monitor in values), None)
 
 
 class NonFiniteError(PpmocoError):

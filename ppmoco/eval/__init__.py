@@ -1,4 +1,4 @@
 """Evaluation of pretrained backbones: the weighted kNN benchmark and the evaluator behind `Eval`."""
-from ppmoco.eval.knn import format_knn, knn_classify
+from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
 
-__all__ = ["format_knn", "knn_classify"]
+__all__ = ["flatten_knn", "format_knn", "knn_classify", "nest_knn"]

@@ -8,9 +8,13 @@ import logging
 from ppmoco.data import build_dataloader, build_dataset
 from ppmoco.errors import ConfigError
 from ppmoco.eval.inference import predict_dataset
-from ppmoco.eval.knn import format_knn, knn_classify
+from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
 
 logger = logging.getLogger("ppmoco")
+
+
+# The optional Module hooks each protocol calls (see ppmoco/modules/base.py).
+_HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",)}
 
 
 def _eval_loader(dataset, data_cfg, env, seed):
@@ -32,8 +36,7 @@ class Evaluator:
     def __init__(self, cfg, module, env):
         self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
         data, seed = cfg["Data"], cfg["Global"]["seed"]
-        needs = "validation_step" if self.protocol == "linear" else "extract_features"
-        if not hasattr(module, needs):
+        if not all(module.supports(hook) for hook in _HOOKS[self.protocol]):
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
                               f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
@@ -45,33 +48,56 @@ class Evaluator:
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
 
     def __call__(self):
-        """{'linear': {metric: value}} or {'knn': {k: {'top1', 'top5'}}}, percentages."""
+        """{protocol: {name: value}}: the configured protocol's results as one flat dict, percentages.
+
+        E.g. {"linear": {"top1": 71.2, "top5": 90.1}} or {"knn": {"k20_top1": 97.1, "k20_top5": ...}}.
+        Flat so the Engine can log every value and find `Module.monitor` without knowing protocols.
+        """
         was_training = self.module.training
         self.module.eval()
         try:
-            if self.protocol == "linear":
-                out = predict_dataset(self.module.validation_step, *self.eval_data)
-                return {"linear": {k: float(v) for k, v in self.module.validation_end(out).items()}}
-            def features(batch):
-                return {"features": self.module.extract_features(batch[0]), "labels": batch[-1]}
-
-            bank = predict_dataset(features, *self.bank_data)
-            query = predict_dataset(features, *self.eval_data)
-            results = knn_classify(bank["features"], bank["labels"], query["features"], query["labels"],
-                                   self.num_classes, ks=tuple(self.knn_cfg["ks"]),
-                                   temperature=self.knn_cfg["temperature"],
-                                   chunk_size=self.knn_cfg["chunk_size"])
-            return {"knn": results}
+            run = self._linear if self.protocol == "linear" else self._knn
+            return {self.protocol: run()}
         finally:
             if was_training:
                 self.module.train()
 
+    def _linear(self):
+        """The module's own metrics over the exact evaluation set."""
+        out = predict_dataset(self.module.validation_step, *self.eval_data)
+        return {k: float(v) for k, v in self.module.validation_end(out).items()}
+
+    def _knn(self):
+        """Weighted kNN of the evaluation images' features against the training images' features."""
+        def features(batch):
+            return {"features": self.module.extract_features(batch[0]), "labels": batch[-1]}
+
+        bank = predict_dataset(features, *self.bank_data)
+        query = predict_dataset(features, *self.eval_data)
+        results = knn_classify(bank["features"], bank["labels"], query["features"], query["labels"],
+                               self.num_classes, ks=tuple(self.knn_cfg["ks"]),
+                               temperature=self.knn_cfg["temperature"],
+                               chunk_size=self.knn_cfg["chunk_size"])
+        return flatten_knn(results)
+
+
+# Protocols whose eval_results.json and log lines are not their plain flat results: kNN nests
+# them by k, the form its file and log lines have always had.
+_NESTED = {"knn": nest_knn}
+
+
+def _lines(protocol, values):
+    """A protocol's log lines: one per k for kNN, else its name and every value on one line."""
+    if protocol == "knn":
+        return format_knn(nest_knn(values))
+    return [f"{protocol} " + " ".join(f"{k}={v:.2f}" for k, v in values.items())]
+
+
+def report(results):
+    """The Evaluator's results in eval_results.json's form: {"linear": {...}} or {"knn": {k: {...}}}."""
+    return {protocol: _NESTED.get(protocol, dict)(values) for protocol, values in results.items()}
+
 
 def summary_lines(results):
     """One line per result, e.g. `knn k=20 top1=97.11 top5=99.78` or `linear top1=71.20 top5=90.10`."""
-    lines = []
-    if "linear" in results:
-        lines.append("linear " + " ".join(f"{k}={v:.2f}" for k, v in results["linear"].items()))
-    if "knn" in results:
-        lines.extend(format_knn(results["knn"]))
-    return lines
+    return [line for protocol, values in results.items() for line in _lines(protocol, values)]

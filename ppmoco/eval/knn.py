@@ -5,12 +5,15 @@ training samples vote for their labels with weight exp(similarity / temperature)
 are ranked by their summed votes.
 
 Tie rules: training samples with equal similarity are ordered as `paddle.topk` returns them (this
-only matters when the tie straddles the k-th place); classes with equal scores are ranked lower
-class index first.
+only matters when the tie straddles the k-th place); classes with equal scores are ranked by the
+one rule of ppmoco.metrics, lower class index first (a class without votes scores 0, so empty
+classes fill the top 5 in index order after the voted ones).
 """
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+
+from ppmoco.metrics import label_ranks
 
 
 def _as_tensor(x, dtype):
@@ -30,14 +33,6 @@ def _check_split(name, features, labels, num_classes):
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name}: labels span [{low}, {high}], outside [0, {num_classes})")
-
-
-def _label_ranks(scores, labels):
-    """Position of each row's label when its classes are sorted by score (0 = predicted class)."""
-    own = paddle.take_along_axis(scores, labels.unsqueeze(1), axis=1)
-    classes = paddle.arange(scores.shape[1], dtype=labels.dtype).unsqueeze(0)
-    ahead = (scores > own) | ((scores == own) & (classes < labels.unsqueeze(1)))
-    return ahead.astype("int64").sum(axis=1)
 
 
 @paddle.no_grad()
@@ -80,11 +75,29 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
             scores = paddle.put_along_axis(scores, votes_for[:, done:k], weights[:, done:k], axis=1,
                                            reduce="add")
             done = k
-            ranks = _label_ranks(scores, labels)
+            ranks = label_ranks(scores, labels)
             hits[k][0] += int((ranks < 1).sum())
             hits[k][1] += int((ranks < top5).sum())
     return {k: {"top1": 100.0 * hits[min(k, num_train)][0] / num_test,
                 "top5": 100.0 * hits[min(k, num_train)][1] / num_test} for k in ks}
+
+
+def flatten_knn(results):
+    """knn_classify's {k: {"top1", "top5"}} as one flat {"k20_top1": %, ...}, in the same order.
+
+    The Engine logs flat results by name (VisualDL tag `eval/knn_k20_top1`) and looks its monitor
+    up among them, so it needs no knowledge of kNN's nesting.
+    """
+    return {f"k{k}_{metric}": value for k, values in results.items() for metric, value in values.items()}
+
+
+def nest_knn(flat):
+    """The inverse of flatten_knn: {"k20_top1": %} -> {20: {"top1": %}}, order kept."""
+    nested = {}
+    for name, value in flat.items():
+        k, _, metric = name.partition("_")
+        nested.setdefault(int(k[1:]), {})[metric] = value
+    return nested
 
 
 def format_knn(results):

@@ -18,6 +18,8 @@ Hooks a subclass defines:
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
   (the `linear` evaluation protocol).
 - optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
+  The base versions of these three optional hooks raise UnsupportedHook; `module.supports(hook)`
+  tells whether a method defines one, so a protocol can refuse a module before any data is read.
 - optionally `before_step()` / `after_step(state)`: gradient-free state updates that must come
   before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
   enqueue of `state["keys"]`, `state` being training_step's "after_step" entry).
@@ -25,6 +27,17 @@ Hooks a subclass defines:
   or in the static program the CPU fast path compiles (ppmoco/engine/static_step.py).
 """
 import paddle.nn as nn
+
+from ppmoco.errors import PpmocoError
+
+OPTIONAL_HOOKS = ("validation_step", "validation_end", "extract_features")
+
+
+class UnsupportedHook(PpmocoError):
+    """A caller used an optional hook (OPTIONAL_HOOKS) that the method does not define."""
+
+    def __init__(self, module, hook):
+        super().__init__(f"{type(module).__name__} does not support {hook}()")
 
 
 class Module(nn.Layer):
@@ -48,3 +61,27 @@ class Module(nn.Layer):
 
     def on_epoch_end(self, epoch):
         """Called after every training epoch; `epoch` counts the finished epochs from 1."""
+
+    def supports(self, hook):
+        """Whether this method defines the optional hook `hook` (one of OPTIONAL_HOOKS).
+
+        Compares the class attribute with Module's own: every Module has the hook, so `hasattr`
+        cannot tell a method that defines it from one that only inherits the refusal. A method, not
+        a helper to import, so the evaluation protocols need nothing from ppmoco.modules.
+        """
+        if hook not in OPTIONAL_HOOKS:
+            raise ValueError(f"{hook!r} is not an optional Module hook; those are {OPTIONAL_HOOKS}")
+        return getattr(type(self), hook) is not getattr(Module, hook)
+
+    def validation_step(self, batch):
+        """Per-sample outputs of one evaluation batch, {name: [N, ...] tensor} (optional hook)."""
+        raise UnsupportedHook(self, "validation_step")
+
+    def validation_end(self, outputs):
+        """Metrics {name: float} from the outputs of the whole evaluation set (optional hook)."""
+        raise UnsupportedHook(self, "validation_end")
+
+    def extract_features(self, images):
+        """Backbone features [N, D] of a batch of images (optional hook)."""
+        raise UnsupportedHook(self, "extract_features")
+

@@ -10,19 +10,11 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ppmoco.metrics import numpy_topk_accuracy, topk_accuracy
 from ppmoco.models import LinearClassifier, build_backbone, load_pretrained_backbone
 from ppmoco.modules.base import Module
-from ppmoco.modules.moco import accuracy
 
 logger = logging.getLogger("ppmoco")
-
-
-def classification_accuracy(logits, labels):
-    """Top-1/top-5 in percent over every sample given (numpy), each counted once; ties by class index."""
-    k = min(5, logits.shape[1])
-    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    hits = ranked == labels[:, None]
-    return {"top1": 100.0 * float(hits[:, 0].mean()), "top5": 100.0 * float(hits.any(axis=1).mean())}
 
 
 class LinearEval(Module):
@@ -59,14 +51,15 @@ class LinearEval(Module):
         images, labels = batch[0], batch[-1]
         logits = self._logits(images)
         loss = F.cross_entropy(logits, labels)
-        acc1, acc5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
+        acc1, acc5 = topk_accuracy(logits, labels)  # with fewer than 5 classes, top-5 is 100%
         return {"loss": loss, "acc1": acc1, "acc5": acc5}
 
     def validation_step(self, batch):
         return {"logits": self._logits(batch[0]), "labels": batch[-1]}
 
     def validation_end(self, outputs):
-        return classification_accuracy(outputs["logits"], outputs["labels"])
+        """Top-1/top-5 in percent over every evaluation image, each counted once (see ppmoco.metrics)."""
+        return numpy_topk_accuracy(outputs["logits"], outputs["labels"])
 
     def on_epoch_end(self, epoch):
         if epoch == 1:

@@ -16,9 +16,11 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from ppmoco.errors import ConfigError
-from ppmoco.paddle_internals import batchnorm_statistics
+from ppmoco.metrics import topk_accuracy
 from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
+from ppmoco.modules import momentum
 from ppmoco.modules.base import Module
+from ppmoco.paddle_internals import batchnorm_statistics
 from ppmoco.registry import check_kwargs
 
 
@@ -36,11 +38,6 @@ class Encoder(nn.Layer):
         return self.head(self.backbone(x))
 
 
-def accuracy(logits, labels, topk=(1, 5)):
-    """Percent of rows whose label is among the top-k logits, for each k."""
-    top = paddle.topk(logits, max(topk), axis=1)[1]
-    hit = (top == labels.unsqueeze(1)).astype("float32")
-    return [hit[:, :k].sum(axis=1).mean() * 100.0 for k in topk]
 
 
 def info_nce(q, k, queue, T):
@@ -81,9 +78,10 @@ class MoCo(Module):
 
     def setup(self, global_batch_size):
         if global_batch_size > self.K or self.K % global_batch_size:
+            suggestion = global_batch_size * max(1, self.K // global_batch_size)
             raise ConfigError(
                 f"Model.model.K: {self.K} must be a multiple of the global batch size "
-                f"{global_batch_size} (batch_size x processes); e.g. K={global_batch_size * max(1, self.K // global_batch_size)}")
+                f"{global_batch_size} (batch_size x processes); e.g. K={suggestion}")
         local = global_batch_size // world_size()
         if local % self.bn_splits:
             raise ConfigError(f"Model.model.bn_splits: {self.bn_splits} must divide the "
@@ -92,10 +90,9 @@ class MoCo(Module):
     def extract_features(self, images):
         return self.encoder_q.backbone(images)
 
-    @paddle.no_grad()
     def momentum_update(self):
-        for q, k in self._ema_pairs:
-            paddle.assign(k * self.m + q * (1.0 - self.m), output=k)
+        """Key encoder parameters <- m * key + (1 - m) * query (BatchNorm statistics excluded)."""
+        momentum.momentum_update(self._ema_pairs, self.m)
 
     def before_step(self):
         # builder.py updates the key encoder after the query forward; the query forward does not
@@ -140,5 +137,5 @@ class MoCo(Module):
         q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
         k = self.encode_keys(im_k)
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
-        acc1, acc5 = accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
+        acc1, acc5 = topk_accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
         return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}

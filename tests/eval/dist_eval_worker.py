@@ -14,7 +14,7 @@ import paddle.distributed as dist
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from ppmoco.data import build_dataloader  # noqa: E402
 from ppmoco.eval.inference import predict_dataset  # noqa: E402
-from ppmoco.modules.linear_eval import classification_accuracy  # noqa: E402
+from ppmoco.metrics import numpy_topk_accuracy  # noqa: E402
 
 # Per-sample logits over 6 classes and labels: top-1 right for samples 0, 2, 4, 6 (4/7),
 # label within the top 5 for all but sample 5, whose label scores lowest (6/7).
@@ -39,7 +39,7 @@ def main(out_dir):
     dataset = Rows()
     loader, sampler = build_dataloader(dataset, 2, 2, dist.get_rank(), False, False, 0)
     out = predict_dataset(lambda b: {"logits": b[0], "labels": b[1]}, loader, sampler, dataset)
-    metrics = classification_accuracy(out["logits"], out["labels"])
+    metrics = numpy_topk_accuracy(out["logits"], out["labels"])
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"logits": out["logits"].tolist(), "labels": out["labels"].tolist(),
                    "metrics": metrics}, f)

@@ -30,7 +30,7 @@ def test_pretrain_then_linear_and_knn(tmp_path):
               "Engine.num_train_epochs=1", "Engine.eval_freq=1", "Data.Train.sampler.batch_size=256")
     # ResNet-18: 20 convolutions + 20 BatchNorms x (weight, bias, mean, variance)
     assert "loaded 100 backbone tensors" in out and "sanity check passed" in out
-    eval_line = [l for l in out.splitlines() if "[eval] linear" in l][-1]
+    eval_line = [line for line in out.splitlines() if "[eval] linear" in line][-1]
     assert (lin / "best" / "model.pdparams").is_file() and (lin / "latest").read_text().strip() == "epoch_1"
 
     out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={lin}", weights, NARROW)

@@ -2,7 +2,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppmoco.modules.linear_eval import LinearEval, classification_accuracy
+from ppmoco.metrics import numpy_topk_accuracy as classification_accuracy
+from ppmoco.modules.linear_eval import LinearEval
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 16], "cifar_stem": True}
 

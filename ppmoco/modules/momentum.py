@@ -1,0 +1,15 @@
+"""The exponential moving average that makes a momentum encoder trail its online encoder."""
+import paddle
+
+
+@paddle.no_grad()
+def momentum_update(pairs, m):
+    """target <- m * target + (1 - m) * online, in place, for every (online, target) tensor pair.
+
+    Stateless: the caller picks the pairs (MoCo leaves BatchNorm's running statistics out) and the
+    momentum. The result is assigned into the target's own storage rather than rebinding a name, so
+    the optimizer, the state dict and a compiled static program that share the tensor all see the
+    update; no_grad keeps the average out of any autograd graph.
+    """
+    for online, target in pairs:
+        paddle.assign(target * m + online * (1.0 - m), output=target)
