@@ -1,0 +1,11 @@
+"""ppmoco: MoCo v1/v2 pretraining on PaddlePaddle and the evaluations that judge it."""
+import os
+import warnings
+
+# Start-up chatter of Paddle's that says nothing to a ppmoco user, kept off the console: its C++
+# INFO log lines (its warnings and errors still show, and a GLOG_minloglevel the user set wins),
+# the ccache notice of its C++-extension helper, and BatchNorm's note on global statistics. Set
+# here because the C++ log level is read when Paddle is first imported, which ppmoco precedes.
+os.environ.setdefault("GLOG_minloglevel", "1")
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+warnings.filterwarnings("ignore", message="When training, we now always track global mean", category=UserWarning)

@@ -90,3 +90,15 @@ def test_max_steps_ending_on_an_epoch_boundary_still_saves(tmp_path):
     train("mocov2_pt_digits_1n2c.yaml", out, "Data.Train.sampler.batch_size=256", "Model.model.K=256",
           "Engine.max_steps=5", "Engine.eval_freq=-1", "Engine.save_load.save_epoch=50")
     assert (out / "latest").read_text().strip() == "epoch_1"
+
+
+def test_a_run_prints_none_of_paddles_start_up_chatter(tmp_path):
+    """Paddle's C++ INFO lines ("I1130 12:00:00 ... New Executor is Running"), its ccache notice and
+    BatchNorm's global-statistics note do not reach the console of a normal run (the single-process
+    static path, which logs the most)."""
+    proc = train("mocov2_pt_digits_1n2c.yaml", tmp_path / "run", "Engine.max_steps=1")
+    console = proc.stdout + proc.stderr
+    assert "[train]" in console  # the run's own lines do
+    for chatter in ("No ccache found", "we now always track global mean", "New Executor is Running"):
+        assert chatter not in console
+    assert not [line for line in console.splitlines() if line[:1] == "I" and line[1:5].isdigit()]
