@@ -10,11 +10,12 @@ from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from ppmoco.engine.logger import ScalarWriter, format_eta
+from ppmoco.engine.logger import ScalarWriter
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.step import build_train_step
 from ppmoco.errors import ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
+from ppmoco.progress import format_eta
 
 logger = logging.getLogger("ppmoco")
 

@@ -2,7 +2,6 @@
 
 Only rank 0 writes; other ranks keep a logger that prints warnings and errors.
 """
-import datetime
 import logging
 import os
 import sys
@@ -53,6 +52,3 @@ class ScalarWriter:
         if self._writer is not None:
             self._writer.close()
 
-
-def format_eta(seconds):
-    return str(datetime.timedelta(seconds=int(max(0, seconds))))

@@ -64,7 +64,7 @@ class Evaluator:
 
     def _linear(self):
         """The module's own metrics over the exact evaluation set."""
-        out = predict_dataset(self.module.validation_step, *self.eval_data)
+        out = predict_dataset(self.module.validation_step, *self.eval_data, name="eval linear")
         return {k: float(v) for k, v in self.module.validation_end(out).items()}
 
     def _knn(self):
@@ -72,8 +72,8 @@ class Evaluator:
         def features(batch):
             return {"features": self.module.extract_features(batch[0]), "labels": batch[-1]}
 
-        bank = predict_dataset(features, *self.bank_data)
-        query = predict_dataset(features, *self.eval_data)
+        bank = predict_dataset(features, *self.bank_data, name="eval knn: training features")
+        query = predict_dataset(features, *self.eval_data, name="eval knn: evaluation features")
         results = knn_classify(bank["features"], bank["labels"], query["features"], query["labels"],
                                self.num_classes, ks=tuple(self.knn_cfg["ks"]),
                                temperature=self.knn_cfg["temperature"],

@@ -3,6 +3,7 @@ import numpy as np
 import paddle
 
 from ppmoco.distributed import concat_all_gather, world_size
+from ppmoco.progress import Progress
 
 
 def gather_in_order(local, num_samples):
@@ -19,14 +20,19 @@ def gather_in_order(local, num_samples):
 
 
 @paddle.no_grad()
-def predict_dataset(step, loader, sampler, dataset):
-    """Apply `step(batch) -> {name: [B, ...] tensor}` to every sample; {name: np.ndarray [N, ...]}."""
+def predict_dataset(step, loader, sampler, dataset, name="inference"):
+    """Apply `step(batch) -> {name: [B, ...] tensor}` to every sample; {name: np.ndarray [N, ...]}.
+
+    Progress lines (rate, ETA) are logged under `name`, counting this rank's share of the images.
+    """
     if sampler.shuffle or sampler.drop_last:
         raise ValueError("evaluation needs an unshuffled sampler without drop_last")
     dataset.set_epoch(0)
     sampler.set_epoch(0)
     parts = {}
+    progress = Progress(name, sampler.num_samples)
     for batch in loader:
-        for name, value in step(batch).items():
-            parts.setdefault(name, []).append(value.numpy())
-    return {name: gather_in_order(np.concatenate(chunks), len(dataset)) for name, chunks in parts.items()}
+        for key, value in step(batch).items():
+            parts.setdefault(key, []).append(value.numpy())
+        progress.advance(batch[0].shape[0])
+    return {key: gather_in_order(np.concatenate(chunks), len(dataset)) for key, chunks in parts.items()}
