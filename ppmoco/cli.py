@@ -17,12 +17,15 @@ _MAIN_REPORTS = threading.Event()
 _GRACE_S = 2.0
 
 
-def parse_args(description, argv=None):
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description, argv=None, add_arguments=None):
+    """-c/-o/--debug, plus what `add_arguments(parser)` adds for one tool."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("-o", "--override", action="append", default=[], nargs="+",
                         metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     args.override = [item for group in args.override for item in group]
     return args

@@ -2,12 +2,21 @@
 import os
 
 
-def write_text_atomic(path, text):
-    """Write `text` to `path` through a fsynced temporary file and a rename (creates the folder)."""
+def _write_atomic(path, data, mode, **open_kwargs):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, mode, **open_kwargs) as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    """Write `text` to `path` through a fsynced temporary file and a rename (creates the folder)."""
+    _write_atomic(path, text, "w", encoding="utf-8")
+
+
+def write_bytes_atomic(path, data):
+    """`write_text_atomic` for bytes (an encoded PNG, ...)."""
+    _write_atomic(path, data, "wb")

@@ -308,6 +308,11 @@ class NormalizeImage:
         pixels = np.asarray(img, dtype=np.float32)
         return (pixels * self.scale - self.mean) / self.std
 
+    def invert(self, normalized):
+        """float32 HWC array this op produced -> uint8 RGB pixels (rounded, clipped), for pictures."""
+        pixels = (np.asarray(normalized, dtype=np.float32) * self.std + self.mean) / self.scale
+        return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
 
 @TRANSFORMS.register(name="ToCHWImage")
 class ToCHWImage:
