@@ -33,18 +33,17 @@ def main(argv=None):
     from PIL import Image
 
     from ppmoco.data import build_dataset
-    from ppmoco.data.preview import view_grid
+    from ppmoco.data.preview import spread_indices, view_grid
 
     dataset = build_dataset(cfg["Data"]["Train"]["dataset"], "Data.Train.dataset", cfg["Global"]["seed"])
     dataset.set_epoch(args.epoch)
-    count = min(args.num, len(dataset))
-    indices = [i * len(dataset) // count for i in range(count)]
+    indices = spread_indices(len(dataset), args.num)
     grid = view_grid(dataset, indices, args.size)
     out = args.out or os.path.join(cfg["Engine"]["save_load"]["output_dir"], "views.png")
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     write_bytes_atomic(out, buffer.getvalue())
-    print(f"wrote {out}: {count} images x (1 + {len(dataset[0]) - 1} views), {grid.shape[1]}x{grid.shape[0]} px")
+    print(f"wrote {out}: {len(indices)} images x (1 + {len(dataset[0]) - 1} views), {grid.shape[1]}x{grid.shape[0]} px")
     return out
 
 

@@ -10,6 +10,12 @@ def _cell(pixels, size):
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.NEAREST))
 
 
+def spread_indices(length, count):
+    """`count` sample indices (at most `length`) spread evenly over a dataset of `length`."""
+    count = min(count, length)
+    return [i * length // count for i in range(count)]
+
+
 def view_grid(dataset, indices, size=96):
     """uint8 RGB grid: a row per sample index, the decoded image then each of its views.
 

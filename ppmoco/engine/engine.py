@@ -8,9 +8,10 @@ import paddle
 
 from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset
+from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from ppmoco.engine.logger import ScalarWriter
+from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.step import build_train_step
 from ppmoco.errors import ConfigError, PpmocoError
@@ -58,7 +59,7 @@ class Engine:
         self.module, self.optimizer = self.train_step.module, self.train_step.optimizer
         self.guard = _FiniteGuard(self.module, self.optimizer, engine["skip_nonfinite_steps"],
                                   self.save_load["output_dir"])
-        self.writer = ScalarWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
+        self.writer = VisualDLWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
 
     def _to_device(self, batch):
         if self.env.device == "cpu":
@@ -104,6 +105,12 @@ class Engine:
             logger.info(f"new best {monitor} {value:.2f} at epoch {epoch}")
             self.save("best", epoch, 0, global_step, regular=False)
 
+    def _show_views(self, epoch):
+        """The first epoch's augmented views of 8 training images, as a picture in VisualDL."""
+        self.train_set.set_epoch(epoch)
+        indices = spread_indices(len(self.train_set), 8)
+        self.writer.image("train/views", view_grid(self.train_set, indices, size=64), 0)
+
     def _resume(self):
         path = find_resume_checkpoint(self.save_load)
         if path is None:
@@ -130,6 +137,8 @@ class Engine:
                     f" on {self.env.device} ({self.env.num_threads} thread(s) each, "
                     f"{self.train_step.execution} execution), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
+        if self.env.is_main and global_step == 0:
+            self._show_views(epoch)
         meter = _Meter()
         while epoch < self.epochs and global_step < total_steps:
             self.module.train()

@@ -35,8 +35,8 @@ def setup_logger(output_dir, is_main):
     return logger
 
 
-class ScalarWriter:
-    """VisualDL writer on rank 0; a no-op elsewhere."""
+class VisualDLWriter:
+    """VisualDL writer (scalars, pictures) on rank 0; a no-op elsewhere."""
 
     def __init__(self, logdir, enabled):
         self._writer = None
@@ -47,6 +47,11 @@ class ScalarWriter:
     def add(self, tag, value, step):
         if self._writer is not None:
             self._writer.add_scalar(tag=tag, value=float(value), step=step)
+
+    def image(self, tag, pixels, step):
+        """`pixels`: uint8 HWC RGB."""
+        if self._writer is not None:
+            self._writer.add_image(tag=tag, img=pixels, step=step)
 
     def close(self):
         if self._writer is not None:

@@ -41,7 +41,10 @@ def test_pretrain_digits_few_steps(tmp_path, config):
         assert field in proc.stdout
     assert (out / "config.yaml").is_file() and (out / "step_3" / "model.pdparams").is_file()
     assert (out / "latest").read_text().strip() == "step_3"
-    assert any((out / "vdl").iterdir())
+    from visualdl import LogReader
+    [log] = [p for p in (out / "vdl").iterdir() if p.name.startswith("vdlrecords")]
+    tags = LogReader(file_path=str(log)).get_tags()
+    assert "train/loss" in tags["scalar"] and tags["image"] == ["train/views"]  # the views grid, at the start
 
 
 def _final_state(out_dir, name):
