@@ -1,0 +1,73 @@
+"""Curves of a run from its VisualDL logs, as one PNG (matplotlib, headless)."""
+import glob
+import io
+import os
+import re
+
+from ppmoco.errors import DataError
+
+# (panel title, tags it draws); `{k}` stands for every kNN k found in the logs.
+PANELS = (
+    ("loss", ["train/loss"]),
+    ("learning rate", ["train/lr"]),
+    ("training acc1 (%)", ["train/acc1"]),
+    ("images/s", ["train/ips"]),
+    ("kNN top-1 (%)", ["eval/knn_k{k}_top1"]),
+    ("linear top-1 (%)", ["eval/linear_top1"]),
+)
+
+
+def read_scalars(run_dir):
+    """{tag: ([step, ...], [value, ...])} from every VisualDL record file of `run_dir`/vdl."""
+    from visualdl import LogReader
+
+    files = sorted(glob.glob(os.path.join(run_dir, "vdl", "vdlrecords*")))
+    if not files:
+        raise DataError(f"{run_dir}: no VisualDL logs (vdl/vdlrecords.*); give the output_dir of a run")
+    series = {}
+    for path in files:
+        reader = LogReader(file_path=path)
+        for tag in reader.get_tags().get("scalar", []):
+            steps, values = series.setdefault(tag, ([], []))
+            for record in reader.get_data("scalar", tag):
+                steps.append(record.id)
+                values.append(record.value)
+    return series
+
+
+def _panel_tags(patterns, series):
+    tags = []
+    for pattern in patterns:
+        regex = re.compile(re.escape(pattern).replace(re.escape("{k}"), r"(\d+)") + "$")
+        matched = [(int(m.group(1)) if m.groups() else 0, tag) for tag in series for m in [regex.match(tag)] if m]
+        tags += [tag for _, tag in sorted(matched)]
+    return tags
+
+
+def plot_curves(series, size=(1200, 800), dpi=100):
+    """PNG bytes of one panel per PANELS entry that has data, and {panel title: [tags drawn]}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = [(title, tags) for title, patterns in PANELS if (tags := _panel_tags(patterns, series))]
+    if not panels:
+        raise DataError("the run's logs hold none of the curves to plot (loss, lr, acc1, images/s, kNN, linear)")
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
+    for ax, (title, tags) in zip(axes.flat, panels):
+        for tag in tags:
+            steps, values = series[tag]
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=tag.rsplit("/", 1)[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(tags) > 1:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue(), dict(panels)
