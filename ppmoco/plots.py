@@ -71,3 +71,26 @@ def plot_curves(series, size=(1200, 800), dpi=100):
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     return buffer.getvalue(), dict(panels)
+
+
+def plot_embedding(features, labels, size=(800, 800), seed=0, dpi=100):
+    """t-SNE (scikit-learn) of `features` [N, D] as a scatter coloured by `labels`: (PNG bytes,
+    the [N, 2] coordinates)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from sklearn.manifold import TSNE
+
+    points = TSNE(n_components=2, init="pca", random_state=seed,
+                  perplexity=min(30.0, len(features) - 1.0)).fit_transform(features)
+    figure, ax = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20", s=8)
+    ax.legend(*scatter.legend_elements(num=None), title="class", fontsize="small", loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE of {features.shape[1]}-d backbone features, {len(features)} evaluation images")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue(), points

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ppmoco.plots import plot_curves, read_scalars
@@ -54,3 +55,22 @@ def test_a_folder_without_logs_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no VisualDL logs (vdl/vdlrecords.*); "
                                                 "give the output_dir of a run"]
+
+
+@pytest.mark.slow
+def test_tsne_of_a_trained_runs_evaluation_images(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c",
+             os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o", f"Engine.save_load.output_dir={run}",
+             "-o", "Engine.max_steps=2", "-o", "Data.Train.sampler.batch_size=32", "-o", "Model.model.K=64",
+             "-o", "Model.model.base_encoder.widths=[4,8,8,8]"]
+    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = plot(str(run), "--tsne", "--size", "600x500")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Image.open(run / "tsne.png") as png:
+        assert png.format == "PNG" and png.size == (600, 500)
+    # The 360 held-out digits of the evaluation split (the training split has 1437: catches the wrong split).
+    assert "t-SNE of 360 images in 10 classes, backbone of " in proc.stdout and "step_2" in proc.stdout
+    proc = plot(str(run))  # and the curves of the same run
+    assert proc.returncode == 0 and "loss: train/loss" in proc.stdout and (run / "curves.png").is_file()
