@@ -241,7 +241,7 @@ def test_unusual_images_decode_to_rgb_and_flow_through_v2(tmp_path):
     for i in range(len(ds)):
         *views, label = ds[i]
         assert [v.shape for v in views] == [(3, 16, 16)] * 2 and all(v.dtype == np.float32 for v in views)
-        assert label == 0 and isinstance(label, np.int64)
+        assert label == -1 and isinstance(label, np.int64)  # pretraining reads no labels
 
 
 def test_skip_bad_images_uses_next_index_and_counts(tmp_path, caplog):
@@ -270,7 +270,7 @@ def test_views_are_seeded_by_seed_epoch_and_index(tree):
 
     ds = dataset()
     first = ds[2]
-    assert len(first) == 4 and first[-1] == 1
+    assert len(first) == 4 and first[-1] == -1  # pretraining reads no labels
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
     for other in (ds[2], dataset()[2]):
         for a, b in zip(first, other):
