@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from ppmoco.config import load_config, merge, parse_value
+from ppmoco.config import load_config, merge, parse_value, resolve_config_path
 from ppmoco.errors import ConfigError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -100,6 +100,8 @@ def test_config_names_resolve_to_shipped_configs_from_any_cwd(tmp_path, monkeypa
     # Catches: dropping the fall-back to the file name (FleetX's spelling, configs/NAME from elsewhere).
     assert load_config("ppfleetx/configs/vis/moco/mocov2_pt_in1k_1n8c.yaml") == shipped
     assert load_config("configs/mocov2_pt_in1k_1n8c.yaml") == shipped
+    # Catches: only file names looked up in configs/ (a config in a subfolder of configs/ not found).
+    assert resolve_config_path("base/digits.yaml") == os.path.join(ROOT, "configs", "base", "digits.yaml")
     # Catches: _base_ resolved against the working directory or by name instead of next to its file.
     digits = load_config("mocov2_pt_digits_1n2c.yaml")
     assert digits["Model"]["model"]["base_encoder"]["widths"] == [8, 16, 32, 64]
