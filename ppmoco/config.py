@@ -149,6 +149,41 @@ LIMITS = {
 }
 
 
+# The project's configs/ folder: `-c NAME.yaml` finds a shipped config from any working directory.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs():
+    """Names of the runnable configs in CONFIG_DIR (configs/base/ only holds what they inherit)."""
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    return sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")
+                  and os.path.isfile(os.path.join(CONFIG_DIR, n)))
+
+
+def resolve_config_path(path):
+    """The file `-c path` means, for every entry point (tools/train.py, eval.py, benchmark.py).
+
+    An existing path always wins. A relative path that does not exist is looked up in configs/ of
+    the project, first as given (`NAME.yaml`, `base/digits.yaml`), then by its file name, which
+    accepts FleetX's spelling `ppfleetx/configs/vis/moco/NAME.yaml` and `configs/NAME.yaml` from
+    another working directory. An absolute path is never replaced: it names one file on purpose.
+    """
+    if os.path.exists(path):
+        return path
+    names = shipped_configs()
+    if not os.path.isabs(path):
+        for candidate in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, os.path.basename(path))):
+            if os.path.isfile(candidate):
+                return candidate
+    near = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)
+    if near:
+        listed = f"closest: {', '.join(near)}"
+    else:
+        listed = f"shipped: {', '.join(names)}" if names else f"none shipped in {CONFIG_DIR}"
+    raise ConfigError(f"config file not found: {path}; check the -c path or name a shipped config ({listed})")
+
+
 def _read_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}; check the -c path")
@@ -288,8 +323,9 @@ def _check_eval_sampler(evaluation):
 
 
 def load_config(path, overrides=()):
-    """Read `path` with its `_base_` chain, apply `-o` overrides, validate and fill defaults."""
-    tree = _load_with_bases(path)
+    """Read `path` (a file, or a shipped config's name: resolve_config_path) with its `_base_`
+    chain, apply `-o` overrides, validate and fill defaults."""
+    tree = _load_with_bases(resolve_config_path(path))
     for text in overrides:
         key, value = parse_override(text)
         set_by_path(tree, key, value)

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppmoco.cli import run  # noqa: E402
-from ppmoco.config import load_config  # noqa: E402
+from ppmoco.config import load_config, resolve_config_path  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -207,7 +207,8 @@ def main(argv=None):
     from ppmoco.engine import setup_environment
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
-    result = {"preset": args.preset, "config": os.path.relpath(args.config, ROOT), "overrides": overrides,
+    config_file = os.path.relpath(resolve_config_path(args.config), ROOT)
+    result = {"preset": args.preset, "config": config_file, "overrides": overrides,
               "device": env.device, "threads": env.num_threads, "processes": env.world_size,
               "paddle": paddle.__version__, "cpu": cpu_info(),
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"],

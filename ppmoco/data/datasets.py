@@ -1,4 +1,5 @@
-"""Image datasets read from an ImageNet-style folder tree or from FleetX list files.
+"""Image datasets read from an ImageNet-style folder tree, any folder of images (pretraining needs
+no labels) or FleetX list files.
 
 Every problem with the data is found as early and named as precisely as possible: listing
 problems (missing folders, bad list lines, missing files) at construction, undecodable images when
@@ -20,6 +21,7 @@ from ppmoco.registry import Registry
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 BUILTINS = ("digits",)
+UNLABELLED = -1  # the label of a sample that has none (unlabelled pretraining data)
 logger = logging.getLogger("ppmoco.data")
 
 
@@ -83,32 +85,69 @@ def decode_image(path, key_path="Data.<split>.dataset"):
         raise _decode_error(path, err, key_path) from None
 
 
+def _is_image(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _subfolders(root):
+    """The non-hidden folders directly in `root`, sorted by name."""
+    if not os.path.isdir(root):
+        raise DataError(f"dataset folder {root} does not exist")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_under(folder):
+    """Image paths at any depth under `folder`, sorted; hidden folders and files are skipped."""
+    files = []
+    for here, subdirs, names in os.walk(folder, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        files += [os.path.join(here, n) for n in names if _is_image(n)]
+    return sorted(files)
+
+
 def list_folder(root):
     """[(path, label)] and class names from root/<class>/**/<image>, sorted by class then path.
 
     Hidden folders and files (starting with '.') are ignored, as are files without an image extension.
     """
-    if not os.path.isdir(root):
-        raise DataError(f"dataset folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = _subfolders(root)
     if not classes:
         raise DataError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
     samples = []
     for label, name in enumerate(classes):
-        files = []
-        for folder, subdirs, names in os.walk(os.path.join(root, name), followlinks=True):
-            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-            files += [os.path.join(folder, n) for n in names
-                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        files = _images_under(os.path.join(root, name))
         if not files:
             raise DataError(f"class folder {os.path.join(root, name)} has no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
-        samples += [(path, label) for path in sorted(files)]
+        samples += [(path, label) for path in files]
     return samples, classes
 
 
-def list_file(image_root, cls_label_path):
-    """[(path, label)] from lines 'relative/path label' (split at the last whitespace)."""
+def list_images(root):
+    """[(path, None)]: every image under `root` at any depth, for methods that need no labels.
+
+    Folders carry no meaning here: a flat folder, a deep tree and a class-folder tree all work.
+    The order is list_folder's (images directly in root first, then each subfolder in name order,
+    sorted by path inside it), so a class-folder tree lists the same images in the same order as
+    the labelled listing: sample indices, the seeded augmentation and exact resume stay as they were.
+    The hidden-file and extension rules are list_folder's.
+    """
+    subfolders = _subfolders(root)
+    files = sorted(os.path.join(root, e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+    for name in subfolders:
+        files += _images_under(os.path.join(root, name))
+    if not files:
+        raise DataError(f"dataset folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth; "
+                        "add images or point root to the folder that holds them")
+    return [(path, None) for path in files]
+
+
+def list_file(image_root, cls_label_path, labelled=True):
+    """[(path, label)] from lines 'relative/path label' (split at the last whitespace).
+
+    With labelled=False a line may also be a bare 'relative/path' (label None): a line that names an
+    existing file as a whole is a path, so names with spaces need no label either.
+    """
     for path, what in ((image_root, "image_root folder"), (cls_label_path, "list file")):
         if not os.path.exists(path):
             raise DataError(f"{what} {path} does not exist")
@@ -123,13 +162,17 @@ def list_file(image_root, cls_label_path):
         parts = line.strip().rsplit(None, 1)
         if not parts:
             continue
-        if len(parts) != 2:
+        if not labelled and (len(parts) == 1 or os.path.isfile(os.path.join(image_root, line.strip()))):
+            relative, label = line.strip(), None
+        elif len(parts) != 2:
             raise DataError(f"{where}: expected '<relative/path> <label>', got {line!r}")
-        try:
-            label = int(parts[1])
-        except ValueError:
-            raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
-        path = os.path.join(image_root, parts[0])
+        else:
+            relative = parts[0]
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
+        path = os.path.join(image_root, relative)
         if not os.path.exists(path):
             raise DataError(f"{where}: {path} does not exist; fix the line or the image_root")
         samples.append((path, label))
@@ -148,7 +191,14 @@ def _digits_folder(path, key_path):
 
 
 class _ImageDataset(paddle.io.Dataset):
-    """Sample listing, decoding with optional skipping, and per-(seed, epoch, index) RNG."""
+    """Sample listing, decoding with optional skipping, and per-(seed, epoch, index) RNG.
+
+    `labelled` says whether the samples need labels: then `root` must hold class folders and every
+    list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
+    without a label gets UNLABELLED; labels a list file does give are still checked.
+    """
+
+    labelled = True
 
     def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
                  builtin, seed, config_key):
@@ -156,7 +206,8 @@ class _ImageDataset(paddle.io.Dataset):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
             missing = "image_root" if image_root is None else "cls_label_path"
-            raise ConfigError(f"{config_key}.{missing}: missing; set root (a folder of class folders) "
+            folder = "a folder of class folders" if self.labelled else "a folder of images"
+            raise ConfigError(f"{config_key}.{missing}: missing; set root ({folder}) "
                               "or both image_root and cls_label_path")
         if class_num is not None and not (isinstance(class_num, int) and class_num > 0):
             raise ConfigError(f"{config_key}.class_num: expected a positive int, got {class_num!r}")
@@ -168,25 +219,27 @@ class _ImageDataset(paddle.io.Dataset):
                 build_digits(_digits_folder(wanted[-1], config_key))
 
         if root is not None:
-            self.samples, classes = list_folder(root)
+            samples, classes = list_folder(root) if self.labelled else (list_images(root), [])
             self.source = root
-            found = len(classes)
         else:
-            self.samples = list_file(image_root, cls_label_path)
+            samples = list_file(image_root, cls_label_path, self.labelled)
             self.source = cls_label_path
-            if not self.samples:
+            if not samples:
                 raise DataError(f"list file {cls_label_path} lists no images")
-            found = max(label for _, label in self.samples) + 1
-        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        given = [(path, label) for path, label in samples if label is not None]
+        labels = np.array([label for _, label in given], dtype=np.int64)
         if class_num is not None:
-            bad = np.flatnonzero((self.labels < 0) | (self.labels >= class_num))
+            bad = np.flatnonzero((labels < 0) | (labels >= class_num))
             if bad.size:
-                path, label = self.samples[bad[0]]
+                path, label = given[bad[0]]
                 raise DataError(f"{self.source}: label {label} of {path} is outside [0, {class_num}); "
                                 f"fix the labels or {config_key}.class_num")
-        elif self.labels.min() < 0:
-            path, label = self.samples[int(np.argmin(self.labels))]
+        elif labels.size and labels.min() < 0:
+            path, label = given[int(np.argmin(labels))]
             raise DataError(f"{self.source}: label {label} of {path} is negative")
+        self.samples = [(path, UNLABELLED if label is None else label) for path, label in samples]
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
         self.num_classes = class_num if class_num is not None else found
         self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
         self.skip_bad_images = skip_bad_images
@@ -223,7 +276,13 @@ class _ImageDataset(paddle.io.Dataset):
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
 class ContrastiveLearningDataset(_ImageDataset):
-    """(view_1, ..., view_n, label): `views` independent augmentations of one image, float32 CHW."""
+    """(view_1, ..., view_n, label): `views` independent augmentations of one image, float32 CHW.
+
+    Pretraining needs no labels: `root` may be any folder of images (list_images) and a list file
+    may hold bare paths; the label is UNLABELLED then, and the methods ignore it.
+    """
+
+    labelled = False
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
                  views=2, skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):

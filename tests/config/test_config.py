@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from ppmoco.config import load_config, merge, parse_value
+from ppmoco.config import load_config, merge, parse_value, resolve_config_path
 from ppmoco.errors import ConfigError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -89,6 +89,28 @@ def test_base_cycle_and_missing_files(tmp_path):
     write(tmp_path / "bad.yaml", "Engine: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml line 1: invalid YAML"):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_config_names_resolve_to_shipped_configs_from_any_cwd(tmp_path, monkeypatch):
+    """-c NAME.yaml and FleetX's ppfleetx/configs/vis/moco/NAME.yaml find configs/NAME.yaml."""
+    shipped = load_config(os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml"))
+    monkeypatch.chdir(tmp_path)  # nowhere near the project
+    # Catches: looking the name up under the working directory instead of the project's configs/.
+    assert load_config("mocov2_pt_in1k_1n8c.yaml") == shipped
+    # Catches: dropping the fall-back to the file name (FleetX's spelling, configs/NAME from elsewhere).
+    assert load_config("ppfleetx/configs/vis/moco/mocov2_pt_in1k_1n8c.yaml") == shipped
+    assert load_config("configs/mocov2_pt_in1k_1n8c.yaml") == shipped
+    # Catches: only file names looked up in configs/ (a config in a subfolder of configs/ not found).
+    assert resolve_config_path("base/digits.yaml") == os.path.join(ROOT, "configs", "base", "digits.yaml")
+    # Catches: _base_ resolved against the working directory or by name instead of next to its file.
+    digits = load_config("mocov2_pt_digits_1n2c.yaml")
+    assert digits["Model"]["model"]["base_encoder"]["widths"] == [8, 16, 32, 64]
+    # Catches: configs/ searched before an existing path (a user's own file of the same name wins).
+    write(tmp_path / "mocov2_pt_in1k_1n8c.yaml", BASE)
+    assert load_config("mocov2_pt_in1k_1n8c.yaml")["Model"]["model"]["K"] == 16
+    # Catches: an absolute path silently replaced by a shipped config of the same name.
+    with pytest.raises(ConfigError, match="config file not found: .*elsewhere/mocov2_pt_in1k_1n8c.yaml"):
+        load_config(str(tmp_path / "elsewhere" / "mocov2_pt_in1k_1n8c.yaml"))
 
 
 def test_shipped_configs_load():

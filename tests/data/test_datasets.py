@@ -102,6 +102,80 @@ def test_listing_errors(tree, tmp_path):
         GeneralClsDataset(root=str(tree), class_num=1)
 
 
+def test_pretraining_lists_a_class_tree_as_the_labelled_listing_does(tree):
+    """A class-folder tree used for pretraining keeps today's samples and order (resume, augmentation)."""
+    for cls, name in (("bird", "sub-x/b.png"), ("bird-2", "c.png"), ("cat", "sub/deeper/d.png")):
+        save_image(tree / cls / name)
+    # Catches: one global sort of all paths ('bird-2/' sorts before 'bird/', 'sub-x/' before 'sub/').
+    today = ["bird/sub-x/b.png", "bird/sub/a.bmp", "bird/z.jpeg", "bird-2/c.png",
+             "cat/A b.JPG", "cat/b.png", "cat/sub/deeper/d.png", "cat/ä 1.png"]
+    assert [os.path.relpath(p, tree) for p, _ in GeneralClsDataset(root=str(tree)).samples] == today
+    unlabelled = ContrastiveLearningDataset(root=str(tree))
+    assert [os.path.relpath(p, tree) for p, _ in unlabelled.samples] == today
+    assert unlabelled.labels.tolist() == [-1] * len(today) and unlabelled.num_classes == 0
+
+
+def unlabelled_tree(root):
+    """Images at depths 0 to 3 with no class meaning, plus what every listing skips."""
+    names = ["b.png", "a.jpg", "x/1.png", "x/y/2.png", "x/y/z/3.PNG", "x-y/4.png"]
+    for i, name in enumerate(names):
+        save_image(root / name, seed=i, fmt="JPEG" if name.endswith(".jpg") else None)
+    save_image(root / ".hidden.png")
+    save_image(root / "x" / ".cache" / "5.png")
+    save_image(root / ".thumbs" / "6.png")
+    (root / "x" / "y" / "notes.txt").write_text("not an image")
+    (root / "x" / "y" / "z" / "raw.dat").write_bytes(b"\0")
+    return root
+
+
+def test_pretraining_reads_flat_folders_and_deep_trees(tmp_path):
+    root = unlabelled_tree(tmp_path / "photos")
+    ds = ContrastiveLearningDataset(root=str(root), transform_ops=V2_OPS[:1] + V2_OPS[-2:])
+    # Catches: dropping the loose images in root, the depth, or the hidden/extension rules.
+    assert [os.path.relpath(p, root) for p, _ in ds.samples] == [
+        "a.jpg", "b.png", "x/1.png", "x/y/2.png", "x/y/z/3.PNG", "x-y/4.png"]
+    view_1, view_2, label = ds[4]
+    assert view_1.shape == view_2.shape == (3, 16, 16) and label == -1
+    # Catches: the labelled dataset accepting a folder without classes.
+    flat = tmp_path / "flat"
+    for i in range(3):
+        save_image(flat / f"{i}.png", seed=i)
+    assert len(ContrastiveLearningDataset(root=str(flat))) == 3
+    with pytest.raises(DataError, match=rf"^dataset folder {flat} has no class subfolders; "
+                                        rf"expected {flat}/<class>/<image>$"):
+        GeneralClsDataset(root=str(flat))
+
+
+def test_pretraining_folder_without_images_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "a" / "b").mkdir(parents=True)
+    (empty / "a" / "b" / "notes.txt").write_text("not an image")
+    save_image(empty / ".hidden" / "x.png")
+    # Catches: an empty dataset accepted (a loader of length 0) or a message not naming the folder.
+    with pytest.raises(DataError, match=rf"^dataset folder {empty} has no images \(\.jpg, .*\) at any depth; "):
+        ContrastiveLearningDataset(root=str(empty))
+    with pytest.raises(DataError, match=r"dataset folder .*nowhere does not exist"):
+        ContrastiveLearningDataset(root=str(tmp_path / "nowhere"))
+
+
+def test_pretraining_list_file_may_hold_bare_paths(tree, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("cat/A b.JPG\n\nbird/z.jpeg 3\n  cat/b.png  \n", encoding="utf-8")
+    ds = ContrastiveLearningDataset(image_root=str(tree), cls_label_path=str(lst))
+    # Catches: bare paths refused, a path with a space split into path + label, given labels dropped.
+    assert ds.samples == [(os.path.join(tree, "cat/A b.JPG"), -1), (os.path.join(tree, "bird/z.jpeg"), 3),
+                          (os.path.join(tree, "cat/b.png"), -1)]
+    # Catches: the label checks lost for the labels a pretraining list does give.
+    with pytest.raises(DataError, match=r"list\.txt: label 3 of .*bird/z\.jpeg is outside \[0, 2\)"):
+        ContrastiveLearningDataset(image_root=str(tree), cls_label_path=str(lst), class_num=2)
+    lst.write_text("cat/b.png\ncat/missing.png\n")
+    with pytest.raises(DataError, match=r"list\.txt line 2: .*cat/missing\.png does not exist"):
+        ContrastiveLearningDataset(image_root=str(tree), cls_label_path=str(lst))
+    # Catches: labelled datasets accepting bare paths (linear evaluation and the kNN bank need labels).
+    with pytest.raises(DataError, match=r"list\.txt line 1: expected '<relative/path> <label>'"):
+        GeneralClsDataset(image_root=str(tree), cls_label_path=str(lst))
+
+
 @pytest.mark.parametrize("name, content, reason", [
     ("zero.jpg", b"", "empty"),
     ("truncated.jpg", truncated_jpeg(), "truncated"),
@@ -167,7 +241,7 @@ def test_unusual_images_decode_to_rgb_and_flow_through_v2(tmp_path):
     for i in range(len(ds)):
         *views, label = ds[i]
         assert [v.shape for v in views] == [(3, 16, 16)] * 2 and all(v.dtype == np.float32 for v in views)
-        assert label == 0 and isinstance(label, np.int64)
+        assert label == -1 and isinstance(label, np.int64)  # pretraining reads no labels
 
 
 def test_skip_bad_images_uses_next_index_and_counts(tmp_path, caplog):
@@ -196,7 +270,7 @@ def test_views_are_seeded_by_seed_epoch_and_index(tree):
 
     ds = dataset()
     first = ds[2]
-    assert len(first) == 4 and first[-1] == 1
+    assert len(first) == 4 and first[-1] == -1  # pretraining reads no labels
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
     for other in (ds[2], dataset()[2]):
         for a, b in zip(first, other):

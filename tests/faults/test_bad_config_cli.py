@@ -1,6 +1,7 @@
 """Promise 6 through tools/train.py: a bad config is one line naming the key or file with the fix,
 exit 2, no traceback unless --debug, and the output folder is left alone."""
 import os
+import subprocess
 import sys
 
 import paddle
@@ -51,6 +52,23 @@ def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     proc = run(train_cmd(tmp_path / "run", config=missing), timeout=120)
     assert_user_error(proc, f"config file not found: {missing}; check the -c path")
+
+
+def test_misspelt_config_name_lists_the_closest_shipped_configs(tmp_path):
+    # Catches: a multi-line or traceback error, and a hint that lists nothing or the wrong names.
+    proc = run(train_cmd(tmp_path / "run", config="mocov2_pt_in1k_1n4c.yaml"), timeout=120)
+    assert_user_error(proc, "config file not found: mocov2_pt_in1k_1n4c.yaml; check the -c path",
+                      "(closest: mocov2_pt_in1k_1n8c.yaml, mocov1_pt_in1k_1n8c.yaml, mocov2_pt_digits_1n2c.yaml)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bare_config_name_from_another_directory(tmp_path):
+    """FleetX's documented `tools/train.py -c mocov2_pt_in1k_1n8c.yaml`, run outside the project:
+    the config is found (the error is about the key after it, not a missing file)."""
+    # Catches: resolving the name against the working directory.
+    cmd = train_cmd(tmp_path / "run", "Engine.save_load.kep_last=2", config="mocov2_pt_in1k_1n8c.yaml")
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_user_error(proc, "Engine.save_load.kep_last: unknown key")
 
 
 def test_base_cycle(tmp_path):

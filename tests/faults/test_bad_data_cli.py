@@ -107,35 +107,38 @@ def _list_file(tmp_path, lines):
 
 
 GOOD_LINES = [f"{c}/{i}.png {label}" for label, c in enumerate("ab") for i in range(8)]
+# Pretraining reads any images; the labelled listing (linear evaluation, the kNN bank) is what refuses
+# data without labels. Built here through the pretraining config, it fails before any step.
+LABELLED = "Data.Train.dataset.name=GeneralClsDataset"
 
 
-@pytest.mark.parametrize("lines, class_num, message", [
-    (GOOD_LINES + ["a/missing.png 0"], None, "line 17: {root}/a/missing.png does not exist"),
-    (GOOD_LINES[:3] + ["a/3.png"] + GOOD_LINES[4:], None,
+@pytest.mark.parametrize("lines, extra, message", [
+    (GOOD_LINES + ["a/missing.png 0"], [], "line 17: {root}/a/missing.png does not exist"),
+    (GOOD_LINES[:3] + ["a/3.png"] + GOOD_LINES[4:], [LABELLED],
      "line 4: expected '<relative/path> <label>', got 'a/3.png'"),
-    (GOOD_LINES[:5] + ["a/5.png five"], None, "line 6: label 'five' is not an integer"),
-    (GOOD_LINES[:-1] + ["b/7.png 5"], 2, "label 5 of {root}/b/7.png is outside [0, 2)"),
-    (["a/0.png -1"] + GOOD_LINES[1:], None, "label -1 of {root}/a/0.png is negative"),
+    (GOOD_LINES[:5] + ["a/5.png five"], [], "line 6: label 'five' is not an integer"),
+    (GOOD_LINES[:-1] + ["b/7.png 5"], ["Data.Train.dataset.class_num=2"],
+     "label 5 of {root}/b/7.png is outside [0, 2)"),
+    (["a/0.png -1"] + GOOD_LINES[1:], [], "label -1 of {root}/a/0.png is negative"),
 ], ids=["missing_path", "no_label", "label_not_int", "label_out_of_range", "negative_label"])
-def test_bad_list_file_is_one_line_naming_it(tmp_path, lines, class_num, message):
+def test_bad_list_file_is_one_line_naming_it(tmp_path, lines, extra, message):
     root, list_path = _list_file(tmp_path, lines)
     out = tmp_path / "run"
-    overrides = [*SMALL_DATA, "Data.Train.dataset.root=null", f"Data.Train.dataset.image_root={root}",
-                 f"Data.Train.dataset.cls_label_path={list_path}", "Engine.max_steps=2"]
-    if class_num is not None:
-        overrides.append(f"Data.Train.dataset.class_num={class_num}")
-    proc = run_train(out, *overrides, expect=2)
+    proc = run_train(out, *SMALL_DATA, "Data.Train.dataset.root=null", f"Data.Train.dataset.image_root={root}",
+                     f"Data.Train.dataset.cls_label_path={list_path}", "Engine.max_steps=2", *extra, expect=2)
     line = assert_user_error(proc, message.format(root=root))
     assert str(list_path) in line
     assert_untouched(out)
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("empty_class", "class folder {root}/c has no images"),
-    ("no_classes", "dataset folder {root} has no class subfolders; expected {root}/<class>/<image>"),
-    ("missing", "dataset folder {root} does not exist"),
-], ids=["empty_class", "no_classes", "missing"])
-def test_bad_folder_layout_is_one_line_naming_it(tmp_path, layout, message):
+@pytest.mark.parametrize("layout, extra, message", [
+    ("empty_class", [LABELLED], "class folder {root}/c has no images"),
+    ("no_classes", [LABELLED], "dataset folder {root} has no class subfolders; expected {root}/<class>/<image>"),
+    # Catches: an unlabelled folder without images accepted, or refused in more than one line.
+    ("no_images", [], "dataset folder {root} has no images (.jpg, "),
+    ("missing", [], "dataset folder {root} does not exist"),
+], ids=["empty_class", "no_classes", "no_images", "missing"])
+def test_bad_folder_layout_is_one_line_naming_it(tmp_path, layout, extra, message):
     root = tmp_path / "data"
     if layout == "empty_class":
         image_tree(root)
@@ -144,7 +147,11 @@ def test_bad_folder_layout_is_one_line_naming_it(tmp_path, layout, message):
     elif layout == "no_classes":
         root.mkdir()
         (root / "stray.png").write_bytes(b"")
+    elif layout == "no_images":
+        (root / "deep" / "er").mkdir(parents=True)
+        (root / "deep" / "er" / "readme.txt").write_text("not an image")
+        save_rgb(root / ".hidden" / "0.png")
     out = tmp_path / "run"
-    proc = run_train(out, *_folder(root), expect=2)
+    proc = run_train(out, *_folder(root, *extra), expect=2)
     assert_user_error(proc, message.format(root=root))
     assert_untouched(out)
