@@ -124,22 +124,25 @@ def list_folder(root):
 
 
 def list_images(root):
-    """[(path, None)]: every image under `root` at any depth, for methods that need no labels.
+    """([(path, label)], class names): every image under `root` at any depth, for pretraining.
 
-    Folders carry no meaning here: a flat folder, a deep tree and a class-folder tree all work.
-    The order is list_folder's (images directly in root first, then each subfolder in name order,
-    sorted by path inside it), so a class-folder tree lists the same images in the same order as
-    the labelled listing: sample indices, the seeded augmentation and exact resume stay as they were.
-    The hidden-file and extension rules are list_folder's.
+    Folders need no meaning: a flat folder and a deep tree work, with no labels (label None). A
+    class-folder tree (no image directly in root, images in every subfolder) keeps list_folder's
+    labels and order, so a method that can use labels gets them and sample indices, the seeded
+    augmentation and exact resume stay as they were. Otherwise images directly in root come first,
+    then each subfolder in name order, sorted by path inside it. Hidden-file and extension rules
+    are list_folder's.
     """
     subfolders = _subfolders(root)
-    files = sorted(os.path.join(root, e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name))
-    for name in subfolders:
-        files += _images_under(os.path.join(root, name))
+    loose = sorted(os.path.join(root, e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+    per_folder = [_images_under(os.path.join(root, name)) for name in subfolders]
+    if subfolders and not loose and all(per_folder):
+        return [(path, label) for label, files in enumerate(per_folder) for path in files], subfolders
+    files = loose + [path for files in per_folder for path in files]
     if not files:
         raise DataError(f"dataset folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth; "
                         "add images or point root to the folder that holds them")
-    return [(path, None) for path in files]
+    return [(path, None) for path in files], []
 
 
 def list_file(image_root, cls_label_path, labelled=True):
@@ -219,7 +222,7 @@ class _ImageDataset(paddle.io.Dataset):
                 build_digits(_digits_folder(wanted[-1], config_key))
 
         if root is not None:
-            samples, classes = list_folder(root) if self.labelled else (list_images(root), [])
+            samples, classes = list_folder(root) if self.labelled else list_images(root)
             self.source = root
         else:
             samples = list_file(image_root, cls_label_path, self.labelled)

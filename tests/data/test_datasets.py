@@ -103,16 +103,20 @@ def test_listing_errors(tree, tmp_path):
 
 
 def test_pretraining_lists_a_class_tree_as_the_labelled_listing_does(tree):
-    """A class-folder tree used for pretraining keeps today's samples and order (resume, augmentation)."""
+    """A class-folder tree used for pretraining keeps today's samples, order (resume, augmentation)
+    and labels (for methods that can use them)."""
     for cls, name in (("bird", "sub-x/b.png"), ("bird-2", "c.png"), ("cat", "sub/deeper/d.png")):
         save_image(tree / cls / name)
     # Catches: one global sort of all paths ('bird-2/' sorts before 'bird/', 'sub-x/' before 'sub/').
     today = ["bird/sub-x/b.png", "bird/sub/a.bmp", "bird/z.jpeg", "bird-2/c.png",
              "cat/A b.JPG", "cat/b.png", "cat/sub/deeper/d.png", "cat/ä 1.png"]
     assert [os.path.relpath(p, tree) for p, _ in GeneralClsDataset(root=str(tree)).samples] == today
-    unlabelled = ContrastiveLearningDataset(root=str(tree))
-    assert [os.path.relpath(p, tree) for p, _ in unlabelled.samples] == today
-    assert unlabelled.labels.tolist() == [-1] * len(today) and unlabelled.num_classes == 0
+    labelled = GeneralClsDataset(root=str(tree))
+    pretraining = ContrastiveLearningDataset(root=str(tree))
+    assert [os.path.relpath(p, tree) for p, _ in pretraining.samples] == today
+    # Catches: class labels dropped from a class tree (supervised-contrastive MoCo needs them).
+    assert pretraining.labels.tolist() == labelled.labels.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert pretraining.num_classes == 3
 
 
 def unlabelled_tree(root):
@@ -241,7 +245,7 @@ def test_unusual_images_decode_to_rgb_and_flow_through_v2(tmp_path):
     for i in range(len(ds)):
         *views, label = ds[i]
         assert [v.shape for v in views] == [(3, 16, 16)] * 2 and all(v.dtype == np.float32 for v in views)
-        assert label == -1 and isinstance(label, np.int64)  # pretraining reads no labels
+        assert label == 0 and isinstance(label, np.int64)
 
 
 def test_skip_bad_images_uses_next_index_and_counts(tmp_path, caplog):
@@ -270,7 +274,7 @@ def test_views_are_seeded_by_seed_epoch_and_index(tree):
 
     ds = dataset()
     first = ds[2]
-    assert len(first) == 4 and first[-1] == -1  # pretraining reads no labels
+    assert len(first) == 4 and first[-1] == 1
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
     for other in (ds[2], dataset()[2]):
         for a, b in zip(first, other):
