@@ -19,6 +19,7 @@ from ppmoco.eval.evaluator import Evaluator, summary_lines
 from ppmoco.progress import format_eta
 
 logger = logging.getLogger("ppmoco")
+EMBEDDING_POINTS = 2000  # evaluation images per embedding in VisualDL (a log, not a dataset copy)
 
 
 class Engine:
@@ -93,6 +94,10 @@ class Engine:
         for protocol, values in results.items():
             for name, value in values.items():
                 self.writer.add(f"eval/{protocol}_{name}", value, global_step)
+        if self.evaluator.embedding is not None:
+            features, labels = self.evaluator.embedding
+            shown = spread_indices(len(labels), EMBEDDING_POINTS)
+            self.writer.embedding(f"eval/features_step{global_step}", features[shown], labels[shown])
         return results
 
     def _validate_and_keep_best(self, epoch, global_step):

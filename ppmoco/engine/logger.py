@@ -48,6 +48,11 @@ class VisualDLWriter:
         if self._writer is not None:
             self._writer.add_scalar(tag=tag, value=float(value), step=step)
 
+    def embedding(self, tag, features, labels):
+        """Rows of `features` [N, D] with their labels, for VisualDL's embedding view."""
+        if self._writer is not None:
+            self._writer.add_embeddings(tag=tag, mat=features.tolist(), metadata=[str(int(v)) for v in labels])
+
     def image(self, tag, pixels, step):
         """`pixels`: uint8 HWC RGB."""
         if self._writer is not None:

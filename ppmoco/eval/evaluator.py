@@ -35,6 +35,9 @@ class Evaluator:
 
     def __init__(self, cfg, module, env):
         self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
+        # (features, labels) of the evaluation images from the last call, where the protocol
+        # computes features (kNN): for pictures of the embedding.
+        self.embedding = None
         data, seed = cfg["Data"], cfg["Global"]["seed"]
         if not all(module.supports(hook) for hook in _HOOKS[self.protocol]):
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
@@ -74,6 +77,7 @@ class Evaluator:
 
         bank = predict_dataset(features, *self.bank_data, name="eval knn: training features")
         query = predict_dataset(features, *self.eval_data, name="eval knn: evaluation features")
+        self.embedding = (query["features"], query["labels"])
         results = knn_classify(bank["features"], bank["labels"], query["features"], query["labels"],
                                self.num_classes, ks=tuple(self.knn_cfg["ks"]),
                                temperature=self.knn_cfg["temperature"],

@@ -49,6 +49,14 @@ def test_pretrain_then_linear_and_knn(tmp_path):
             assert 0 <= v["top1"] <= v["top5"] <= 100
             assert f"knn k={k} top1={v['top1']:.2f} top5={v['top5']:.2f}" in out
     assert "randomly initialised backbone" in out
+    # The evaluation features go to VisualDL's embedding view, one label per image (360 digits).
+    from visualdl import LogReader
+    [log] = [p for p in (knn / "vdl").iterdir() if p.name.startswith("vdlrecords")]
+    reader = LogReader(file_path=str(log))
+    assert reader.get_tags()["embeddings"] == ["eval/features_step0"]
+    [record] = reader.get_data("embeddings", "eval/features_step0")
+    assert len(record.embeddings.embeddings) == 360
+    assert sorted({e.label[0] for e in record.embeddings.embeddings}) == [str(c) for c in range(10)]
 
 
 @pytest.mark.parametrize("override,message", [
