@@ -17,7 +17,14 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     setup_logger(cfg["Engine"]["save_load"]["output_dir"], env.is_main)
     module = build_module(cfg["Model"])
-    Engine(cfg, module, env).fit()
+    engine = Engine(cfg, module, env)
+    engine.fit()
+    if env.is_main:
+        from ppmoco.report import write_report
+
+        path = write_report(cfg["Engine"]["save_load"]["output_dir"], args.config, load_config(args.config),
+                            cfg, engine.last_results)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

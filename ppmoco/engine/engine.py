@@ -53,6 +53,7 @@ class Engine:
                               "add Data.Eval or set Engine.eval_freq=-1")
         self.evaluator = Evaluator(cfg, module, env) if has_eval else None
         self.best = None
+        self.last_results = None  # the last evaluation's {protocol: {name: value}}
 
         opt = cfg["Optimizer"]
         self.schedule = build_schedule(opt["lr"])
@@ -88,7 +89,7 @@ class Engine:
         """
         if self.evaluator is None:
             raise ConfigError("Data.Eval.dataset: not set; name the evaluation images in the config")
-        results = self.evaluator()
+        results = self.last_results = self.evaluator()
         for line in summary_lines(results):
             logger.info(f"[eval] {line}")
         for protocol, values in results.items():

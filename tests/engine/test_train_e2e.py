@@ -45,6 +45,13 @@ def test_pretrain_digits_few_steps(tmp_path, config):
     [log] = [p for p in (out / "vdl").iterdir() if p.name.startswith("vdlrecords")]
     tags = LogReader(file_path=str(log)).get_tags()
     assert "train/loss" in tags["scalar"] and tags["image"] == ["train/views"]  # the views grid, at the start
+    # The run's report: the -o changes against the config file, curves, checkpoints.
+    report = (out / "report.md").read_text()
+    assert f"wrote {out / 'report.md'}" in proc.stdout
+    assert "| `Engine.max_steps` | `-1` | `3` |" in report and "| `Model.model.K` | `1024` | `128` |" in report
+    assert "`Model.model.T`" not in report  # unchanged keys are not listed
+    assert "![curves](curves.png)" in report and (out / "curves.png").is_file()
+    assert "| `step_3` |" in report and "`latest` names `step_3`." in report and "No evaluation ran." in report
 
 
 def _final_state(out_dir, name):
