@@ -88,7 +88,7 @@ def plot_embedding(features, labels, size=(800, 800), seed=0, dpi=100):
     ax.legend(*scatter.legend_elements(num=None), title="class", fontsize="small", loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"t-SNE of {features.shape[1]}-d backbone features, {len(features)} evaluation images")
+    ax.set_title(f"t-SNE: {len(features)} images, {features.shape[1]}-d features", fontsize="medium")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
