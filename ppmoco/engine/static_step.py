@@ -15,7 +15,7 @@ to Paddle's CPU kernels, each for the measured reason given there.
 
 No program is trusted unchecked: the first batch of every shape runs the eager step and the
 program from the same state (weights, BN statistics, queue, velocities, random generator) and
-compares the loss, the queue and the update of every tensor (CHECK_TOLERANCES). A program that
+compares the loss and the update of every tensor, the queue's included (CHECK_TOLERANCES). A program that
 disagrees, or fails natively, is dropped: that shape runs eagerly from then on and one log line says
 why; with `Engine.execution: static` it is a one-line error instead. The check costs one eager step
 and three host copies of the module state per batch shape (README "Performance").
@@ -187,7 +187,7 @@ class _Compiled:
 # summation order, a ReLU that flips sign) gives median r below 2e-3 over the trainable parameters
 # and r below 0.03 for every tensor; the faults this guards against gave a median of 0.5-0.7 and
 # a max of 2-5, or 1.0 for a BN statistic that never moves.
-CHECK_TOLERANCES = {"loss": 1e-4, "queue": 1e-3, "median_trainable": 0.05, "every_tensor": 0.5}
+CHECK_TOLERANCES = {"loss": 1e-4, "median_trainable": 0.05, "every_tensor": 0.5}
 
 
 class _Snapshot:
@@ -247,11 +247,6 @@ def _disagreement(before, eager, static, expected, got, trainable):
             continue
         start = start.astype("float64")
         d_eager, d_static = eager.values[key] - start, static.values[key] - start
-        if key == "queue":
-            gap = float(np.abs(d_static - d_eager).max())
-            if gap > CHECK_TOLERANCES["queue"]:
-                return f"the queue differs from eager by {gap:.2g}"
-            continue
         errors[key] = _relative(d_static, d_eager, np.linalg.norm(start))
     worst = max(errors, key=errors.get)
     if errors[worst] > CHECK_TOLERANCES["every_tensor"]:

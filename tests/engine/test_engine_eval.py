@@ -18,11 +18,23 @@ class Recorder:
         pass
 
 
+class StubEvaluator:
+    """Returns fixed results and computes no features (no embedding), like the linear protocol."""
+
+    embedding = None
+
+    def __init__(self, results):
+        self.results = results
+
+    def __call__(self):
+        return self.results
+
+
 def engine_returning(results, monitor):
     """An Engine whose evaluator returns `results` and whose saves are recorded, not written."""
     engine = Engine.__new__(Engine)  # __init__ would build data loaders and a training step
     stub = Recorder(monitor)
-    engine.evaluator, engine.writer, engine.guard, engine.module = (lambda: results), stub, stub, stub
+    engine.evaluator, engine.writer, engine.guard, engine.module = StubEvaluator(results), stub, stub, stub
     engine.best = None
     engine.save = lambda name, epoch, next_batch, step, regular=True: stub.saved.append((name, epoch))
     return engine, stub
@@ -43,7 +55,7 @@ def test_best_is_kept_by_the_monitor_found_in_any_protocols_results():
     # still expects the protocol to be named "linear".
     engine, stub = engine_returning({"probe": {"top1": 60.0}}, monitor="top1")
     engine._validate_and_keep_best(epoch=1, global_step=10)
-    engine.evaluator = lambda: {"probe": {"top1": 55.0}}
+    engine.evaluator = StubEvaluator({"probe": {"top1": 55.0}})
     engine._validate_and_keep_best(epoch=2, global_step=20)
     assert engine.best == 60.0 and stub.saved == [("best", 1)]
 
