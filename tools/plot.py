@@ -31,9 +31,10 @@ def parse_size(text):
 def tsne(run_dir, checkpoint, size):
     """PNG bytes and a one-line summary of the t-SNE of a checkpoint's evaluation features."""
     from ppmoco.config import load_config
-    from ppmoco.data import build_dataloader, build_dataset
+    from ppmoco.data import build_dataset
     from ppmoco.engine import setup_environment
     from ppmoco.engine.checkpoint import latest_checkpoint
+    from ppmoco.eval.evaluator import eval_loader
     from ppmoco.eval.inference import predict_dataset
     from ppmoco.models import build_backbone, load_pretrained_backbone
     from ppmoco.plots import plot_embedding
@@ -43,17 +44,16 @@ def tsne(run_dir, checkpoint, size):
     if checkpoint is None:
         raise ConfigError(f"--checkpoint: {run_dir} has no 'latest' checkpoint; name one")
     eval_cfg, seed = cfg["Data"]["Eval"], cfg["Global"]["seed"]
-    if not eval_cfg.get("dataset"):
+    if not (eval_cfg and eval_cfg.get("dataset")):
         raise ConfigError(f"{run_dir}/config.yaml: Data.Eval.dataset is not set; t-SNE needs labelled images")
-    setup_environment(cfg["Global"], {})  # one process, whatever the run used
+    env = setup_environment(cfg["Global"], {})  # one process, whatever the run used
     backbone = build_backbone(cfg["Model"]["model"]["base_encoder"], "Model.model.base_encoder")
     load_pretrained_backbone(backbone, checkpoint, key_path="--checkpoint")
     backbone.eval()
     dataset = build_dataset(eval_cfg["dataset"], "Data.Eval.dataset", seed)
-    loader, sampler = build_dataloader(dataset, eval_cfg["sampler"]["batch_size"], 1, 0, False, False, seed,
-                                       **eval_cfg["loader"])
+    data = eval_loader(dataset, eval_cfg, env, seed)
     out = predict_dataset(lambda batch: {"features": backbone(batch[0]), "labels": batch[-1]},
-                          loader, sampler, dataset, name="t-SNE features")
+                          *data, name="t-SNE features")
     png, _ = plot_embedding(out["features"], out["labels"], size, seed)
     classes = len(set(out["labels"].tolist()))
     return png, f"t-SNE of {len(out['labels'])} images in {classes} classes, backbone of {checkpoint}"

@@ -17,7 +17,9 @@ logger = logging.getLogger("ppmoco")
 _HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",)}
 
 
-def _eval_loader(dataset, data_cfg, env, seed):
+def eval_loader(dataset, data_cfg, env, seed):
+    """(loader, sampler, dataset) visiting `dataset` once in order, split over `env`'s ranks, with
+    `data_cfg`'s (Data.Eval's) batch size and loader settings; for predict_dataset."""
     # Unshuffled and without drop_last: config.load_config rejects an Eval sampler asking otherwise.
     loader, sampler = build_dataloader(dataset, data_cfg["sampler"]["batch_size"], env.world_size, env.rank,
                                        False, False, seed, **data_cfg["loader"])
@@ -43,11 +45,11 @@ class Evaluator:
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
                               f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
-        self.eval_data = _eval_loader(eval_set, data["Eval"], env, seed)
+        self.eval_data = eval_loader(eval_set, data["Eval"], env, seed)
         if self.protocol == "knn":
             bank = build_dataset(_bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"]),
                                  "Data.Train.dataset", seed)
-            self.bank_data = _eval_loader(bank, data["Eval"], env, seed)
+            self.bank_data = eval_loader(bank, data["Eval"], env, seed)
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
 
     def __call__(self):
