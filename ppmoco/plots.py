@@ -44,18 +44,35 @@ def _panel_tags(patterns, series):
     return tags
 
 
-def plot_curves(series, size=(1200, 800), dpi=100):
-    """PNG bytes of one panel per PANELS entry that has data, and {panel title: [tags drawn]}."""
+def _pyplot():
+    """matplotlib's pyplot on the headless backend (imported on use: only the picture tools need it)."""
     import matplotlib
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot
+    return pyplot
 
+
+def _figure(size, dpi, **subplots):
+    """A figure of exactly `size` pixels and its axes."""
+    return _pyplot().subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, **subplots)
+
+
+def _png(figure, dpi):
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def plot_curves(series, size=(1200, 800), dpi=100):
+    """PNG bytes of one panel per PANELS entry that has data, and {panel title: [tags drawn]}."""
     panels = [(title, tags) for title, patterns in PANELS if (tags := _panel_tags(patterns, series))]
     if not panels:
         raise DataError("the run's logs hold none of the curves to plot (loss, lr, acc1, images/s, kNN, linear)")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
+    figure, axes = _figure(size, dpi, nrows=rows, ncols=columns, squeeze=False)
     for ax, (title, tags) in zip(axes.flat, panels):
         for tag in tags:
             steps, values = series[tag]
@@ -67,30 +84,21 @@ def plot_curves(series, size=(1200, 800), dpi=100):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
-    return buffer.getvalue(), dict(panels)
+    return _png(figure, dpi), dict(panels)
 
 
 def plot_embedding(features, labels, size=(800, 800), seed=0, dpi=100):
     """t-SNE (scikit-learn) of `features` [N, D] as a scatter coloured by `labels`: (PNG bytes,
     the [N, 2] coordinates)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from sklearn.manifold import TSNE
 
     points = TSNE(n_components=2, init="pca", random_state=seed,
                   perplexity=min(30.0, len(features) - 1.0)).fit_transform(features)
-    figure, ax = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    figure, ax = _figure(size, dpi)
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20", s=8)
     ax.legend(*scatter.legend_elements(num=None), title="class", fontsize="small", loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"t-SNE: {len(features)} images, {features.shape[1]}-d features", fontsize="medium")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
-    return buffer.getvalue(), points
+    return _png(figure, dpi), points
