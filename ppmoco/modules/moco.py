@@ -38,8 +38,6 @@ class Encoder(nn.Layer):
         return self.head(self.backbone(x))
 
 
-
-
 def info_nce(q, k, queue, T):
     """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T."""
     l_pos = (q * k).sum(axis=1, keepdim=True)
