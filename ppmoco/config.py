@@ -56,6 +56,13 @@ SCHEMA = {
         "device": Choice(("auto", "cpu", "gpu")),
         "seed": 2022,
         "num_threads": 0,          # CPU threads per process; 0 = cores / local processes
+        # FleetX's batch keys. The per-process batch is Data.Train.sampler.batch_size (as in FleetX's
+        # vision engine); these are checked against it: global = batch_size x processes, local =
+        # batch_size (or 1, the placeholder of FleetX's vis/base.yaml), micro = local (no accumulation).
+        "global_batch_size": None,
+        "local_batch_size": None,
+        "micro_batch_size": None,
+        "flags": OPEN,             # Paddle flags {FLAGS_name: value}, set before the model is built
     },
     "Engine": {
         "num_train_epochs": 1,
@@ -66,6 +73,12 @@ SCHEMA = {
         # path (one process, float32; README "Performance"). eager: Paddle's dynamic mode (GPU,
         # several processes, AMP). auto: static on a single CPU process in float32, else eager.
         "execution": Choice(("auto", "eager", "static")),
+        "run_mode": Choice(("epoch", "step")),  # FleetX's; ppmoco runs epochs (NOT_SUPPORTED)
+        # FleetX's evaluation and test batch limits for run_mode step; like FleetX in run_mode epoch,
+        # every evaluation sees the whole Data.Eval set, so they have no effect.
+        "eval_iters": -1,
+        "test_iters": -1,
+        "accumulate_steps": 1,
         "mix_precision": {
             "enable": False,
             "dtype": Choice(("float16", "bfloat16")),
@@ -92,6 +105,11 @@ SCHEMA = {
     "Model": {
         "module": "",
         "model": OPEN,
+        # FleetX names the loss and the metric; ppmoco's modules compute exactly these: cross-entropy
+        # (MoCo's InfoNCE, the linear classifier's loss) and top-k accuracy (ppmoco.fleetx).
+        "loss": {phase: {"name": Choice(("CELoss",)), "epsilon": None} for phase in ("train", "eval")},
+        "metric": {phase: {"name": Choice(("TopkAcc",)), "topk": [1, 5]} for phase in ("train", "eval")},
+        "use_recompute": False,
     },
     "Optimizer": {
         "name": Choice(("Momentum",)),
@@ -115,11 +133,52 @@ SCHEMA = {
     },
     "Distributed": {
         "dp_degree": None,         # must equal the number of processes when given
+        "mp_degree": 1,
+        "pp_degree": 1,
+        "sharding": {"sharding_degree": 1, "sharding_stage": 1, "sharding_offload": False,
+                     "reduce_overlap": False, "broadcast_overlap": False},
     },
+    "Fused": {"tensor_fusion": False},
+    # paddle.profiler over the training steps [start, end) of `scheduler` (null: every step); a
+    # Chrome trace goes to profiler_log and a summary table to the log (detailed: every view).
+    "Profiler": {
+        "enable": False,
+        "scheduler": [1, 5],
+        "profiler_log": "profiler_log",
+        "detailed": False,
+        "record_shapes": True,
+        "profile_memory": True,
+    },
+    # FleetX's export settings: where an exported inference model goes (tools/export.py).
+    "Inference": {"model_dir": "./output", "mp_degree": 1},
+}
+
+# FleetX keys for what ppmoco does not do: accepted at the value that leaves it off (FleetX's
+# default), a one-line error otherwise. dotted key -> (accepts(value), why, what to do instead).
+NOT_SUPPORTED = {
+    "Engine.run_mode": (lambda v: v == "epoch", "ppmoco counts training in epochs",
+                        "set run_mode: epoch and stop early with Engine.max_steps"),
+    "Engine.accumulate_steps": (lambda v: v == 1, "accumulating gradients is not the same MoCo step "
+                                "(each micro-batch would enqueue keys and shuffle BN on its own)",
+                                "set 1 and raise the batch size or the number of processes"),
+    "Distributed.mp_degree": (lambda v: v == 1, "model (tensor) parallelism is for models larger than "
+                              "one device; ResNets train data-parallel", "set 1"),
+    "Distributed.pp_degree": (lambda v: v == 1, "pipeline parallelism is for models larger than one "
+                              "device; ResNets train data-parallel", "set 1"),
+    "Distributed.sharding.sharding_degree": (lambda v: v == 1, "optimizer-state sharding is not "
+                                             "implemented (a ResNet's state fits every device)", "set 1"),
+    "Model.use_recompute": (lambda v: v is False, "activation recomputation is not implemented",
+                            "set false and lower the batch size if memory is short"),
+    "Fused.tensor_fusion": (lambda v: v is False, "fused parameter storage is not implemented", "set false"),
+    "Inference.mp_degree": (lambda v: v == 1, "exported models run on one device", "set 1"),
 }
 
 # Sections a config may set to null (absent): no evaluation data, for instance.
-NULLABLE = {"Data.Eval", "Engine.save_load.ckpt_dir", "Distributed.dp_degree"}
+NULLABLE = {"Data.Eval", "Engine.save_load.ckpt_dir", "Distributed.dp_degree", "Profiler.scheduler"}
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # Ranges checked at load time, before anything is written, so a value Paddle or NumPy would reject
@@ -144,8 +203,12 @@ LIMITS = {
                                               for k in v), "must be a non-empty list of ints > 0", "[20,200]"),
     "Eval.knn.temperature": (lambda v: v > 0, "must be > 0", 0.07),
     "Eval.knn.chunk_size": (lambda v: v > 0, "must be > 0", 256),
-    "Distributed.dp_degree": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                              "must be an int > 0 (or null)", 8),
+    "Distributed.dp_degree": (_positive_int, "must be an int > 0 (or null)", 8),
+    "Global.global_batch_size": (_positive_int, "must be an int > 0 (or null)", 256),
+    "Global.local_batch_size": (_positive_int, "must be an int > 0 (or null)", 32),
+    "Global.micro_batch_size": (_positive_int, "must be an int > 0 (or null)", 32),
+    "Profiler.scheduler": (lambda v: len(v) == 2 and all(_positive_int(s) or s == 0 for s in v) and v[0] < v[1],
+                           "must be [start, end) steps with 0 <= start < end (or null for every step)", "[1,5]"),
 }
 
 
@@ -306,11 +369,38 @@ def _validate(tree, schema, prefix):
 def _check_limits(cfg):
     """Apply LIMITS to the keys present (a null section or an unset OPEN key is skipped)."""
     for key, (accepts, requirement, example) in LIMITS.items():
-        node = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _lookup(cfg, key)
         if node is not None and not accepts(node):
             raise ConfigError(f"{key}: {node!r} {requirement}; e.g. -o {key}={example}")
+
+
+def _lookup(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _check_supported(cfg):
+    for key, (accepts, why, fix) in NOT_SUPPORTED.items():
+        value = _lookup(cfg, key)
+        if not accepts(value):
+            raise ConfigError(f"{key}: {value!r} is not supported: {why}; {fix}")
+
+
+def _check_batch_keys(global_cfg, batch_size):
+    """FleetX's Global batch keys against the sampler (the number of processes: Engine)."""
+    local, micro = global_cfg["local_batch_size"], global_cfg["micro_batch_size"]
+    if local not in (None, 1, batch_size):
+        raise ConfigError(f"Global.local_batch_size: {local} but Data.Train.sampler.batch_size is {batch_size}, "
+                          "the batch each process trains on; make them equal or remove local_batch_size")
+    if micro is not None and local is not None and micro != local:
+        raise ConfigError(f"Global.micro_batch_size: {micro} differs from Global.local_batch_size {local}, which "
+                          f"asks for {NOT_SUPPORTED['Engine.accumulate_steps'][1]}; set them equal")
+    total = global_cfg["global_batch_size"]
+    if total is not None and total % batch_size:
+        raise ConfigError(f"Global.global_batch_size: {total} is not a multiple of Data.Train.sampler.batch_size "
+                          f"{batch_size}; it must be batch_size x processes")
 
 
 def _check_eval_sampler(evaluation):
@@ -331,6 +421,8 @@ def load_config(path, overrides=()):
         set_by_path(tree, key, value)
     cfg = _validate(tree, SCHEMA, "")
     _check_limits(cfg)
+    _check_supported(cfg)
+    _check_batch_keys(cfg["Global"], cfg["Data"]["Train"]["sampler"]["batch_size"])
     _check_eval_sampler(cfg["Data"]["Eval"])
     if not cfg["Model"]["module"]:
         raise ConfigError("Model.module: missing; name the method, e.g. MOCOModule or MOCOClsModule")

@@ -36,6 +36,12 @@ def _interpolation(name):
     return _INTERPOLATIONS[name]
 
 
+def _backend(name):
+    """FleetX's `backend` of resizing ops: PaddleClas offers cv2 and pil; ppmoco's ops work on PIL images."""
+    if name != "pil":
+        raise ConfigError(f"backend: '{name}' is not supported; ppmoco's ops resize PIL images: set pil")
+
+
 def _is_positive_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -69,11 +75,27 @@ def _probability(p):
     return float(p)
 
 
+@TRANSFORMS.register(name="DecodeImage")
+class DecodeImage:
+    """FleetX's first op. The dataset already decodes every file to an RGB PIL image (with its
+    checks and one-line errors), so this op only checks its settings describe that image and
+    build_transforms leaves it out of the pipeline."""
+
+    def __init__(self, to_rgb=True, channel_first=False):
+        if to_rgb is not True:
+            raise ConfigError(f"to_rgb: {to_rgb!r} (BGR) is not supported; images are decoded to RGB: set true")
+        if channel_first is not False:
+            raise ConfigError("channel_first: the ops work on HWC images and ToCHWImage makes them CHW at "
+                              "the end; set false")
+
+
 @TRANSFORMS.register(name="RandCropImage")
 class RandCropImage:
     """RandomResizedCrop: a random area fraction in `scale` and aspect ratio in `ratio`, resized to `size`."""
 
-    def __init__(self, size, scale=[0.08, 1.0], ratio=[0.75, 1.3333333333333333], interpolation="bilinear"):
+    def __init__(self, size, scale=[0.08, 1.0], ratio=[0.75, 1.3333333333333333], interpolation="bilinear",
+                 backend="pil"):
+        _backend(backend)
         self.size = _size(size)
         self.scale = _range(scale, "scale", low=0.0)
         self.ratio = _range(ratio, "ratio", low=1e-6)
@@ -235,7 +257,8 @@ class GaussianNoise:
 class ResizeImage:
     """Resize the short side to `resize_short` (keeping the aspect ratio), or to exactly `size`."""
 
-    def __init__(self, resize_short=None, size=None, interpolation="bilinear"):
+    def __init__(self, resize_short=None, size=None, interpolation="bilinear", backend="pil"):
+        _backend(backend)
         if (resize_short is None) == (size is None):
             raise ConfigError("resize_short: set exactly one of resize_short and size")
         if not (resize_short is None or _is_positive_int(resize_short)):
@@ -359,6 +382,9 @@ def build_transforms(ops_cfg, key_path):
             ops.append(cls(**(kwargs or {})))
         except ConfigError as err:
             raise ConfigError(f"{op_path}.{err}") from None
+    if any(isinstance(op, DecodeImage) for op in ops[1:]):
+        raise ConfigError(f"{key_path}: DecodeImage may only come first (images arrive decoded)")
+    ops = [op for op in ops if not isinstance(op, DecodeImage)]
     kinds = [type(op) for op in ops]
     if kinds[-2:] != [NormalizeImage, ToCHWImage] or kinds.count(NormalizeImage) + kinds.count(ToCHWImage) != 2:
         raise ConfigError(f"{key_path}: must end with NormalizeImage then ToCHWImage (and use them only "

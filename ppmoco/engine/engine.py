@@ -13,6 +13,7 @@ from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
+from ppmoco.engine.profiler import StepProfiler
 from ppmoco.engine.step import build_train_step
 from ppmoco.errors import ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
@@ -35,6 +36,11 @@ class Engine:
             raise ConfigError(f"Data.Train.sampler.name: '{sampler['name']}' is not supported; "
                               "use DistributedBatchSampler")
         self.global_batch = sampler["batch_size"] * env.world_size
+        declared = cfg["Global"]["global_batch_size"]
+        if declared is not None and declared != self.global_batch:
+            raise ConfigError(f"Global.global_batch_size: {declared} but {env.world_size} process(es) x "
+                              f"Data.Train.sampler.batch_size {sampler['batch_size']} make {self.global_batch}; "
+                              "launch that many processes, change the batch size, or remove global_batch_size")
         module.setup(self.global_batch)
 
         seed = cfg["Global"]["seed"]
@@ -145,6 +151,7 @@ class Engine:
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
         if self.env.is_main and global_step == 0:
             self._show_views(epoch)
+        step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None
         meter = _Meter()
         while epoch < self.epochs and global_step < total_steps:
             self.module.train()
@@ -158,6 +165,8 @@ class Engine:
                 out = self.guard.step(self.train_step, self._to_device(batch), global_step + 1)
                 global_step += 1
                 meter.step_done(out)
+                if step_profiler is not None:
+                    step_profiler.step()
                 if global_step % self.cfg["Engine"]["logging_freq"] == 0 or global_step == total_steps:
                     self.guard.check(global_step)
                     self._log(meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr)
@@ -178,6 +187,8 @@ class Engine:
                 last = epoch == self.epochs or global_step == total_steps
                 if save_epoch > 0 and (epoch % save_epoch == 0 or last):
                     self.save(f"epoch_{epoch}", epoch, 0, global_step)
+        if step_profiler is not None:
+            step_profiler.close()
         self.writer.close()
         return global_step
 

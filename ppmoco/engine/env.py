@@ -1,6 +1,7 @@
 """Process environment: device, CPU threads, process group and seeds."""
 import ctypes
 import dataclasses
+import logging
 import os
 import random
 
@@ -10,6 +11,8 @@ import paddle.distributed as dist
 
 from ppmoco.errors import ConfigError
 from ppmoco.paddle_internals import set_cpu_threads
+
+logger = logging.getLogger("ppmoco")
 
 
 @dataclasses.dataclass
@@ -63,6 +66,37 @@ def seed_everything(seed):
     paddle.seed(seed)
 
 
+def apply_flags(flags):
+    """Set `Global.flags` ({FLAGS_name: value}) with paddle.set_flags; return the names skipped.
+
+    FleetX's vision base config sets CUDA flags (FLAGS_enable_cublas_tensor_op_math, ...) that a
+    CPU build of Paddle does not have. A Paddle without CUDA skips flags it does not know, with a
+    warning naming them, so such configs run on CPU; a CUDA build refuses them (a misspelt flag).
+    """
+    skipped = []
+    for name, value in flags.items():
+        if not (isinstance(name, str) and name.startswith("FLAGS_")):
+            raise ConfigError(f"Global.flags.{name}: Paddle flag names start with FLAGS_")
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"Global.flags.{name}: expected a bool, number or string, got {value!r}")
+        try:
+            paddle.get_flags([name])
+        except ValueError:
+            if paddle.device.is_compiled_with_cuda():
+                raise ConfigError(f"Global.flags.{name}: not a flag of this Paddle ({paddle.__version__}); "
+                                  "check the name or remove it") from None
+            skipped.append(name)
+            continue
+        try:
+            paddle.set_flags({name: value})
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"Global.flags.{name}: Paddle refuses {value!r} ({err})") from None
+    if skipped:
+        logger.warning(f"Global.flags: skipped {', '.join(skipped)}: not flags of this Paddle build "
+                       "(without CUDA); they only tune GPU kernels")
+    return skipped
+
+
 def setup_environment(global_cfg, distributed_cfg):
     """Select the device, set CPU threads, join the process group (when launched) and seed."""
     world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
@@ -73,6 +107,7 @@ def setup_environment(global_cfg, distributed_cfg):
                           "remove the key or launch that many processes")
     device = pick_device(global_cfg["device"])
     paddle.set_device(device)
+    apply_flags(global_cfg["flags"])
     threads = global_cfg["num_threads"] or max(1, _cpu_count() // local_size)
     if device == "cpu":
         # Paddle's CPU wheel runs one thread unless told otherwise; OMP_NUM_THREADS is ignored.

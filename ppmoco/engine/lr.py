@@ -51,6 +51,12 @@ class MultiStepDecay(_Schedule):
 
 
 def build_schedule(lr_cfg):
+    """The schedule of `Optimizer.lr`; FleetX's `run_mode` (epoch/step) is its name for update_unit."""
     cfg = dict(lr_cfg)
     name = cfg.pop("name", "CosineDecay")
+    if "run_mode" in cfg:
+        run_mode = cfg.pop("run_mode")
+        if cfg.setdefault("update_unit", run_mode) != run_mode:
+            raise ConfigError(f"Optimizer.lr.run_mode: '{run_mode}' contradicts update_unit "
+                              f"'{cfg['update_unit']}' (FleetX's name for the same setting); keep one")
     return SCHEDULES.build(name, cfg, "Optimizer.lr")

@@ -1,4 +1,5 @@
 """Methods (Modules) by the name a config's `Model.module` gives them."""
+from ppmoco.fleetx import module_args
 from ppmoco.modules.base import Module
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
@@ -10,10 +11,12 @@ MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
 
 
 def build_module(model_cfg):
-    """Build the Module named by `Model.module` from the arguments in `Model.model`."""
+    """Build the Module named by `Model.module` from the `Model` section: `Model.model` holds its
+    arguments, in ppmoco's or FleetX's form (ppmoco.fleetx translates and checks the latter)."""
     cls = MODULES.get(model_cfg["module"], "Model.module")
-    check_kwargs(cls, model_cfg["model"], "Model.model")
-    return cls(**model_cfg["model"])
+    args = module_args(model_cfg["module"], model_cfg)
+    check_kwargs(cls, args, "Model.model")
+    return cls(**args)
 
 
 __all__ = ["Module", "MoCo", "LinearEval", "MODULES", "build_module"]

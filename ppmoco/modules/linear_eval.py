@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ppmoco.errors import ConfigError
 from ppmoco.metrics import numpy_topk_accuracy, topk_accuracy
 from ppmoco.models import LinearClassifier, build_backbone, load_pretrained_backbone
 from ppmoco.modules.base import Module
@@ -20,8 +21,13 @@ logger = logging.getLogger("ppmoco")
 class LinearEval(Module):
     monitor = "top1"  # validation metric whose best value the Engine keeps as the `best` checkpoint
 
-    def __init__(self, base_encoder, num_classes):
+    def __init__(self, base_encoder, num_classes, topk=[1, 5]):
         super().__init__()
+        if not (topk and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk)
+                and 1 in topk):
+            raise ConfigError(f"Model.metric.train.topk: {topk!r} must be a list of ints > 0 that includes 1 "
+                              "(the best checkpoint keeps the top-1 accuracy); e.g. [1, 5]")
+        self.topk = list(topk)
         self.backbone = build_backbone(base_encoder, "Model.model.base_encoder")
         if base_encoder.get("pretrained") is not None:
             load_pretrained_backbone(self.backbone, base_encoder["pretrained"])
@@ -51,15 +57,16 @@ class LinearEval(Module):
         images, labels = batch[0], batch[-1]
         logits = self._logits(images)
         loss = F.cross_entropy(logits, labels)
-        acc1, acc5 = topk_accuracy(logits, labels)  # with fewer than 5 classes, top-5 is 100%
-        return {"loss": loss, "acc1": acc1, "acc5": acc5}
+        # a k at or above the number of classes counts every row (ppmoco.metrics)
+        accuracies = topk_accuracy(logits, labels, self.topk)
+        return {"loss": loss, **{f"acc{k}": acc for k, acc in zip(self.topk, accuracies)}}
 
     def validation_step(self, batch):
         return {"logits": self._logits(batch[0]), "labels": batch[-1]}
 
     def validation_end(self, outputs):
-        """Top-1/top-5 in percent over every evaluation image, each counted once (see ppmoco.metrics)."""
-        return numpy_topk_accuracy(outputs["logits"], outputs["labels"])
+        """Top-k (each k of `topk`) in percent over every evaluation image, each counted once (ppmoco.metrics)."""
+        return numpy_topk_accuracy(outputs["logits"], outputs["labels"], self.topk)
 
     def on_epoch_end(self, epoch):
         if epoch == 1:
