@@ -3,7 +3,8 @@
 #   1. MoCo v2 pretraining (configs/mocov2_pt_digits_1n2c.yaml, NPROC processes, default 2);
 #   2. kNN and linear evaluation of the pretrained backbone and, as the baseline, of the same
 #      backbone with random weights;
-#   3. a summary table (also in output/digits_demo_summary.md).
+#   3. a report with the results table and pictures (augmented views, pretraining curves, t-SNE of
+#      both backbones' features): output/digits_demo/report.md.
 # Extra arguments are passed to the pretraining run, e.g. -o Engine.num_train_epochs=20.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,8 @@ for init in pretrained random; do
     python tools/eval.py -c configs/moco_lincls_digits_1n2c.yaml \
         -o Model.model.base_encoder.pretrained="$weights" -o Engine.save_load.output_dir="output/lincls_digits_$init"
 done
-python tools/summarize_digits.py output | tee output/digits_demo_summary.md
+python tools/show_views.py -c configs/mocov2_pt_digits_1n2c.yaml --num 6 --size 64 --out output/digits_demo/views.png
+for init in pretrained random; do
+    python tools/plot.py "output/lincls_digits_$init" --tsne --size 700x700 --out "output/digits_demo/tsne_$init.png"
+done
+python tools/summarize_digits.py output
