@@ -1,10 +1,12 @@
-"""Progress lines with a rate and an ETA for long phases that are not training steps (feature
-extraction, evaluation passes): one line at most every `interval` seconds, and one at the end."""
+"""Progress lines with a rate and an ETA for long phases that are not training steps (listing and
+building datasets, feature extraction, evaluation passes): one line at most every `interval` seconds,
+and one at the end."""
 import datetime
 import logging
 import time
 
 logger = logging.getLogger("ppmoco")
+INTERVAL = 10.0  # seconds between progress lines of one phase
 
 
 def format_eta(seconds):
@@ -14,11 +16,14 @@ def format_eta(seconds):
 class Progress:
     """Counts `total` items (e.g. images) of a phase called `name`; `advance(n)` after each chunk.
 
-    `clock` is injectable so that tests can step time.
+    `brief` phases (listing a dataset, which is instant for small ones) print nothing when they end
+    within `interval`. `clock` is injectable so that tests can step time.
     """
 
-    def __init__(self, name, total, unit="images", interval=10.0, clock=time.perf_counter):
-        self.name, self.total, self.unit, self.interval, self.clock = name, total, unit, interval, clock
+    def __init__(self, name, total, unit="images", interval=None, clock=time.perf_counter, brief=False):
+        self.name, self.total, self.unit, self.clock = name, total, unit, clock
+        self.interval = INTERVAL if interval is None else interval
+        self.brief = brief
         self.done = 0
         self.start = self.last = clock()
 
@@ -26,6 +31,8 @@ class Progress:
         self.done += count
         now = self.clock()
         if self.done < self.total and now - self.last < self.interval:
+            return
+        if self.brief and self.done >= self.total and now - self.start < self.interval:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)

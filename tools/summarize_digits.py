@@ -34,7 +34,8 @@ def results_table(out_dir):
         knn = load_results(os.path.join(out_dir, f"knn_digits_{init}", "eval_results.json"))["knn"]
         linear = load_results(os.path.join(out_dir, f"lincls_digits_{init}", "eval_results.json"))["linear"]
         ks = sorted(knn, key=int)
-        rows.append([title] + [f"{knn[k]['top1']:.2f}" for k in ks] + [f"{linear['top1']:.2f}", f"{linear['top5']:.2f}"])
+        rows.append([title] + [f"{knn[k]['top1']:.2f}" for k in ks]
+                    + [f"{linear['top1']:.2f}", f"{linear['top5']:.2f}"])
     header = ["backbone"] + [f"kNN k={k} top-1" for k in ks] + ["linear top-1", "linear top-5"]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile
 from ppmoco.data.digits import build_digits
 from ppmoco.data.transforms import build_transforms
 from ppmoco.errors import ConfigError, DataError
+from ppmoco.progress import Progress
 from ppmoco.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -114,12 +115,14 @@ def list_folder(root):
     if not classes:
         raise DataError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
     samples = []
+    progress = Progress(f"listing {root}", len(classes), unit="folders", brief=True)
     for label, name in enumerate(classes):
         files = _images_under(os.path.join(root, name))
         if not files:
             raise DataError(f"class folder {os.path.join(root, name)} has no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         samples += [(path, label) for path in files]
+        progress.advance(1)
     return samples, classes
 
 
@@ -135,7 +138,11 @@ def list_images(root):
     """
     subfolders = _subfolders(root)
     loose = sorted(os.path.join(root, e.name) for e in os.scandir(root) if e.is_file() and _is_image(e.name))
-    per_folder = [_images_under(os.path.join(root, name)) for name in subfolders]
+    progress = Progress(f"listing {root}", len(subfolders), unit="folders", brief=True)
+    per_folder = []
+    for name in subfolders:
+        per_folder.append(_images_under(os.path.join(root, name)))
+        progress.advance(1)
     if subfolders and not loose and all(per_folder):
         return [(path, label) for label, files in enumerate(per_folder) for path in files], subfolders
     files = loose + [path for files in per_folder for path in files]
@@ -160,7 +167,10 @@ def list_file(image_root, cls_label_path, labelled=True):
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read list file {cls_label_path}: {err}") from None
     samples = []
+    progress = Progress(f"reading {cls_label_path}", len(lines), unit="lines", brief=True)
     for number, line in enumerate(lines, start=1):
+        if number % 1024 == 0 or number == len(lines):
+            progress.advance(number - progress.done)
         where = f"{cls_label_path} line {number}"
         parts = line.strip().rsplit(None, 1)
         if not parts:

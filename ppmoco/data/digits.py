@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from ppmoco.errors import ConfigError, DataError
+from ppmoco.progress import Progress
 
 SPLITS = ("train", "val")
 
@@ -41,6 +42,7 @@ def _write(out_dir, image_size):
     labels = digits.target
     indices = np.arange(len(labels))
     train, val = train_test_split(indices, test_size=0.2, stratify=labels, random_state=0)
+    progress = Progress("building the digits dataset", len(labels), brief=True)
     for split, members in zip(SPLITS, (train, val)):
         lines = []
         for i in sorted(members, key=lambda i: (labels[i], i)):
@@ -49,6 +51,7 @@ def _write(out_dir, image_size):
             img = Image.fromarray(pixels[i], "L").resize((image_size, image_size), Image.BICUBIC)
             img.save(os.path.join(out_dir, rel))
             lines.append(f"{rel} {labels[i]}\n")
+            progress.advance(1)
         with open(os.path.join(out_dir, f"{split}_list.txt"), "w", encoding="utf-8") as f:
             f.writelines(lines)
 

@@ -14,6 +14,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ppmoco.metrics import label_ranks
+from ppmoco.progress import Progress
 
 
 def _as_tensor(x, dtype):
@@ -63,6 +64,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
     used = sorted({min(k, num_train) for k in ks})  # neighbour counts actually evaluated
     top5 = min(5, num_classes)
     hits = {k: [0, 0] for k in used}
+    progress = Progress("eval knn: classifying", num_test, brief=True)
     for start in range(0, num_test, chunk_size):
         query, labels = test_x[start:start + chunk_size], test_y[start:start + chunk_size]
         similarity = paddle.matmul(query, train_x, transpose_y=True)
@@ -78,6 +80,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
             ranks = label_ranks(scores, labels)
             hits[k][0] += int((ranks < 1).sum())
             hits[k][1] += int((ranks < top5).sum())
+        progress.advance(query.shape[0])
     return {k: {"top1": 100.0 * hits[min(k, num_train)][0] / num_test,
                 "top5": 100.0 * hits[min(k, num_train)][1] / num_test} for k in ks}
 
