@@ -1,9 +1,13 @@
 """Process environment: device, CPU threads, process group and seeds."""
+import contextlib
 import ctypes
 import dataclasses
+import io
 import logging
 import os
 import random
+import re
+import sys
 
 import numpy as np
 import paddle
@@ -97,6 +101,16 @@ def apply_flags(flags):
     return skipped
 
 
+def _init_parallel_env_quietly():
+    """dist.init_parallel_env without the table of flags that differ from their defaults, which it
+    prints on every rank (Paddle's own FLAGS_enable_pir_in_executor among them); other output passes."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        dist.init_parallel_env()
+    text = re.sub(r"=+ Modified FLAGS detected =+\n(?:FLAGS\(.*\)\n)*=+\n", "", captured.getvalue())
+    sys.stderr.write(text)
+
+
 def setup_environment(global_cfg, distributed_cfg):
     """Select the device, set CPU threads, join the process group (when launched) and seed."""
     world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
@@ -114,6 +128,6 @@ def setup_environment(global_cfg, distributed_cfg):
         set_cpu_threads(threads)
         keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_parallel_env()
+        _init_parallel_env_quietly()
     seed_everything(global_cfg["seed"])
     return RunEnv(device, world_size, dist.get_rank() if world_size > 1 else 0, local_size, threads)
