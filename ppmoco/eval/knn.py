@@ -44,7 +44,10 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
     Features ([N, D] float, raw: they are L2-normalised here) and labels ([N] int) may be paddle
     Tensors or numpy arrays. Test rows are processed `chunk_size` at a time, so the largest object is
     a [chunk_size, N_train] similarity block. A k above N_train uses all training samples. Top-5 means
-    the label is among the min(5, num_classes) best-scored classes.
+    the label is among the min(5, num_classes) best-scored classes and got a vote: a class no
+    neighbour voted for never counts (mmselfsup's knn_eval takes the first min(5, k) predictions, the
+    same whenever k < 5; with k >= 5 and fewer than 5 classes voted, its order among the unvoted classes
+    is torch's unstable sort, which ppmoco does not imitate).
     """
     train_x, test_x = _as_tensor(train_features, "float32"), _as_tensor(test_features, "float32")
     train_y, test_y = _as_tensor(train_labels, "int64"), _as_tensor(test_labels, "int64")
@@ -78,8 +81,9 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
                                            reduce="add")
             done = k
             ranks = label_ranks(scores, labels)
+            voted = paddle.take_along_axis(scores, labels.unsqueeze(1), axis=1).squeeze(1) > 0
             hits[k][0] += int((ranks < 1).sum())
-            hits[k][1] += int((ranks < top5).sum())
+            hits[k][1] += int(((ranks < top5) & voted).sum())
         progress.advance(query.shape[0])
     return {k: {"top1": 100.0 * hits[min(k, num_train)][0] / num_test,
                 "top5": 100.0 * hits[min(k, num_train)][1] / num_test} for k in ks}
