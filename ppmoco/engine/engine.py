@@ -157,7 +157,7 @@ class Engine:
             self.module.train()
             self.train_set.set_epoch(epoch)
             self.train_sampler.set_epoch(epoch, start_batch)
-            meter.restart()
+            meter.resume()  # the steps since the last log line still count; the pause does not
             for batch_idx, batch in enumerate(self.train_loader, start=start_batch):
                 lr = self.schedule(epoch + batch_idx / steps_per_epoch, self.epochs)
                 self.optimizer.set_lr(lr)
@@ -316,6 +316,11 @@ class _Meter:
     def restart(self):
         self.sums, self.count, self.kept = {}, 0, 0
         self.batch_time = self.reader_time = 0.0
+        self.resume()
+
+    def resume(self):
+        """Start timing the next step from now: time between epochs (evaluation, checkpoints) is
+        neither a step's nor the reader's."""
         self.last = time.perf_counter()
 
     def data_ready(self):

@@ -112,3 +112,20 @@ def test_a_run_prints_none_of_paddles_start_up_chatter(tmp_path):
     for chatter in ("No ccache found", "we now always track global mean", "New Executor is Running"):
         assert chatter not in console
     assert not [line for line in console.splitlines() if line[:1] == "I" and line[1:5].isdigit()]
+
+
+# Catches: the meter restarted at every epoch start, which dropped the steps after an epoch's last
+# log line (here steps 1-2 of epoch 1 from the line at step 3).
+def test_log_lines_average_every_step_since_the_last_line_across_epochs(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "faults"))
+    from fault_helpers import SMALL_DATA, image_tree
+
+    image_tree(tmp_path / "images")  # 16 images: 2 steps of 8 per epoch
+    tiny = [*SMALL_DATA, f"Data.Train.dataset.root={tmp_path / 'images'}", "Model.model.bn_splits=1",
+            "Engine.eval_freq=-1", "Engine.max_steps=4"]
+    train("mocov2_pt_digits_1n2c.yaml", tmp_path / "every", *tiny)
+    train("mocov2_pt_digits_1n2c.yaml", tmp_path / "third", *tiny, "Engine.logging_freq=3")
+    every, third = train_log_losses(tmp_path / "every"), train_log_losses(tmp_path / "third")
+    assert len(every) == 4 and len(third) == 2
+    assert third[0] == pytest.approx(np.mean(every[:3]), abs=2e-4)  # log lines round to 4 decimals
+    assert third[1] == pytest.approx(every[3], abs=1e-4)
