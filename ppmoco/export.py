@@ -93,8 +93,9 @@ def check_target(out_dir, option):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"{option}: {out_dir} is a file; name a folder for the export")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        held = ", ".join(sorted(os.listdir(out_dir))[:3])
-        raise ExportError(f"{option}: {out_dir} holds other files ({held}, ...) and an export replaces its whole "
+        held = sorted(os.listdir(out_dir))
+        named = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ExportError(f"{option}: {out_dir} holds other files ({named}) and an export replaces its whole "
                           "folder; name a new or empty folder with --out DIR")
 
 
