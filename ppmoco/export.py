@@ -8,6 +8,7 @@ batch as the backbone itself. Features must agree within TOLERANCE x max(1, larg
 Everything is written to a hidden folder beside the target and renamed into place only after every
 check passed, with export.json describing the export; a failed export leaves nothing behind.
 """
+import ctypes
 import glob
 import importlib
 import io
@@ -212,6 +213,9 @@ def _run_onnxruntime(onnxruntime, onnx_file, images):
     return session.run([features.name], {image.name: images})[0]
 
 
+_LIBC = ctypes.CDLL(None)  # the process's C library, to flush its stdio buffers
+
+
 class _NativeOutput:
     """Keeps what is printed inside the block, by native code (Paddle's passes) or Python code
     (paddle2onnx's logger), off the console and in `text`; a block that raises passes it on to
@@ -232,6 +236,7 @@ class _NativeOutput:
 
     def __exit__(self, exc_type, exc, tb):
         sys.stdout, sys.stderr = self.streams
+        _LIBC.fflush(None)  # C stdio holds lines printed to a pipe until its buffer fills
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
