@@ -281,6 +281,7 @@ def test_bad_input_is_one_error_line_and_leaves_no_output(tmp_path, capsys, monk
     (("--image-size", "16x"), "error: --image-size: expected a size in pixels like 224 or 224x192"),
     (("--out", "run"), "error: --out: run holds other files (train.log) and an export replaces its whole folder"),
     (("-o", "Inference.model_dir=run"), "error: Inference.model_dir: run holds other files (train.log) "),
+    (("--onx",), "error: unrecognized arguments: --onx; see "),  # PROG --help; PROG is pytest here
 ])
 def test_bad_option_is_one_error_line_and_changes_nothing(tmp_path, capsys, monkeypatch, option, message):
     # catches: an export that deletes or writes into a folder it does not own (a run's output), an
