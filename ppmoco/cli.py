@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 
-from ppmoco.errors import PpmocoError
+from ppmoco.errors import ConfigError, PpmocoError
 
 # A user error raised in a helper thread (see _thread_hook), and who reports it: the main thread
 # when it can still exit normally (worker processes are stopped by the exit handlers), else the
@@ -17,9 +17,17 @@ _MAIN_REPORTS = threading.Event()
 _GRACE_S = 2.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown or malformed option is a user error like any other: one `error:` line from run()
+    (argparse would print its usage first and say `PROG: error:`)."""
+
+    def error(self, message):
+        raise ConfigError(f"{message}; see {self.prog} --help")
+
+
 def parse_args(description, argv=None, add_arguments=None):
     """-c/-o/--debug, plus what `add_arguments(parser)` adds for one tool."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("-o", "--override", action="append", default=[], nargs="+",
                         metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")

@@ -17,3 +17,8 @@ class DataError(PpmocoError):
 
 class CheckpointError(PpmocoError):
     """Missing, incomplete or mismatched weights or checkpoints."""
+
+
+class ExportError(PpmocoError):
+    """An export that cannot be made: a missing export dependency, an output folder that is not
+    the export's to replace, or an exported model that does not reproduce the backbone."""

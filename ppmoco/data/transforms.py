@@ -123,6 +123,9 @@ class RandCropImage:
         left, top, w, h = self.crop_box(img.width, img.height, rng)
         return img.resize((self.size[1], self.size[0]), self.resample, box=(left, top, left + w, top + h))
 
+    def output_size(self, size):
+        return self.size
+
 
 @TRANSFORMS.register(name="RandFlipImage")
 class RandFlipImage:
@@ -268,13 +271,19 @@ class ResizeImage:
         self.resample = _interpolation(interpolation)
 
     def __call__(self, img, rng):
-        if self.size is not None:
-            h, w = self.size
-        elif img.width <= img.height:
-            w, h = self.resize_short, max(1, int(round(self.resize_short * img.height / img.width)))
-        else:
-            w, h = max(1, int(round(self.resize_short * img.width / img.height))), self.resize_short
+        h, w = self.output_size((img.height, img.width))
         return img.resize((w, h), self.resample)
+
+    def output_size(self, size):
+        """(height, width) this op gives an image of `size` (None: unknown, then only `size` tells)."""
+        if self.size is not None:
+            return self.size
+        if size is None:
+            return None
+        h, w = size
+        if w <= h:
+            return max(1, int(round(self.resize_short * h / w))), self.resize_short
+        return self.resize_short, max(1, int(round(self.resize_short * w / h)))
 
 
 @TRANSFORMS.register(name="CenterCropImage")
@@ -289,6 +298,9 @@ class CenterCropImage:
         top = int(round((img.height - h) / 2.0))
         left = int(round((img.width - w) / 2.0))
         return img.crop((left, top, left + w, top + h))
+
+    def output_size(self, size):
+        return self.size
 
 
 def parse_scale(value):
@@ -355,6 +367,15 @@ class Compose:
         for op in self.ops:
             img = op(img, rng)
         return img
+
+    def output_size(self):
+        """(height, width) of every array this pipeline returns, or None when that depends on the
+        input image. Ops that set the size have `output_size(size_before)`; the others keep it."""
+        size = None
+        for op in self.ops:
+            if hasattr(op, "output_size"):
+                size = op.output_size(size)
+        return size
 
 
 def build_transforms(ops_cfg, key_path):

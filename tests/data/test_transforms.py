@@ -220,6 +220,23 @@ def test_resize_and_center_crop():
             ResizeImage(**kwargs)
 
 
+@pytest.mark.parametrize("ops, size", [
+    ("[{ResizeImage: {resize_short: 20}}, {CenterCropImage: {size: 16}}]", (16, 16)),
+    ("[{RandCropImage: {size: [12, 10]}}, {RandomAffine: {degrees: 10.0}}, {GaussianBlur: {p: 1.0}}]", (12, 10)),
+    ("[{CenterCropImage: {size: 24}}, {ResizeImage: {size: [8, 6]}}, {RandFlipImage: {flip_code: 1}}]", (8, 6)),
+    ("[{ResizeImage: {resize_short: 20}}]", None),
+    ("[{CenterCropImage: {size: [8, 4]}}, {ResizeImage: {resize_short: 20}}]", (40, 20)),
+    ("[]", None),
+])
+def test_output_size_is_the_size_of_every_output(ops, size):
+    # catches: a size-changing op left out of output_size (tools/export.py would export the wrong size)
+    pipeline = build_transforms(yaml.safe_load(ops) + [{"NormalizeImage": None}, {"ToCHWImage": None}], "ops")
+    assert pipeline.output_size() == size
+    shapes = {pipeline(random_image(h, w), rng()).shape for h, w in [(30, 50), (50, 30)]}
+    assert shapes == ({(3, *size)} if size else {(3, 20, 33), (3, 33, 20)} if "resize_short" in ops
+                      else {(3, 30, 50), (3, 50, 30)})
+
+
 def test_registry_names():
     ops = {"RandCropImage", "RandFlipImage", "ColorJitter", "RandomGrayscale", "GaussianBlur", "RandomAffine",
            "GaussianNoise", "ResizeImage", "CenterCropImage", "NormalizeImage", "ToCHWImage"}
