@@ -14,17 +14,9 @@ import shutil
 import paddle
 
 from ppmoco.errors import CheckpointError
-from ppmoco.fileio import write_text_atomic
+from ppmoco.fileio import replace_dir, write_text_atomic
 
 FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.pkl", "meta.json")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rename_optimizer_state(state, names):
@@ -63,7 +55,6 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
             shutil.rmtree(os.path.join(output_dir, stale), ignore_errors=True)
     final = os.path.join(output_dir, name)
     tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
-    old = os.path.join(output_dir, f".tmp-old-{name}-{os.getpid()}")
     try:
         os.makedirs(tmp)
         paddle.save(module.state_dict(), os.path.join(tmp, "model.pdparams"))
@@ -75,22 +66,13 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         meta = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        for file in FILES:
-            with open(os.path.join(tmp, file), "rb+") as f:
-                os.fsync(f.fileno())
-        # Re-saving a name (`best`, a step a resumed run redoes): move the old copy aside in one
-        # rename before deleting it, so a crash never leaves a half-deleted folder under that name.
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        # Re-saving a name (`best`, a step a resumed run redoes) replaces the old copy whole; a crash
+        # never leaves a half-deleted folder under that name (its leftovers start with .tmp-).
+        replace_dir(tmp, final)
         if regular:
             write_text_atomic(os.path.join(output_dir, "latest"), name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(old) and not os.path.exists(final):
-            os.rename(old, final)  # the new copy could not take its place: put the old one back
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; free disk space "
                               "or set Engine.save_load.output_dir to a writable folder "
                               "(earlier checkpoints are intact)") from None
