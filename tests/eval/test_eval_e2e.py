@@ -27,17 +27,23 @@ def test_pretrain_then_linear_and_knn(tmp_path):
     weights = f"Model.model.base_encoder.pretrained={pt / 'step_3'}"
 
     out = run("train.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={lin}", weights, NARROW,
-              "Engine.num_train_epochs=1", "Engine.eval_freq=1", "Data.Train.sampler.batch_size=256")
+              "Engine.num_train_epochs=4", "Engine.eval_freq=1", "Data.Train.sampler.batch_size=128",
+              "Optimizer.lr.learning_rate=0.1")  # lr 30 needs the recipe's 30 epochs to settle
     # ResNet-18: 20 convolutions + 20 BatchNorms x (weight, bias, mean, variance)
     assert "loaded 100 backbone tensors" in out and "sanity check passed" in out
-    eval_line = [line for line in out.splitlines() if "[eval] linear" in line][-1]
-    assert (lin / "best" / "model.pdparams").is_file() and (lin / "latest").read_text().strip() == "epoch_1"
+    logged = [float(line.split("top1=")[1].split()[0]) for line in out.splitlines() if "[eval] linear" in line]
+    assert (lin / "best" / "model.pdparams").is_file() and (lin / "latest").read_text().strip() == "epoch_4"
 
     out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={lin}", weights, NARROW)
     results = json.loads((lin / "eval_results.json").read_text())
     assert results["protocol"] == "linear"
     top1 = results["results"]["linear"]["top1"]
-    assert 0 <= top1 <= 100 and f"top1={top1:.2f}" in eval_line  # same model, same number as in training
+    # Ten classes: a probe that never trained (N(0, 0.01) weights) or labels out of step with the
+    # images stay near 10%; four epochs on these 3-step features reach about 34%.
+    assert top1 > 25
+    # best/ is the maximum of the four evaluations (eval.py picks best/ over latest); catches a best
+    # overwritten by a later, worse epoch.
+    assert len(logged) == 4 and f"{top1:.2f}" == f"{max(logged):.2f}" and max(logged) > min(logged)
     assert f"linear top1={top1:.2f}" in out
 
     for out_dir, init in ((knn, weights), (base, "Model.model.base_encoder.pretrained=null")):
@@ -46,7 +52,7 @@ def test_pretrain_then_linear_and_knn(tmp_path):
         results = json.loads((out_dir / "eval_results.json").read_text())["results"]["knn"]
         assert sorted(results, key=int) == ["10", "20", "100", "200"]
         for k, v in results.items():
-            assert 0 <= v["top1"] <= v["top5"] <= 100
+            assert 30 < v["top1"] <= v["top5"] <= 100  # chance is 10%; even random features cluster digits
             assert f"knn k={k} top1={v['top1']:.2f} top5={v['top5']:.2f}" in out
     assert "randomly initialised backbone" in out
     # The evaluation features go to VisualDL's embedding view, one label per image (360 digits).
