@@ -2,8 +2,8 @@
 
 The layout is recognised from the keys, whichever tool wrote the file, and the load is all or
 nothing: a file that does not fit the backbone exactly is an error, never a silent partial load
-(which would quietly evaluate a half-random network). `read_backbone` and `infer_architecture` also
-serve whatever needs a backbone's weights without a config.
+(which would quietly evaluate a half-random network). `load_backbone` (`from ppmoco import load_backbone`)
+builds the network a file holds, from `read_backbone` and `infer_architecture`.
 """
 import logging
 import os
@@ -11,6 +11,7 @@ from typing import Dict, NamedTuple
 
 import numpy as np
 import paddle
+import paddle.vision.models
 
 from ppmoco.errors import CheckpointError
 from ppmoco.models.resnet import ARCHS, Architecture, BottleneckBlock
@@ -85,6 +86,21 @@ def load_pretrained_backbone(backbone, path, key_path="Model.model.base_encoder.
                                                          "to null for random init")
     _assign(backbone, weights, key_path)
     return len(weights.tensors)
+
+
+def load_backbone(path):
+    """A ResNet holding the backbone weights at `path`, loaded all or nothing, ready to fine-tune.
+
+    A `paddle.vision.models` ResNet without classifier (`num_classes=0`: it returns the pooled
+    features as [N, C, 1, 1]) when the weights are a published architecture; ppmoco's own ResNet
+    (pooled features as [N, C]) when their widths or stem differ. `path` is any file
+    `Model.model.base_encoder.pretrained` accepts.
+    """
+    weights = read_backbone(path, "load_backbone")
+    arch = infer_architecture(weights, "load_backbone")
+    net = getattr(paddle.vision.models, arch.name)(num_classes=0) if arch.standard else arch.build()
+    _assign(net, weights, "load_backbone")
+    return net
 
 
 def _assign(backbone, weights, key_path):
