@@ -2,8 +2,8 @@
 
 The layout is recognised from the keys, whichever tool wrote the file, and the load is all or
 nothing: a file that does not fit the backbone exactly is an error, never a silent partial load
-(which would quietly evaluate a half-random network). `load_backbone` (`from ppmoco import load_backbone`)
-builds the network a file holds, from `read_backbone` and `infer_architecture`.
+(which would quietly evaluate a half-random network). `read_backbone` and `infer_architecture` are
+shared with the converters (ppmoco.transfer) and `load_backbone` (`from ppmoco import load_backbone`).
 """
 import logging
 import os
