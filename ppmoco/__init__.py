@@ -9,3 +9,12 @@ import warnings
 os.environ.setdefault("GLOG_minloglevel", "1")
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 warnings.filterwarnings("ignore", message="When training, we now always track global mean", category=UserWarning)
+
+
+def __getattr__(name):
+    """`from ppmoco import load_backbone`, imported on first use: `import ppmoco` must stay free of
+    Paddle, because the tools read the config (and set Paddle's environment) before importing it."""
+    if name == "load_backbone":
+        from ppmoco.models.pretrained import load_backbone
+        return load_backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,11 +6,17 @@ import shutil
 def _write_atomic(path, data, mode, **open_kwargs):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, mode, **open_kwargs) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (disk full, interrupt) leaves neither a half file nor its temporary.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(path, text):

@@ -1,11 +1,11 @@
 """Backbones (built from config through BACKBONES) and the heads put on top of them."""
 from ppmoco.errors import ConfigError
 from ppmoco.models.heads import LinearClassifier, ProjectionHead
-from ppmoco.models.pretrained import load_pretrained_backbone
+from ppmoco.models.pretrained import load_backbone, load_pretrained_backbone
 from ppmoco.models.resnet import BACKBONES, ResNet
 
 __all__ = ["ResNet", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier",
-           "load_pretrained_backbone"]
+           "load_pretrained_backbone", "load_backbone"]
 
 
 def build_backbone(cfg, key_path):

@@ -4,6 +4,8 @@ Names (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, ...) are kept 
 paddle.vision `.pdparams` and converted torchvision/MoCo checkpoints load without renaming. The
 network has no classifier: heads are separate layers owned by the training module.
 """
+from typing import NamedTuple, Tuple
+
 import paddle
 from paddle import nn
 
@@ -11,6 +13,8 @@ from ppmoco.errors import ConfigError
 from ppmoco.registry import Registry
 
 BACKBONES = Registry("backbone")
+# Per-stage planes of the published ResNets (the stem has widths[0] channels).
+STANDARD_WIDTHS = (64, 128, 256, 512)
 
 
 def _conv(in_ch, out_ch, kernel_size, stride=1):
@@ -88,7 +92,7 @@ class ResNet(nn.Layer):
     `zero_init_residual` zeroes each block's last BN weight so blocks start as identities.
     """
 
-    def __init__(self, block, layers, widths=(64, 128, 256, 512), cifar_stem=False,
+    def __init__(self, block, layers, widths=STANDARD_WIDTHS, cifar_stem=False,
                  in_channels=3, zero_init_residual=False):
         super().__init__()
         if len(widths) != 4:
@@ -128,17 +132,59 @@ class ResNet(nn.Layer):
         return self.forward_stages(x)[-1].mean(axis=[2, 3])
 
 
-def _register(name, block, layers):
+# The one table of ResNet depths: block type and blocks per stage. Config factories, reading
+# pretrained weights (which depth do these tensors describe?) and the converters all read it.
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (BottleneckBlock, (3, 4, 6, 3)),
+    "resnet101": (BottleneckBlock, (3, 4, 23, 3)),
+}
+
+
+class Architecture(NamedTuple):
+    """Which ppmoco ResNet a set of weights is: a name of ARCHS, its widths and its stem."""
+
+    name: str
+    widths: Tuple[int, int, int, int] = STANDARD_WIDTHS
+    cifar_stem: bool = False
+
+    @property
+    def standard(self):
+        """The network paddle.vision, torchvision and the detection frameworks build by that name."""
+        return tuple(self.widths) == STANDARD_WIDTHS and not self.cifar_stem
+
+    @property
+    def block(self):
+        return ARCHS[self.name][0]
+
+    @property
+    def layers(self):
+        return ARCHS[self.name][1]
+
+    def build(self):
+        return ResNet(self.block, self.layers, widths=self.widths, cifar_stem=self.cifar_stem)
+
+    def __str__(self):
+        """E.g. "ResNet-50", "ResNet-18 with widths [4, 8, 8, 8] and the CIFAR stem"."""
+        changes = [f"widths {list(self.widths)}"] if tuple(self.widths) != STANDARD_WIDTHS else []
+        changes += ["the CIFAR stem"] if self.cifar_stem else []
+        depth = f"ResNet-{self.name[len('resnet'):]}"
+        return f"{depth} with {' and '.join(changes)}" if changes else depth
+
+
+def _register(name):
     """Register a config-buildable factory; tuple widths also accept YAML lists (registry rule)."""
-    def factory(widths=(64, 128, 256, 512), cifar_stem=False, zero_init_residual=False):
+    def factory(widths=STANDARD_WIDTHS, cifar_stem=False, zero_init_residual=False):
+        block, layers = ARCHS[name]
         return ResNet(block, layers, widths=widths, cifar_stem=cifar_stem,
                       zero_init_residual=zero_init_residual)
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name} backbone ({'-'.join(map(str, layers))} blocks)."
+    factory.__doc__ = f"{name} backbone ({'-'.join(map(str, ARCHS[name][1]))} blocks)."
     return BACKBONES.register(factory, name=name)
 
 
-resnet18 = _register("resnet18", BasicBlock, (2, 2, 2, 2))
-resnet34 = _register("resnet34", BasicBlock, (3, 4, 6, 3))
-resnet50 = _register("resnet50", BottleneckBlock, (3, 4, 6, 3))
-resnet101 = _register("resnet101", BottleneckBlock, (3, 4, 23, 3))
+resnet18 = _register("resnet18")
+resnet34 = _register("resnet34")
+resnet50 = _register("resnet50")
+resnet101 = _register("resnet101")

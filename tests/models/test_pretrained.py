@@ -7,6 +7,8 @@ import pytest
 
 from ppmoco.errors import CheckpointError
 from ppmoco.models import build_backbone, load_pretrained_backbone
+from ppmoco.models.pretrained import BackboneWeights, infer_architecture
+from ppmoco.models.resnet import ARCHS, Architecture
 from ppmoco.modules.moco import MoCo
 
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
@@ -197,3 +199,27 @@ def test_pytorch_file_without_torch_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(CheckpointError, match="needs torch: pip install torch"):
         load_pretrained_backbone(tiny(0), str(tmp_path / "moco.pth"))
+
+
+def placeholders(arch):
+    """Every tensor of `arch` as zeros: inference reads names and shapes only."""
+    with paddle.LazyGuard():
+        return {k: np.zeros(v.shape, "float32") for k, v in arch.build().state_dict().items()}
+
+
+OTHER_ARCHS = [Architecture("resnet50", (8, 16, 32, 64), cifar_stem=True), Architecture("resnet18", (4, 4, 8, 8))]
+
+
+@pytest.mark.parametrize("arch", [Architecture(name) for name in ARCHS] + OTHER_ARCHS, ids=str)
+def test_architecture_is_inferred_from_the_tensors_alone(arch):
+    tensors = placeholders(arch)
+    # catches: blocks counted in the wrong stage, widths read from a bottleneck's expanded conv3, the stem misread
+    assert infer_architecture(BackboneWeights(tensors, "w.pdparams", "test"), KEY) == arch
+
+
+def test_inferred_architecture_must_be_complete():
+    tensors = placeholders(Architecture("resnet18"))
+    tensors["layer2.0.conv1.weight"] = np.zeros([128, 64, 1, 1], "float32")
+    with pytest.raises(CheckpointError, match=r"is not a complete ResNet-18: shape mismatch: layer2\.0\.conv1\.weight "
+                                              r"file \[128, 64, 1, 1\] vs model \[128, 64, 3, 3\]"):
+        infer_architecture(BackboneWeights(tensors, "w.pdparams", "test"), KEY)
