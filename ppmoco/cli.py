@@ -25,13 +25,19 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see {self.prog} --help")
 
 
+def tool_parser(description):
+    """The argument parser of every tool: --debug, and bad options reported as user errors."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser
+
+
 def parse_args(description, argv=None, add_arguments=None):
     """-c/-o/--debug, plus what `add_arguments(parser)` adds for one tool."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(description)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
     parser.add_argument("-o", "--override", action="append", default=[], nargs="+",
                         metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ Engine.execution) on synthetic tensors of the config's image size; phases are ti
 the module's own methods, so nothing here re-implements MoCo.
 Warm-up steps are excluded. Numbers are measurements of this run only.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -19,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ppmoco.cli import run  # noqa: E402
+from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.config import load_config, resolve_config_path  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 
@@ -39,7 +38,7 @@ CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a standard configuration (on top of -c)")
     p.add_argument("-c", "--config", default=BASE, help="YAML config (default: MoCo v2 ImageNet)")
     p.add_argument("-o", "--override", action="append", default=[], help="key.path=value")
@@ -49,7 +48,6 @@ def parse_args(argv):
     p.add_argument("--data-root", default=None,
                    help="folder of class folders of JPEGs (default: synthetic 500x375 JPEGs, ImageNet-like)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")

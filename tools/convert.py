@@ -13,23 +13,21 @@ FORMAT:
   paddledet      .pdparams with PaddleDetection ResNet names (pretrain_weights; ResNet-50/101)
 The config lines each framework needs are in configs/transfer/ (README: Use the backbone elsewhere).
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ppmoco.cli import run  # noqa: E402
+from ppmoco.cli import run, tool_parser  # noqa: E402
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("src", metavar="SRC", help="pretrained weights (file, checkpoint folder or name without "
                                                    ".pdparams)")
     parser.add_argument("dst", metavar="DST", help="file to write")
     parser.add_argument("--to", required=True, metavar="FORMAT", help="torchvision, detectron2, paddle-vision, "
                                                                       "paddleclas or paddledet")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser.parse_args(argv)
 
 

@@ -6,13 +6,12 @@ logged, written to RUN_DIR/curves.png. With --tsne, the backbone of a checkpoint
 run's latest) embeds the run's evaluation images (Data.Eval of RUN_DIR/config.yaml) and a t-SNE
 scatter coloured by class goes to RUN_DIR/tsne.png.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ppmoco.cli import run  # noqa: E402
+from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_bytes_atomic  # noqa: E402
 from ppmoco.plots import plot_curves, read_scalars  # noqa: E402
@@ -60,13 +59,12 @@ def tsne(run_dir, checkpoint, size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("run_dir", help="a run's output_dir")
     parser.add_argument("--tsne", action="store_true", help="a t-SNE of evaluation features instead of curves")
     parser.add_argument("--checkpoint", default=None, help="with --tsne: checkpoint folder (default: latest)")
     parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png or tsne.png)")
     parser.add_argument("--size", default="1200x800", help="WIDTHxHEIGHT in pixels")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     if args.tsne:

@@ -108,6 +108,11 @@ def test_the_script_reports_errors_through_ppmoco_cli(sources, tmp_path):
     assert proc.returncode == 2 and proc.stderr == ("error: --to: unknown format 'onnx'; use one of torchvision, "
                                                     "detectron2, paddle-vision, paddleclas, paddledet\n")
     assert os.listdir(tmp_path) == []
+    # catches: argparse's usage text and 'convert.py: error:' instead of ppmoco's one line
+    proc = subprocess.run([sys.executable, TOOL, sources["r18"], str(tmp_path / "x.pth")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == ("error: the following arguments are required: --to; "
+                                                    "see convert.py --help\n")
 
 
 REFUSALS = [
