@@ -48,15 +48,20 @@ def batch_unshuffle(x, idx_unshuffle):
 
 
 def all_reduce_mean(tensors):
-    """Average a list of tensors over ranks in one fused all-reduce (in place)."""
+    """Average a list of tensors over ranks (in place): one fused all-reduce per dtype, since mixed
+    precision leaves float16/bfloat16 gradients next to the float32 ones of normalisation layers."""
     n = world_size()
     if n == 1 or not tensors:
         return
-    flat = paddle.concat([t.reshape([-1]) for t in tensors])
-    dist.all_reduce(flat)
-    flat = flat / n
-    offset = 0
+    by_dtype = {}
     for t in tensors:
-        size = t.size
-        paddle.assign(flat[offset:offset + size].reshape(t.shape), t)
-        offset += size
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = paddle.concat([t.reshape([-1]) for t in group])
+        dist.all_reduce(flat)
+        flat = flat / n
+        offset = 0
+        for t in group:
+            size = t.size
+            paddle.assign(flat[offset:offset + size].reshape(t.shape), t)
+            offset += size

@@ -23,9 +23,14 @@ Each entry says what it is for and which public alternative was tried:
   does. Public alternative: copying through `numpy()` every step (two copies of the model a step).
 - `pir_builder`: `paddle._pir_ops.<op>`, to rebuild a oneDNN op as the Paddle op with the same
   operands (the placement pass has no public per-op opt-out).
+- `o2_cast`: `paddle.amp.auto_cast.amp_initialize`, the cast `paddle.amp.decorate(level="O2")`
+  applies on GPU. `decorate` itself returns early on CPU, so the tests call this to see on CPU
+  which tensors O2 would cast.
 - `ONEDNN_PLACEMENT_PASS`: the PIR pass that moves ops to oneDNN (inference passes are its only
   documented users).
 """
+import importlib
+
 import paddle
 
 ONEDNN_PLACEMENT_PASS = "onednn_placement_pass"
@@ -78,3 +83,10 @@ def same_memory(variable_tensor, tensor):
 def pir_builder(op_name):
     """The Python builder of the Paddle (non-oneDNN) PIR op `op_name`, e.g. 'conv2d'."""
     return getattr(paddle._pir_ops, op_name)
+
+
+def o2_cast(layers, dtype):
+    """Cast `layers` in place as O2 mixed precision does on GPU (normalisation layers stay float32)."""
+    # paddle.amp.auto_cast names the function; the module of that name is reached by import path
+    importlib.import_module("paddle.amp.auto_cast").amp_initialize(models=list(layers), dtype=dtype,
+                                                                   excluded_layers=None)

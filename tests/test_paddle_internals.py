@@ -68,3 +68,10 @@ def test_the_installed_paddle_is_in_the_pinned_range():
     low, high = re.findall(r"[<>]=?\s*([\d.]+)", spec)
     version = tuple(int(p) for p in paddle.__version__.split(".")[:3])
     assert tuple(int(p) for p in low.split(".")) <= version < tuple(int(p) for p in high.split("."))
+
+
+def test_o2_cast_is_the_cast_decorate_applies_on_gpu():
+    net = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4))
+    internals.o2_cast([net], "bfloat16")  # raises if paddle.amp.auto_cast.amp_initialize moved
+    assert net[0].weight.dtype == paddle.bfloat16, "amp_initialize no longer casts in place"
+    assert net[1].weight.dtype == paddle.float32, "amp_initialize no longer keeps norms in float32"

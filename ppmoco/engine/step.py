@@ -4,12 +4,15 @@
 shared by the Engine's loop and tools/benchmark.py, so the benchmark measures the real step.
 """
 import contextlib
+import logging
 
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.static_step import StaticTrainStep, static_unsupported_reason
 from ppmoco.errors import ConfigError
+
+logger = logging.getLogger("ppmoco")
 
 
 def build_optimizer(opt_cfg, module, learning_rate):
@@ -27,6 +30,9 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     unsupported = static_unsupported_reason(env, amp)
     if mode == "static" and unsupported:
         raise ConfigError(unsupported)
+    if amp["enable"] and env.device == "cpu":
+        logger.warning("Engine.mix_precision: Paddle applies automatic mixed precision on GPU only (its "
+                       "autocast and O2 cast do nothing on CPU); this run computes in float32")
     eager = TrainStep(module, optimizer, amp)
     if mode == "eager" or unsupported:
         return eager
@@ -45,7 +51,10 @@ class TrainStep:
         if amp_cfg["enable"] and amp_cfg["dtype"] == "float16":
             self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp_cfg["scale_loss"])
         if amp_cfg["enable"] and amp_cfg["level"] == "O2":
-            module, optimizer = paddle.amp.decorate(module, optimizer, level="O2", dtype=amp_cfg["dtype"])
+            # Only what the method runs in low precision is cast (Module.low_precision_layers);
+            # the optimizer keeps float32 master weights of those parameters.
+            _, optimizer = paddle.amp.decorate(module.low_precision_layers(), optimizer, level="O2",
+                                               dtype=amp_cfg["dtype"])
         self.module, self.optimizer = module, optimizer
 
     def _autocast(self):

@@ -20,6 +20,11 @@ Hooks a subclass defines:
 - optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
   The base versions of these three optional hooks raise UnsupportedHook; `module.supports(hook)`
   tells whether a method defines one, so a protocol can refuse a module before any data is read.
+- optionally `low_precision_layers() -> [Layer]`: what O2 mixed precision casts to float16/bfloat16
+  (default: the whole module; Paddle keeps normalisation layers float32 within them). A method
+  returns less where low precision would break it: MoCo returns its query encoder, so the key
+  encoder, whose momentum update moves a weight by 1e-3 of the gap (below bfloat16's resolution),
+  and the queue stay float32.
 - optionally `before_step()` / `after_step(state)`: gradient-free state updates that must come
   before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
   enqueue of `state["keys"]`, `state` being training_step's "after_step" entry).
@@ -51,6 +56,10 @@ class Module(nn.Layer):
     def trainable_parameters(self):
         """Parameters the optimizer updates (gradient-carrying ones by default)."""
         return [p for p in self.parameters() if not p.stop_gradient]
+
+    def low_precision_layers(self):
+        """The sublayers O2 mixed precision casts to low precision (see the module docstring)."""
+        return [self]
 
     def before_step(self):
         """Runs (without gradient) before every training_step."""

@@ -88,6 +88,10 @@ class MoCo(Module):
     def extract_features(self, images):
         return self.encoder_q.backbone(images)
 
+    def low_precision_layers(self):
+        # The key encoder and the queue stay float32: see Module.low_precision_layers.
+        return [self.encoder_q]
+
     def momentum_update(self):
         """Key encoder parameters <- m * key + (1 - m) * query (BatchNorm statistics excluded)."""
         momentum.momentum_update(self._ema_pairs, self.m)

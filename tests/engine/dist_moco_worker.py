@@ -46,7 +46,13 @@ moco.after_step(out["after_step"])  # enqueues this step's keys from every rank
 grad = moco.encoder_q.head[0].weight.grad
 local_grad = grad.numpy().copy()
 all_reduce_mean([grad])
-np.savez(os.path.join(out_dir, f"rank{rank}.npz"), keys=captured["keys"], queue=moco.queue.numpy(),
+# Gradients of several dtypes, as O2 mixed precision leaves them (bfloat16 next to float32 norms).
+mixed = [paddle.to_tensor([1.0 + rank, 3.0], dtype="float32"), paddle.to_tensor([2.0 * rank, 8.0], dtype="bfloat16"),
+         paddle.to_tensor([[4.0 * rank]], dtype="float64")]
+all_reduce_mean(mixed)
+np.savez(os.path.join(out_dir, f"rank{rank}.npz"), mixed_f32=mixed[0].numpy(),
+         mixed_bf16=mixed[1].astype("float32").numpy(), mixed_f64=mixed[2].numpy(),
+         mixed_dtypes=np.array([str(t.dtype) for t in mixed]), keys=captured["keys"], queue=moco.queue.numpy(),
          queue_before=queue_before, ptr=moco.queue_ptr.numpy(), x=x.numpy(), shuffled=shuffled.numpy(),
          restored=restored.numpy(), loss=float(out["loss"]), local_grad=local_grad,
          mean_grad=grad.numpy())

@@ -36,6 +36,13 @@ def test_two_ranks_share_one_queue_of_rank_ordered_keys(tmp_path):
     np.testing.assert_allclose(r0["mean_grad"], (r0["local_grad"] + r1["local_grad"]) / 2, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(r0["mean_grad"], r1["mean_grad"])
     assert np.isfinite(r0["loss"]) and np.isfinite(r1["loss"])
+    # One fused all-reduce per dtype; catches concatenating float32 with bfloat16 (an error) or
+    # averaging in the wrong dtype.
+    for r in (r0, r1):
+        np.testing.assert_array_equal(r["mixed_f32"], [1.5, 3.0])
+        np.testing.assert_array_equal(r["mixed_bf16"], [1.0, 8.0])
+        np.testing.assert_array_equal(r["mixed_f64"], [[2.0]])
+        assert [str(d) for d in r["mixed_dtypes"]] == ["paddle.float32", "paddle.bfloat16", "paddle.float64"]
 
 
 def test_train_tool_under_launch_logs_finite_loss(tmp_path):
