@@ -34,7 +34,6 @@ PRESETS = {  # the two configurations of the performance table in the README
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
 }
 PHASES = ("momentum_update", "encode_keys", "enqueue")
-CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 
 
 def parse_args(argv):
@@ -169,25 +168,6 @@ def bench_data(cfg, samples, data_root):
             "source": data_root or "synthetic 500x375 JPEGs"}
 
 
-def cpu_info():
-    """The CPU model and the instruction-set flags that decide oneDNN's kernels (Linux)."""
-    info = {"model": None, "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["model"] is None:
-            info["model"] = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            info["flags"] = sorted(f for f in flags if f in CPU_FLAGS)
-            break
-    return info
-
-
 def peak_memory_mb(device):
     import paddle
 
@@ -203,6 +183,7 @@ def main(argv=None):
     import paddle
 
     from ppmoco.engine import setup_environment
+    from ppmoco.engine.env import cpu_info
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     config_file = os.path.relpath(resolve_config_path(args.config), ROOT)

@@ -75,3 +75,36 @@ def test_the_momentum_update_moves_the_float32_key_encoder_every_step_under_o2()
             expected = (1 - 0.999) * (q - k_old)
             np.testing.assert_allclose(k.numpy() - k_old, expected, rtol=2e-2, atol=1e-7)
             assert np.abs(k.numpy() - k_old).max() > 0
+
+
+# Catches: the step computing outside autocast, or dropping the configured dtype, level or op lists
+# (on GPU they decide which ops run in low precision; on CPU Paddle's autocast does nothing, so
+# what the step hands it is what can be checked here).
+def test_the_step_runs_the_method_inside_the_configured_autocast(monkeypatch):
+    entered, inside = [], []
+
+    class Spy:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def __enter__(self):
+            entered.append(self.kwargs)
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return False
+
+    moco = make_moco()
+    calls = []
+    original = moco.training_step
+    monkeypatch.setattr(moco, "training_step", lambda batch: calls.append(bool(inside)) or original(batch))
+    monkeypatch.setattr(paddle.amp, "auto_cast", Spy)
+    amp = dict(ENGINE["mix_precision"], level="O1", custom_black_list=["reduce_sum"], custom_white_list=["matmul"])
+    env = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=1)
+    step = build_train_step(dict(ENGINE, mix_precision=amp), OPT, moco, 0.03, env)
+    views = [paddle.randn([4, 3, 32, 32]) for _ in range(2)]
+    step(views)
+    assert entered == [{"level": "O1", "dtype": "bfloat16", "custom_white_list": ["matmul"],
+                        "custom_black_list": ["reduce_sum"]}]
+    assert calls == [True]  # training_step ran while the autocast context was open
