@@ -46,3 +46,18 @@ def test_benchmark_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--steps", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+
+
+# Catches: the grad-sync benchmark not running both ways under launch, or recording the wrong setting.
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["fused", "dataparallel"])
+def test_grad_sync_benchmark_runs_on_two_processes(tmp_path, sync):
+    out = tmp_path / "sync.json"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "logs"), os.path.join(ROOT, "tools", "benchmark_grad_sync.py"), "--sync", sync,
+           "--arch", "resnet18", "--px", "16", "--batch", "2", "--steps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert (result["sync"], result["processes"], result["batch"]) == (sync, 2, 2)
+    assert result["median_step_s"] > 0 and result["cpu"]["model"]
