@@ -17,6 +17,7 @@ import re
 import yaml
 
 from ppmoco.errors import ConfigError
+from ppmoco.feature_layers import LAYERS
 from ppmoco.fileio import write_text_atomic
 from ppmoco.registry import is_number, type_ok
 
@@ -124,12 +125,16 @@ SCHEMA = {
                  "loader": dict(_LOADER)},
     },
     "Eval": {
-        "protocol": Choice(("linear", "knn")),  # linear: the module's classifier; knn: backbone features
+        # linear: the module's classifier; knn, svm, lowshot_svm: backbone features
+        "protocol": Choice(("linear", "knn", "svm", "lowshot_svm")),
         "knn": {
             "ks": [10, 20, 100, 200],
             "temperature": 0.07,
             "chunk_size": 256,     # evaluation rows per similarity block (bounds memory)
         },
+        # mmselfsup's svm_voc07 defaults; cache_dir null: <Engine.save_load.output_dir>/features
+        "svm": {"costs": [1.0, 10.0, 100.0], "cv_folds": 3, "layers": ["feat5"], "cache_dir": None},
+        "lowshot": {"ks": [1, 2, 4, 8, 16, 32, 64, 96], "samples": 5, "seed": 0},
     },
     "Distributed": {
         "dp_degree": None,         # must equal the number of processes when given
@@ -203,6 +208,17 @@ LIMITS = {
                                               for k in v), "must be a non-empty list of ints > 0", "[20,200]"),
     "Eval.knn.temperature": (lambda v: v > 0, "must be > 0", 0.07),
     "Eval.knn.chunk_size": (lambda v: v > 0, "must be > 0", 256),
+    "Eval.svm.costs": (lambda v: bool(v) and all(is_number(c) and c > 0 for c in v),
+                       "must be a non-empty list of numbers > 0", "[1.0,10.0,100.0]"),
+    "Eval.svm.cv_folds": (lambda v: v >= 2, "must be >= 2", 3),
+    "Eval.svm.layers": (lambda v: bool(v) and all(isinstance(layer, str) and layer in LAYERS for layer in v)
+                        and len(set(v)) == len(v),
+                        f"must be a non-empty list of distinct layers among {', '.join(LAYERS)}", "[feat5]"),
+    "Eval.svm.cache_dir": (lambda v: isinstance(v, str) and v != "", "must be a folder (or null)", "./features"),
+    "Eval.lowshot.ks": (lambda v: bool(v) and all(_positive_int(k) for k in v), "must be a non-empty list of ints > 0",
+                        "[1,8,96]"),
+    "Eval.lowshot.samples": (lambda v: v > 0, "must be > 0", 5),
+    "Eval.lowshot.seed": (lambda v: 0 <= v < 2 ** 32, "must lie in [0, 2**32)", 0),
     "Distributed.dp_degree": (_positive_int, "must be an int > 0 (or null)", 8),
     "Global.global_batch_size": (_positive_int, "must be an int > 0 (or null)", 256),
     "Global.local_batch_size": (_positive_int, "must be an int > 0 (or null)", 32),

@@ -1,20 +1,25 @@
-"""Evaluation protocols over `Data.Eval`: `linear` (the module's own classifier) and `knn`.
+"""Evaluation protocols over `Data.Eval`: `linear` (the module's own classifier), `knn`, and the linear
+SVM benchmarks `svm` and `lowshot_svm` (ppmoco/eval/svm.py, features from ppmoco/eval/features.py).
 
 kNN follows mmselfsup: global-average-pooled backbone features of the training images (memory bank,
-built with the evaluation transforms: no augmentation) vote for each evaluation image.
+built with the evaluation transforms: no augmentation) vote for each evaluation image. The SVMs
+train on the same memory bank.
 """
 import logging
 
 from ppmoco.data import build_dataloader, build_dataset
 from ppmoco.errors import ConfigError
+from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
+from ppmoco.eval.svm import lowshot_scores, svm_scores
 
 logger = logging.getLogger("ppmoco")
 
 
 # The optional Module hooks each protocol calls (see ppmoco/modules/base.py).
-_HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",)}
+_HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",),
+          "svm": ("extract_stages",), "lowshot_svm": ("extract_stages",)}
 
 
 def eval_loader(dataset, data_cfg, env, seed):
@@ -37,6 +42,8 @@ class Evaluator:
 
     def __init__(self, cfg, module, env):
         self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
+        self.svm_cfg, self.lowshot_cfg = cfg["Eval"]["svm"], cfg["Eval"]["lowshot"]
+        self.weights = self.cache_dir = None  # see cache_features
         # (features, labels) of the evaluation images from the last call, where the protocol
         # computes features (kNN): for pictures of the embedding.
         self.embedding = None
@@ -46,11 +53,18 @@ class Evaluator:
                               f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
         self.eval_data = eval_loader(eval_set, data["Eval"], env, seed)
-        if self.protocol == "knn":
-            bank = build_dataset(_bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"]),
-                                 "Data.Train.dataset", seed)
+        self.dataset_cfgs = {"eval": data["Eval"]["dataset"]}
+        if self.protocol != "linear":
+            self.dataset_cfgs["bank"] = _bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"])
+            bank = build_dataset(self.dataset_cfgs["bank"], "Data.Train.dataset", seed)
             self.bank_data = eval_loader(bank, data["Eval"], env, seed)
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
+
+    def cache_features(self, weights, cache_dir):
+        """Cache the SVM protocols' features in `cache_dir`, keyed by the file `weights` the module's
+        weights were loaded from. Only evaluation-only tools call this: training changes the weights
+        in memory, which no file identity would notice."""
+        self.weights, self.cache_dir = weights, cache_dir
 
     def __call__(self):
         """{protocol: {name: value}}: the configured protocol's results as one flat dict, percentages.
@@ -61,8 +75,8 @@ class Evaluator:
         was_training = self.module.training
         self.module.eval()
         try:
-            run = self._linear if self.protocol == "linear" else self._knn
-            return {self.protocol: run()}
+            run = {"linear": self._linear, "knn": self._knn, "svm": self._svm, "lowshot_svm": self._lowshot}
+            return {self.protocol: run[self.protocol]()}
         finally:
             if was_training:
                 self.module.train()
@@ -85,6 +99,34 @@ class Evaluator:
                                temperature=self.knn_cfg["temperature"],
                                chunk_size=self.knn_cfg["chunk_size"])
         return flatten_knn(results)
+
+    def _svm_features(self):
+        """The pooled layers of Eval.svm.layers for (memory bank, evaluation set), cached when possible."""
+        options = dict(cache_dir=self.cache_dir, weights=self.weights)
+        return [dataset_features(self.module, data, self.svm_cfg["layers"], f"eval {self.protocol}: {what} features",
+                                 dataset_cfg=self.dataset_cfgs[split], **options)
+                for split, data, what in (("bank", self.bank_data, "training"), ("eval", self.eval_data, "evaluation"))]
+
+    def _svm(self):
+        """Per layer, top-1 and mAP of cross-validated one-vs-rest SVMs; then those of the best layer."""
+        bank, query = self._svm_features()
+        out = {}
+        for layer in self.svm_cfg["layers"]:
+            scores = svm_scores(bank[layer], bank["labels"], query[layer], query["labels"], self.num_classes,
+                                self.svm_cfg["costs"], self.svm_cfg["cv_folds"])
+            out.update({f"{layer}_{metric}": value for metric, value in scores.items()})
+        best = max(self.svm_cfg["layers"], key=lambda layer: out[f"{layer}_mAP"])  # first of equals
+        logger.info(f"svm: the best layer is {best}")
+        return dict(out, best_top1=out[f"{best}_top1"], best_mAP=out[f"{best}_mAP"])
+
+    def _lowshot(self):
+        """Per layer and k, mean and std of top-1 and mAP over the seeded low-shot draws."""
+        bank, query = self._svm_features()
+        low = self.lowshot_cfg
+        return {f"{layer}_{name}": value for layer in self.svm_cfg["layers"]
+                for name, value in lowshot_scores(bank[layer], bank["labels"], query[layer], query["labels"],
+                                                  self.num_classes, self.svm_cfg["costs"], low["ks"],
+                                                  low["samples"], low["seed"]).items()}
 
 
 # Protocols whose eval_results.json and log lines are not their plain flat results: kNN nests

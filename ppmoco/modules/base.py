@@ -18,7 +18,9 @@ Hooks a subclass defines:
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
   (the `linear` evaluation protocol).
 - optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
-  The base versions of these three optional hooks raise UnsupportedHook; `module.supports(hook)`
+- optionally `extract_stages(images) -> [stem, res2, res3, res4, res5]` feature maps: for the
+  `svm` and `lowshot_svm` protocols (ppmoco/eval/features.py pools them).
+  The base versions of these four optional hooks raise UnsupportedHook; `module.supports(hook)`
   tells whether a method defines one, so a protocol can refuse a module before any data is read.
 - optionally `low_precision_layers() -> [Layer]`: what O2 mixed precision casts to float16/bfloat16
   (default: the whole module; Paddle keeps normalisation layers float32 within them). A method
@@ -35,7 +37,7 @@ import paddle.nn as nn
 
 from ppmoco.errors import PpmocoError
 
-OPTIONAL_HOOKS = ("validation_step", "validation_end", "extract_features")
+OPTIONAL_HOOKS = ("validation_step", "validation_end", "extract_features", "extract_stages")
 
 
 class UnsupportedHook(PpmocoError):
@@ -93,4 +95,8 @@ class Module(nn.Layer):
     def extract_features(self, images):
         """Backbone features [N, D] of a batch of images (optional hook)."""
         raise UnsupportedHook(self, "extract_features")
+
+    def extract_stages(self, images):
+        """The backbone's [stem, res2, res3, res4, res5] feature maps of a batch (optional hook)."""
+        raise UnsupportedHook(self, "extract_stages")
 

@@ -48,6 +48,9 @@ class LinearEval(Module):
     def extract_features(self, images):
         return self.backbone(images)
 
+    def extract_stages(self, images):
+        return self.backbone.forward_stages(images)
+
     def _logits(self, images):
         with paddle.no_grad():
             features = self.backbone(images)

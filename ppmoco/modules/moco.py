@@ -88,6 +88,9 @@ class MoCo(Module):
     def extract_features(self, images):
         return self.encoder_q.backbone(images)
 
+    def extract_stages(self, images):
+        return self.encoder_q.backbone.forward_stages(images)
+
     def low_precision_layers(self):
         # The key encoder and the queue stay float32: see Module.low_precision_layers.
         return [self.encoder_q]

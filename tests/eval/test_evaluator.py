@@ -12,7 +12,7 @@ from ppmoco.modules.base import Module
 
 def config(protocol):
     """Just what the Evaluator reads before it builds any data."""
-    return {"Eval": {"protocol": protocol, "knn": {}}, "Data": {}, "Global": {"seed": 0}}
+    return {"Eval": {"protocol": protocol, "knn": {}, "svm": {}, "lowshot": {}}, "Data": {}, "Global": {"seed": 0}}
 
 
 @pytest.mark.parametrize("module, protocol, message", [

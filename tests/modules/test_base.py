@@ -9,14 +9,14 @@ from ppmoco.modules.base import OPTIONAL_HOOKS, Module, UnsupportedHook
 def test_supports_tells_defined_from_inherited_refusal():
     # Catches `supports` falling back to hasattr (every hook would look supported) and a check of
     # the instance's own __dict__ only (Classifier's inherited extract_features would look missing).
-    assert [Module().supports(h) for h in OPTIONAL_HOOKS] == [False, False, False]
-    assert [Features().supports(h) for h in OPTIONAL_HOOKS] == [False, False, True]
-    assert [StepOnly().supports(h) for h in OPTIONAL_HOOKS] == [True, False, True]
-    assert [Classifier().supports(h) for h in OPTIONAL_HOOKS] == [True, True, True]
+    assert [Module().supports(h) for h in OPTIONAL_HOOKS] == [False, False, False, False]
+    assert [Features().supports(h) for h in OPTIONAL_HOOKS] == [False, False, True, False]
+    assert [StepOnly().supports(h) for h in OPTIONAL_HOOKS] == [True, False, True, False]
+    assert [Classifier().supports(h) for h in OPTIONAL_HOOKS] == [True, True, True, False]
 
 
 @pytest.mark.parametrize("hook, args", [("validation_step", ([],)), ("validation_end", ({},)),
-                                        ("extract_features", (None,))])
+                                        ("extract_features", (None,)), ("extract_stages", (None,))])
 def test_base_hooks_refuse_with_the_hook_and_class_named(hook, args):
     # Catches a base hook that silently returns None instead of refusing.
     with pytest.raises(UnsupportedHook, match=rf"^Module does not support {hook}\(\)$"):

@@ -1,0 +1,96 @@
+"""Backbone features of a whole dataset, per layer (ppmoco/feature_layers.py), cached.
+
+The maps come from the Module hook `extract_stages`. ppmoco pools adaptively, so every input size
+gives the same dimensions; at 224 px its stem is taken after the max-pool (56 px; mmselfsup's
+before it, at 112 px), the only place the two differ.
+
+Features are extracted in exact dataset order (predict_dataset) and, given the file the weights came
+from, cached as `.npz` keyed by that file's identity (path, size, modification time), the layers,
+and the dataset with its transforms: a second protocol on the same checkpoint reads them back.
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ppmoco.distributed import rank, world_size
+from ppmoco.errors import CheckpointError
+from ppmoco.eval.inference import predict_dataset
+from ppmoco.feature_layers import LAYERS
+from ppmoco.fileio import write_bytes_atomic
+
+logger = logging.getLogger("ppmoco")
+
+
+
+def pool_layers(maps, layers):
+    """{layer: [N, D] float32 tensor} from the stage maps of one batch."""
+    return {layer: F.adaptive_avg_pool2d(maps[LAYERS[layer][0]], LAYERS[layer][1]).flatten(1).astype("float32")
+            for layer in layers}
+
+
+def extract_layers(module, data, layers, name):
+    """{layer: [N, D], "labels": [N]} numpy arrays of the dataset in `data` (eval_loader's triple)."""
+    def step(batch):
+        return dict(pool_layers(module.extract_stages(batch[0]), layers), labels=batch[-1])
+
+    with paddle.no_grad():
+        return predict_dataset(step, *data, name=name)
+
+
+def weights_identity(path):
+    """(path, size, mtime) of every file holding the weights at `path` (file, `.pdparams`-less name,
+    or checkpoint folder): changes whenever the weights can have changed."""
+    for candidate in (path, path + ".pdparams"):
+        if os.path.isfile(candidate):
+            files = [candidate]
+            break
+        if os.path.isdir(candidate):
+            files = sorted(os.path.join(root, f) for root, _, names in os.walk(candidate) for f in names)
+            break
+    else:
+        raise CheckpointError(f"{path}: no such weights file or folder; check Model.model.base_encoder.pretrained")
+    return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+
+
+def cache_path(cache_dir, weights, layers, dataset_cfg):
+    """The cache file of these weights' `layers` over the dataset `dataset_cfg` (source and transforms)."""
+    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg], sort_keys=True, default=str)
+    return os.path.join(cache_dir, f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+
+
+def save_features(path, arrays):
+    """dataset_features' arrays as one `.npz`, written atomically (no half file for the next run)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    write_bytes_atomic(path, out.getvalue())
+
+
+def load_features(path):
+    """save_features' arrays: {layer: [N, D], "labels": [N], "paths": [N]}."""
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def dataset_features(module, data, layers, name, cache_dir=None, weights=None, dataset_cfg=None):
+    """extract_layers' arrays plus "paths"; read from / written to `cache_dir` when the weights'
+    file `weights` is known (weights changing in memory, as during training, are never cached)."""
+    path = None if cache_dir is None or weights is None else cache_path(cache_dir, weights, layers, dataset_cfg)
+    if path is not None and os.path.isfile(path):
+        logger.info(f"{name}: using cached features {path}")
+        return load_features(path)
+    features = extract_layers(module, data, layers, name)
+    features["paths"] = np.asarray([p for p, _ in data[2].samples], dtype=str)
+    if path is not None:
+        if rank() == 0:
+            save_features(path, features)
+            logger.info(f"{name}: cached features in {path}")
+        if world_size() > 1:  # every rank must see the same cache on the next call, or they diverge
+            paddle.distributed.barrier()
+    return features
