@@ -1,0 +1,80 @@
+"""The SVM protocols' feature cache (ppmoco/eval/features.py): reused for the same weights file, not otherwise."""
+import logging
+import os
+
+import numpy as np
+import pytest
+from test_protocols_with_oracles import ENV, ColourOracle, config, datasets, folders  # noqa: F401
+
+from ppmoco.errors import CheckpointError
+from ppmoco.eval.evaluator import Evaluator
+from ppmoco.eval.features import cache_path, dataset_features, weights_identity
+
+
+class Counting(ColourOracle):
+    calls = 0
+
+    def extract_stages(self, images):
+        Counting.calls += 1
+        return super().extract_stages(images)
+
+
+def run(tmp_path, protocol, weights):
+    Counting.calls = 0
+    evaluator = Evaluator(config(protocol, *datasets(tmp_path)), Counting(), ENV)
+    evaluator.cache_features(str(weights), str(tmp_path / "cache"))
+    return evaluator()[protocol], Counting.calls
+
+
+def test_a_second_protocol_reads_the_cache_and_a_changed_checkpoint_extracts_again(folders, caplog):  # noqa: F811
+    # Catches a cache that is never read (the backbone runs again), one keyed without the weights
+    # file's identity (a retrained checkpoint would reuse stale features), and cached results that
+    # differ from fresh ones.
+    tmp_path = folders[0]
+    weights = tmp_path / "model.pdparams"
+    weights.write_bytes(b"first")
+    fresh, calls = run(tmp_path, "svm", weights)
+    assert calls > 0
+    with caplog.at_level(logging.INFO, logger="ppmoco"):
+        cached, calls = run(tmp_path, "svm", weights)
+    assert calls == 0 and cached == fresh
+    assert sum("using cached features" in r.getMessage() for r in caplog.records) == 2  # bank and eval
+    _, calls = run(tmp_path, "lowshot_svm", weights)
+    assert calls == 0
+
+    weights.write_bytes(b"retrained")
+    _, calls = run(tmp_path, "svm", weights)
+    assert calls > 0
+
+
+def test_training_weights_are_never_cached(folders):  # noqa: F811
+    # Catches caching without a weights file: during training the same module's weights change in memory.
+    tmp_path = folders[0]
+    for _ in range(2):
+        Counting.calls = 0
+        Evaluator(config("svm", *datasets(tmp_path)), Counting(), ENV)()
+        assert Counting.calls > 0
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_the_cache_file_holds_layers_labels_and_paths_in_dataset_order(folders):  # noqa: F811
+    # Catches paths or labels out of step with the features, and a key that ignores the layers.
+    tmp_path, _, evaluation = folders
+    weights = tmp_path / "w.pdparams"
+    weights.write_bytes(b"w")
+    evaluator = Evaluator(config("svm", *datasets(tmp_path)), ColourOracle(), ENV)
+    cfg = evaluator.dataset_cfgs["eval"]
+    out = dataset_features(ColourOracle(), evaluator.eval_data, ["gap"], "test", str(tmp_path), str(weights), cfg)
+    with np.load(cache_path(str(tmp_path), str(weights), ["gap"], cfg)) as saved:
+        assert sorted(saved.files) == ["gap", "labels", "paths"]
+        np.testing.assert_array_equal(saved["gap"], out["gap"])
+        assert [os.path.relpath(p, tmp_path / "val") for p in saved["paths"]] == [p for p, _ in evaluation]
+        np.testing.assert_array_equal(saved["labels"], [label for _, label in evaluation])
+    assert cache_path(str(tmp_path), str(weights), ["feat5"], cfg) != cache_path(str(tmp_path), str(weights),
+                                                                                 ["gap"], cfg)
+
+
+def test_missing_weights_are_one_line(tmp_path):
+    # Catches a missing checkpoint surfacing as os.stat's FileNotFoundError traceback.
+    with pytest.raises(CheckpointError, match="nowhere: no such weights file or folder"):
+        weights_identity(str(tmp_path / "nowhere"))
