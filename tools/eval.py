@@ -3,7 +3,9 @@
 Eval.protocol=linear (default) scores the trained linear classifier found in
 Engine.save_load.ckpt_dir, else output_dir/best, else output_dir/latest.
 Eval.protocol=knn runs the kNN benchmark on the backbone named by
-Model.model.base_encoder.pretrained (null: the randomly initialised baseline).
+Model.model.base_encoder.pretrained (null: the randomly initialised baseline); so do the linear SVM
+benchmarks Eval.protocol=svm and Eval.protocol=lowshot_svm, whose features of a pretrained file are
+cached in Eval.svm.cache_dir (null: output_dir/features) for the next protocol on the same file.
 Results are printed one per line and written to output_dir/eval_results.json.
 """
 import json
@@ -47,6 +49,10 @@ def main(argv=None):
         path = classifier_checkpoint(save_load)
         load_module_weights(path, module)
         logger.info(f"evaluating the classifier of {path}")
+    pretrained = cfg["Model"]["model"].get("base_encoder", {}).get("pretrained")
+    if cfg["Eval"]["protocol"] in ("svm", "lowshot_svm") and pretrained is not None:
+        engine.evaluator.cache_features(pretrained, cfg["Eval"]["svm"]["cache_dir"]
+                                        or os.path.join(save_load["output_dir"], "features"))
     results = engine.evaluate()
     if env.is_main:
         out = os.path.join(save_load["output_dir"], "eval_results.json")

@@ -31,7 +31,7 @@ def eval_loader(dataset, data_cfg, env, seed):
     return loader, sampler, dataset
 
 
-def _bank_dataset_cfg(train_cfg, eval_cfg):
+def bank_dataset_cfg(train_cfg, eval_cfg):
     """The training images as a labelled, unaugmented dataset: Train's source, Eval's transforms."""
     cfg = {k: v for k, v in train_cfg.items() if k not in ("name", "views", "transform_ops")}
     return dict(cfg, name="GeneralClsDataset", transform_ops=eval_cfg.get("transform_ops"))
@@ -55,7 +55,7 @@ class Evaluator:
         self.eval_data = eval_loader(eval_set, data["Eval"], env, seed)
         self.dataset_cfgs = {"eval": data["Eval"]["dataset"]}
         if self.protocol != "linear":
-            self.dataset_cfgs["bank"] = _bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"])
+            self.dataset_cfgs["bank"] = bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"])
             bank = build_dataset(self.dataset_cfgs["bank"], "Data.Train.dataset", seed)
             self.bank_data = eval_loader(bank, data["Eval"], env, seed)
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
@@ -134,10 +134,28 @@ class Evaluator:
 _NESTED = {"knn": nest_knn}
 
 
+def _svm_lines(protocol, values):
+    """One line per layer, and per k for low-shot (mean+-std over the draws):
+    `svm feat5 top1=94.72 mAP=96.16`, `lowshot_svm feat5 k=8 top1=80.10+-1.20 mAP=85.00+-0.90`."""
+    where_size = 2 if protocol == "lowshot_svm" else 1  # (layer, k) or (layer,)
+    groups = {}
+    for name, value in values.items():
+        parts = name.split("_")
+        items = groups.setdefault(" ".join(parts[:where_size]).replace(" k", " k="), [])
+        if parts[-1] == "std":  # follows its mean
+            items[-1] += f"+-{value:.2f}"
+        else:
+            items.append(f"{parts[where_size]}={value:.2f}")
+    return [f"{protocol} {where} {' '.join(items)}" for where, items in groups.items()]
+
+
 def _lines(protocol, values):
-    """A protocol's log lines: one per k for kNN, else its name and every value on one line."""
+    """A protocol's log lines: one per k for kNN, per layer (and k) for the SVMs, else its name and
+    every value on one line."""
     if protocol == "knn":
         return format_knn(nest_knn(values))
+    if protocol in ("svm", "lowshot_svm"):
+        return _svm_lines(protocol, values)
     return [f"{protocol} " + " ".join(f"{k}={v:.2f}" for k, v in values.items())]
 
 

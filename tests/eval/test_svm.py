@@ -1,5 +1,6 @@
 """The SVM benchmarks (ppmoco/eval/svm.py) against known answers and an independent sklearn recomputation."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from ppmoco.errors import DataError
+from ppmoco.config import load_config
+from ppmoco.errors import ConfigError, DataError
+from ppmoco.eval.evaluator import summary_lines
 from ppmoco.eval.svm import lowshot_indices, lowshot_scores, svm_scores
 
 COSTS = [0.1, 1.0, 10.0]
@@ -102,3 +105,33 @@ def test_empty_features_are_one_line():
     # Catches empty features reaching numpy's reductions (a traceback about zero-size arrays).
     with pytest.raises(DataError, match=r"training split: no features \(shape \[0, 4\]\)"):
         svm_scores(np.zeros((0, 4)), np.zeros(0, np.int64), np.ones((2, 4)), np.array([0, 1]), 2, COSTS, 3)
+
+
+def test_log_lines_group_by_layer_and_k_with_std_after_its_mean():
+    # Catches a std attached to the wrong metric or k, and the SVM results logged as one unreadable line.
+    lowshot = {"feat5_k1_top1_mean": 50.0, "feat5_k1_top1_std": 1.5, "feat5_k1_mAP_mean": 60.0,
+               "feat5_k1_mAP_std": 2.5, "gap_k8_top1_mean": 70.0, "gap_k8_top1_std": 1.0,
+               "gap_k8_mAP_mean": 80.0, "gap_k8_mAP_std": 0.5}
+    svm = {"feat5_top1": 94.7, "feat5_mAP": 96.1, "best_top1": 94.7, "best_mAP": 96.1}
+    assert summary_lines({"svm": svm, "lowshot_svm": lowshot}) == [
+        "svm feat5 top1=94.70 mAP=96.10", "svm best top1=94.70 mAP=96.10",
+        "lowshot_svm feat5 k=1 top1=50.00+-1.50 mAP=60.00+-2.50",
+        "lowshot_svm gap k=8 top1=70.00+-1.00 mAP=80.00+-0.50"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("Eval.svm.costs=[]", "Eval.svm.costs: [] must be a non-empty list of numbers > 0"),
+    ("Eval.svm.costs=[1,-1]", "Eval.svm.costs: [1, -1] must be"),
+    ("Eval.svm.cv_folds=1", "Eval.svm.cv_folds: 1 must be >= 2"),
+    ("Eval.svm.layers=[feat6]", "Eval.svm.layers: ['feat6'] must be a non-empty list of distinct layers among feat1"),
+    ("Eval.svm.layers=[feat5,feat5]", "Eval.svm.layers: ['feat5', 'feat5'] must be a non-empty list of distinct"),
+    ("Eval.svm.cache_dir=''", "Eval.svm.cache_dir: '' must be a folder"),
+    ("Eval.lowshot.ks=[0]", "Eval.lowshot.ks: [0] must be a non-empty list of ints > 0"),
+    ("Eval.lowshot.samples=0", "Eval.lowshot.samples: 0 must be > 0"),
+    ("Eval.lowshot.seed=-1", "Eval.lowshot.seed: -1 must lie in"),
+    ("Eval.protocol=svn", "Eval.protocol: 'svn' is not one of linear, knn, svm, lowshot_svm"),
+])
+def test_bad_svm_options_are_one_line_naming_the_key(override, message):
+    # Catches a missing LIMITS entry: the value would reach sklearn or numpy and fail with a traceback.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("moco_lincls_digits_1n2c.yaml", [override])
