@@ -48,9 +48,10 @@ class Evaluator:
         # computes features (kNN): for pictures of the embedding.
         self.embedding = None
         data, seed = cfg["Data"], cfg["Global"]["seed"]
-        if not all(module.supports(hook) for hook in _HOOKS[self.protocol]):
-            raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'"
-                              f"; use {'knn' if self.protocol == 'linear' else 'linear'}")
+        served = [protocol for protocol, hooks in _HOOKS.items() if all(module.supports(h) for h in hooks)]
+        if self.protocol not in served:
+            fix = f"use {' or '.join(served)}" if served else "it defines no evaluation hook (ppmoco/modules/base.py)"
+            raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'; {fix}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
         self.eval_data = eval_loader(eval_set, data["Eval"], env, seed)
         self.dataset_cfgs = {"eval": data["Eval"]["dataset"]}

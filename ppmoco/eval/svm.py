@@ -1,7 +1,7 @@
 """Linear SVM benchmarks of frozen features, as mmselfsup's svm_voc07 runs them (scikit-learn).
 
 Per class, a one-vs-rest LinearSVC (squared hinge, L2, dual, tol 1e-4, max_iter 2000, positives
-weighted 2 and negatives 1) on L2-normalised features. `svm_scores` picks each class's cost from the
+weighted 2 and negatives 1, solver seeded) on L2-normalised features. `svm_scores` picks each class's cost from the
 grid by `folds`-fold cross-validated average precision on the training set, then fits on all of it.
 Results are the mean over classes of the test average precision (mAP) and the top-1 of the argmax
 over the classes' decision values (single-label data).
@@ -32,8 +32,10 @@ def normalize(features):
 
 
 def linear_svc(cost):
+    # random_state: liblinear's dual solver visits samples in a random order; fixed, a run repeats
+    # exactly (mmselfsup leaves it unseeded).
     return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, loss="squared_hinge", penalty="l2", dual=True,
-                     tol=1e-4, max_iter=2000)
+                     tol=1e-4, max_iter=2000, random_state=0)
 
 
 def _fit(cost, features, targets):

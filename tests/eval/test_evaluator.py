@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from hook_modules import Features, StepOnly
+from hook_modules import Classifier, Features, StepOnly
 
 from ppmoco.errors import ConfigError
 from ppmoco.eval.evaluator import Evaluator, report, summary_lines
@@ -18,11 +18,13 @@ def config(protocol):
 @pytest.mark.parametrize("module, protocol, message", [
     (Features(), "linear", "Features does not support 'linear'; use knn"),
     (StepOnly(), "linear", "StepOnly does not support 'linear'; use knn"),
-    (Module(), "knn", "Module does not support 'knn'; use linear"),
+    (Classifier(), "svm", "Classifier does not support 'svm'; use linear or knn"),
+    (Module(), "knn", "Module does not support 'knn'; it defines no evaluation hook (ppmoco/modules/base.py)"),
 ])
 def test_a_protocol_the_module_cannot_serve_is_a_one_line_config_error(module, protocol, message):
     # Catches the check passing on hooks merely inherited from Module (hasattr is always true now),
-    # and a linear check that looks at validation_step but not validation_end.
+    # and a linear check that looks at validation_step but not validation_end; for the SVMs, the
+    # kNN hook taken for the stages hook they need.
     with pytest.raises(ConfigError) as err:
         Evaluator(config(protocol), module, env=None)
     assert str(err.value) == f"Eval.protocol: {message}"

@@ -44,7 +44,7 @@ def reference(train_x, train_y, test_x, test_y, num_classes, costs, folds):
         targets = np.where(train_y == c, 1, -1)
 
         def svc(cost):
-            return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, dual=True, max_iter=2000, tol=1e-4)
+            return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, dual=True, max_iter=2000, tol=1e-4, random_state=0)
 
         cv = [cross_val_score(svc(cost), train_x, targets, cv=folds, scoring="average_precision").mean()
               for cost in costs]
@@ -135,3 +135,15 @@ def test_bad_svm_options_are_one_line_naming_the_key(override, message):
     # Catches a missing LIMITS entry: the value would reach sklearn or numpy and fail with a traceback.
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("moco_lincls_digits_1n2c.yaml", [override])
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_lowshot_repeats_exactly_and_depends_on_its_seed():
+    # Catches an unseeded solver or draw (a second run differs) and a seed that is ignored.
+    rng = np.random.default_rng(5)
+    train_x, test_x = rng.normal(size=(40, 5)), rng.normal(size=(20, 5))
+    train_y, test_y = np.tile(np.arange(2), 20), np.tile(np.arange(2), 10)
+    args = (train_x, train_y, test_x, test_y, 2, COSTS, [2, 4])
+    first = lowshot_scores(*args, 3, 0)
+    assert lowshot_scores(*args, 3, 0) == first
+    assert lowshot_scores(*args, 3, 1) != first
