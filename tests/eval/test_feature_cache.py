@@ -1,6 +1,9 @@
 """The SVM protocols' feature cache (ppmoco/eval/features.py): reused for the same weights file, not otherwise."""
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,3 +81,26 @@ def test_missing_weights_are_one_line(tmp_path):
     # Catches a missing checkpoint surfacing as os.stat's FileNotFoundError traceback.
     with pytest.raises(CheckpointError, match="nowhere: no such weights file or folder"):
         weights_identity(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_two_processes_extract_in_dataset_order_and_both_read_the_cache_back(tmp_path):
+    # Catches features in rank-interleaved order or with the sampler's padding duplicate, a cache
+    # written by both ranks at once, and ranks that disagree on whether the cache exists (a hang
+    # or a second extraction on one of them).
+    from dist_features_worker import LABELS, ROWS
+
+    worker = os.path.join(os.path.dirname(__file__), "dist_features_worker.py")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "logs"), worker, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want = ROWS.reshape(7, 3)
+    for rank in (0, 1):
+        first, second = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert first["calls"] > 0 and second["calls"] == 0
+        for run in (first, second):
+            np.testing.assert_array_equal(np.array(run["gap"], dtype="float32"), want)
+            np.testing.assert_array_equal(np.array(run["feat5"], dtype="float32"), np.repeat(want, 4, axis=1))
+            assert run["labels"] == LABELS.tolist() and run["paths"] == [f"img{i}.png" for i in range(7)]
+    assert len(os.listdir(tmp_path / "cache")) == 1
