@@ -27,7 +27,6 @@ from ppmoco.fileio import write_bytes_atomic
 logger = logging.getLogger("ppmoco")
 
 
-
 def pool_layers(maps, layers):
     """{layer: [N, D] float32 tensor} from the stage maps of one batch."""
     return {layer: F.adaptive_avg_pool2d(maps[LAYERS[layer][0]], LAYERS[layer][1]).flatten(1).astype("float32")
@@ -82,11 +81,16 @@ def dataset_features(module, data, layers, name, cache_dir=None, weights=None, d
     """extract_layers' arrays plus "paths"; read from / written to `cache_dir` when the weights'
     file `weights` is known (weights changing in memory, as during training, are never cached)."""
     path = None if cache_dir is None or weights is None else cache_path(cache_dir, weights, layers, dataset_cfg)
+    paths = np.asarray([p for p, _ in data[2].samples], dtype=str)
     if path is not None and os.path.isfile(path):
-        logger.info(f"{name}: using cached features {path}")
-        return load_features(path)
-    features = extract_layers(module, data, layers, name)
-    features["paths"] = np.asarray([p for p, _ in data[2].samples], dtype=str)
+        cached = load_features(path)
+        # The config names a folder or list, not its contents: images added or removed since make
+        # the cache stale (every rank sees the same files, so all of them decide alike).
+        if np.array_equal(cached["paths"], paths):
+            logger.info(f"{name}: using cached features {path}")
+            return cached
+        logger.info(f"{name}: the images changed since {path} was cached; extracting again")
+    features = dict(extract_layers(module, data, layers, name), paths=paths)
     if path is not None:
         if rank() == 0:
             save_features(path, features)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_protocols_with_oracles import ENV, ColourOracle, config, datasets, folders  # noqa: F401
+from test_protocols_with_oracles import ENV, ColourOracle, config, datasets, folders, solid_images  # noqa: F401
 
 from ppmoco.errors import CheckpointError
 from ppmoco.eval.evaluator import Evaluator
@@ -104,3 +104,14 @@ def test_two_processes_extract_in_dataset_order_and_both_read_the_cache_back(tmp
             np.testing.assert_array_equal(np.array(run["feat5"], dtype="float32"), np.repeat(want, 4, axis=1))
             assert run["labels"] == LABELS.tolist() and run["paths"] == [f"img{i}.png" for i in range(7)]
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_images_added_since_caching_are_extracted_again(folders):  # noqa: F811
+    # Catches a cache keyed only by the config, which names the folder and not the images in it.
+    tmp_path = folders[0]
+    weights = tmp_path / "model.pdparams"
+    weights.write_bytes(b"w")
+    run(tmp_path, "svm", weights)
+    solid_images(tmp_path / "val", per_class=1, start=90)
+    results, calls = run(tmp_path, "svm", weights)
+    assert calls > 0 and results["feat5_top1"] == 100.0
