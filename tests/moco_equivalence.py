@@ -121,8 +121,11 @@ _TRAJECTORIES = {}
 
 
 def reference_trajectory(setup):
-    """The float64 reference's steps: [(state, velocity, views, perm, loss, state after)], cached."""
+    """The float64 reference's steps: [(state, velocity, views, perm, loss, state after)], cached for
+    the latest setup only: a ResNet-50 trajectory holds gigabytes of float64 states, and the tests ask
+    for one setup's several times in a row."""
     if setup not in _TRAJECTORIES:
+        _TRAJECTORIES.clear()
         truth = setup.reference(numpy_state(setup.moco()), "float64")
         steps = []
         for views, perm in zip(setup.views(), setup.permutations()):

@@ -8,9 +8,7 @@ the projection shortcut is `shortcut`, and PyTorch's BatchNorm tensors stay (cou
 """
 import pickle
 
-import numpy as np
-
-from ppmoco.transfer.target import SHORTCUT, TORCH_BN, Target
+from ppmoco.transfer.target import SHORTCUT, TORCH_BN, TORCH_BN_BUFFERS, Target
 
 
 def _modules(position, arch):
@@ -38,7 +36,7 @@ TARGET = Target(
     framework="detectron2",
     modules=_modules,
     bn_tensors=TORCH_BN,
-    bn_buffers={"num_batches_tracked": np.array(0, dtype=np.int64)},
+    bn_buffers=TORCH_BN_BUFFERS,
     serialize=_save_pickle,
     usage=_usage,
     suffix=".pkl",

@@ -20,6 +20,8 @@ SHORTCUT = 0  # Position.conv of a block's projection shortcut (ppmoco's `downsa
 # BatchNorm tensors in ppmoco's (Paddle's) names, in the order targets list theirs.
 PADDLE_BN = ("weight", "bias", "_mean", "_variance")
 TORCH_BN = ("weight", "bias", "running_mean", "running_var")
+# The counter PyTorch's BatchNorm keeps next to them (a strict load_state_dict wants it).
+TORCH_BN_BUFFERS = {"num_batches_tracked": np.array(0, dtype=np.int64)}
 
 
 class Position(NamedTuple):

@@ -8,10 +8,8 @@ and mmengine's `load_checkpoint` takes as it takes `{'state_dict': ...}` (mmdet'
 """
 import io
 
-import numpy as np
-
 from ppmoco.errors import ConfigError
-from ppmoco.transfer.target import TORCH_BN, Target, paddle_vision_modules
+from ppmoco.transfer.target import TORCH_BN, TORCH_BN_BUFFERS, Target, paddle_vision_modules
 
 
 def _require_torch():
@@ -44,7 +42,7 @@ TARGET = Target(
     framework="torchvision",
     modules=paddle_vision_modules,
     bn_tensors=TORCH_BN,
-    bn_buffers={"num_batches_tracked": np.array(0, dtype=np.int64)},
+    bn_buffers=TORCH_BN_BUFFERS,
     serialize=_save_torch,
     usage=_usage,
     standard_only=False,

@@ -26,8 +26,9 @@ SETUPS = {
     # so that the key batch's shuffle changes the statistics each key is normalised with.
     "r18_cifar_stem_32px_v2_bn_splits_2": Setup(cifar_stem=True, px=32, hidden_dim=512, bn_splits=2),
     "r18_imagenet_stem_64px_v1": Setup(hidden_dim=None),
+    # Bottleneck blocks with the v2 head; the v1 head is covered on ResNet-18 (a ResNet-50 v1 case
+    # cost a minute of CI for no axis the others miss).
     "r50_imagenet_stem_64px_v2": Setup(arch="resnet50", hidden_dim=2048),
-    "r50_imagenet_stem_64px_v1": Setup(arch="resnet50", hidden_dim=None, T=0.07),
     # The batch that crashed oneDNN's add_grad natively.
     "r18_imagenet_stem_64px_batch_1": Setup(batch=1),
 }

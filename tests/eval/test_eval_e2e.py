@@ -69,7 +69,7 @@ def test_pretrain_then_linear_and_knn(tmp_path):
     ("Eval.knn.ks=[10,0]", "error: Eval.knn.ks: [10, 0] must be a non-empty list of ints > 0; "
                            "e.g. -o Eval.knn.ks=[20,200]"),
     ("Eval.knn.chunk_size=0", "error: Eval.knn.chunk_size: 0 must be > 0; e.g. -o Eval.knn.chunk_size=256"),
-    ("Eval.protocol=svm", "error: Eval.protocol: 'svm' is not one of linear, knn"),
+    ("Eval.protocol=sgd", "error: Eval.protocol: 'sgd' is not one of linear, knn, svm, lowshot_svm"),
 ])
 def test_bad_knn_settings_are_one_line_errors(tmp_path, override, message):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "eval.py"), "-c",
