@@ -132,8 +132,10 @@ SCHEMA = {
             "temperature": 0.07,
             "chunk_size": 256,     # evaluation rows per similarity block (bounds memory)
         },
-        # mmselfsup's svm_voc07 defaults; cache_dir null: <Engine.save_load.output_dir>/features
-        "svm": {"costs": [1.0, 10.0, 100.0], "cv_folds": 3, "layers": ["feat5"], "cache_dir": None},
+        # mmselfsup's svm_voc07 defaults: its scripts pass costs 1, 10, 100 and its svm_helper adds
+        # 2^-4 .. 2^-19. cache_dir null: <Engine.save_load.output_dir>/features
+        "svm": {"costs": [1.0, 10.0, 100.0] + [0.5 ** n for n in range(4, 20)], "cv_folds": 3, "layers": ["feat5"],
+                "cache_dir": None},
         "lowshot": {"ks": [1, 2, 4, 8, 16, 32, 64, 96], "samples": 5, "seed": 0},
     },
     "Distributed": {

@@ -203,8 +203,55 @@ def _digits_folder(path, key_path):
     return folder
 
 
-class _ImageDataset(paddle.io.Dataset):
-    """Sample listing, decoding with optional skipping, and per-(seed, epoch, index) RNG.
+class SampleDataset(paddle.io.Dataset):
+    """Decoding of `samples` [(path, label)] with optional skipping, and per-(seed, epoch, index) RNG:
+    what every image dataset shares, whatever lists its samples (this module, ppmoco/data/voc.py).
+
+    `labels` are the samples' labels as one array ([N] class indices, or [N, C] targets of
+    multi-label data); `class_names` name the classes where the listing knows them (else None).
+    """
+
+    multi_label = False
+
+    def setup(self, source, samples, labels, num_classes, class_names, transform_ops, skip_bad_images, seed,
+              config_key):
+        self.source = source  # the folder or file the samples were listed from, for messages
+        self.samples, self.labels, self.num_classes, self.class_names = samples, labels, num_classes, class_names
+        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
+        self.skip_bad_images = skip_bad_images
+        self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
+        self.config_key = config_key
+        self.epoch = 0
+        self.num_skipped = 0  # per process: each loader worker counts its own skips
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def load(self, index):
+        """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return _read_rgb(path), label
+            except Exception as err:
+                if not self.skip_bad_images:
+                    raise _decode_error(path, err, self.config_key) from None
+                self.num_skipped += 1
+                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index "
+                               "(%d skipped so far by this process)", path, _reason(err), index,
+                               self.num_skipped)
+        raise DataError(f"no image of {self.source} can be decoded")
+
+
+class _ImageDataset(SampleDataset):
+    """Samples listed from a folder tree or a list file.
 
     `labelled` says whether the samples need labels: then `root` must hold class folders and every
     list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
@@ -250,41 +297,12 @@ class _ImageDataset(paddle.io.Dataset):
         elif labels.size and labels.min() < 0:
             path, label = given[int(np.argmin(labels))]
             raise DataError(f"{self.source}: label {label} of {path} is negative")
-        self.samples = [(path, UNLABELLED if label is None else label) for path, label in samples]
-        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        samples = [(path, UNLABELLED if label is None else label) for path, label in samples]
         found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
-        self.num_classes = class_num if class_num is not None else found
-        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
-        self.skip_bad_images = skip_bad_images
-        self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
-        self.config_key = config_key
-        self.epoch = 0
-        self.num_skipped = 0  # per process: each loader worker counts its own skips
-
-    def __len__(self):
-        return len(self.samples)
-
-    def set_epoch(self, epoch):
-        """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
-        self.epoch = int(epoch)
-
-    def rng(self, index):
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
-
-    def load(self, index):
-        """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return _read_rgb(path), label
-            except Exception as err:
-                if not self.skip_bad_images:
-                    raise _decode_error(path, err, self.config_key) from None
-                self.num_skipped += 1
-                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index "
-                               "(%d skipped so far by this process)", path, _reason(err), index,
-                               self.num_skipped)
-        raise DataError(f"no image of {self.source} can be decoded")
+        self.setup(self.source, samples, np.array([label for _, label in samples], dtype=np.int64),
+                   class_num if class_num is not None else found,
+                   classes if root is not None and classes else None,
+                   transform_ops, skip_bad_images, seed, config_key)
 
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
@@ -334,3 +352,12 @@ def build_dataset(dataset_cfg, key_path, seed):
         if key in kwargs:
             raise ConfigError(f"{key_path}.{key}: set by the trainer, not the dataset config; remove it")
     return DATASETS.build(dataset_cfg["name"], kwargs, key_path, seed=seed, config_key=key_path)
+
+
+def unaugmented(dataset_cfg, transform_ops):
+    """`dataset_cfg`'s images as one (image, label) per sample under `transform_ops`, e.g. the training
+    images as the feature protocols' memory bank: the multi-view pretraining dataset becomes a
+    GeneralClsDataset over the same source; any other dataset keeps its kind (VOC stays multi-label)."""
+    single_view = DATASETS.get(dataset_cfg.get("name"), "Data.Train.dataset.name") is ContrastiveLearningDataset
+    cfg = {k: v for k, v in dataset_cfg.items() if not (single_view and k == "views")}
+    return dict(cfg, name="GeneralClsDataset" if single_view else cfg["name"], transform_ops=transform_ops)
