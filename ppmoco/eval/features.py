@@ -19,10 +19,10 @@ import paddle
 import paddle.nn.functional as F
 
 from ppmoco.distributed import rank, world_size
-from ppmoco.errors import CheckpointError
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.feature_layers import LAYERS
 from ppmoco.fileio import write_bytes_atomic
+from ppmoco.models.pretrained import weights_file
 
 logger = logging.getLogger("ppmoco")
 
@@ -43,18 +43,10 @@ def extract_layers(module, data, layers, name):
 
 
 def weights_identity(path):
-    """(path, size, mtime) of every file holding the weights at `path` (file, `.pdparams`-less name,
-    or checkpoint folder): changes whenever the weights can have changed."""
-    for candidate in (path, path + ".pdparams"):
-        if os.path.isfile(candidate):
-            files = [candidate]
-            break
-        if os.path.isdir(candidate):
-            files = sorted(os.path.join(root, f) for root, _, names in os.walk(candidate) for f in names)
-            break
-    else:
-        raise CheckpointError(f"{path}: no such weights file or folder; check Model.model.base_encoder.pretrained")
-    return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    """(path, size, mtime) of the file the weights at `path` are read from (a file, a `.pdparams`-less
+    name or a checkpoint folder, as Model.model.base_encoder.pretrained): it changes whenever they can."""
+    file = os.path.abspath(weights_file(path, "Model.model.base_encoder.pretrained", "check the path"))
+    return file, os.path.getsize(file), os.stat(file).st_mtime_ns
 
 
 def cache_path(cache_dir, weights, layers, dataset_cfg):

@@ -52,7 +52,7 @@ def read_backbone(path, key_path, missing_hint="download them there or fix the p
     `.pdparams` suffix, as FleetX configs give it. `key_path` names the setting in errors and
     `missing_hint` says what to do when there is no such file.
     """
-    file = _resolve(path, key_path, missing_hint)
+    file = weights_file(path, key_path, missing_hint)
     is_torch = _is_torch_file(file)
     state = _read_torch(file, key_path) if is_torch else _read_paddle(file, key_path)
     layout, prefix = _detect(state, file, key_path)
@@ -141,8 +141,9 @@ def _out_channels(value):
     return int(shape[0]) if shape else 0
 
 
-def _resolve(path, key_path, missing_hint):
-    """The file to read: `path` itself, a folder's `model.pdparams`, or `path` + `.pdparams`."""
+def weights_file(path, key_path, missing_hint):
+    """The file the weights at `path` are read from: `path` itself, a folder's `model.pdparams`, or
+    `path` + `.pdparams`."""
     path = str(path)
     if os.path.isdir(path):
         tried = [os.path.join(path, "model.pdparams")]
