@@ -135,6 +135,11 @@ def test_svm_voc07_configs_score_the_voc_tree_through_tools_eval(tmp_path):
     assert low.returncode == 0, low.stderr[-3000:]
     assert low.stdout.count("using cached features") == 2
     assert re.search(r"lowshot_svm feat5 k=2 mAP=\d+\.\d\d\+-\d+\.\d\d", low.stdout)
+    # One row for the one checkpoint, SVM and low-shot side by side (best layer: feat5, the first of equals).
+    table = (tmp_path / "out" / "eval_results.md").read_text()
+    assert "| checkpoint | best layer | SVM | k=1 | k=2 |" in table
+    assert re.search(rf"\n\| {re.escape(str(tmp_path / 'backbone.pdparams'))} \| feat5 \| 100.00 \| \d+\.\d\d \| "
+                     r"\d+\.\d\d \|\n", table)
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
