@@ -122,7 +122,8 @@ class Evaluator:
         the best layer (by mAP)."""
         bank, query = self._svm_features()
         per_layer = {layer: svm_scores(bank[layer], bank["labels"], query[layer], query["labels"], self.num_classes,
-                                       self.svm_cfg["costs"], self.svm_cfg["cv_folds"], self.workers, self.class_names)
+                                       self.svm_cfg["costs"], self.svm_cfg["cv_folds"], self.workers, self.class_names,
+                                       name=f"svm {layer}")
                      for layer in self.svm_cfg["layers"]}
         best = max(self.svm_cfg["layers"], key=lambda layer: per_layer[layer]["mAP"])  # first of equals
         logger.info(f"svm: the best layer is {best}")
@@ -136,8 +137,8 @@ class Evaluator:
         return {f"{layer}_{name}": value for layer in self.svm_cfg["layers"]
                 for name, value in lowshot_scores(bank[layer], bank["labels"], query[layer], query["labels"],
                                                   self.num_classes, self.svm_cfg["costs"], low["ks"],
-                                                  low["samples"], low["seed"], self.workers,
-                                                  self.class_names).items()}
+                                                  low["samples"], low["seed"], self.workers, self.class_names,
+                                                  name=f"lowshot_svm {layer}").items()}
 
 
 # Protocols whose eval_results.json and log lines are not their plain flat results: kNN nests

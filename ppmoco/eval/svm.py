@@ -31,6 +31,7 @@ from sklearn.svm import LinearSVC
 
 from ppmoco.data.voc import ABSENT, IGNORED, PRESENT
 from ppmoco.errors import DataError
+from ppmoco.progress import Progress
 
 logger = logging.getLogger("ppmoco")
 
@@ -103,8 +104,13 @@ def check_features(name, features, targets, min_positives=1, fix="", class_names
                             f"least {min_positives}{fix}")
 
 
-def _parallel(jobs, workers):
-    return Parallel(n_jobs=workers, prefer="threads")(jobs)
+def _parallel(jobs, workers, progress):
+    """The jobs' results in order, run on `workers` threads, `progress` advanced per finished job."""
+    results = []
+    for result in Parallel(n_jobs=workers, prefer="threads", return_as="generator")(jobs):
+        results.append(result)
+        progress.advance(1)
+    return results
 
 
 def _fit_class(train_x, targets, costs, folds):
@@ -130,14 +136,15 @@ def _prepare(train_x, train_y, test_x, test_y, num_classes, min_positives, fix, 
     return normalize(train_x), train_t, normalize(test_x), test_t, np.asarray(train_y).ndim == 1
 
 
-def svm_scores(train_x, train_y, test_x, test_y, num_classes, costs, folds, workers=1, class_names=None):
+def svm_scores(train_x, train_y, test_x, test_y, num_classes, costs, folds, workers=1, class_names=None,
+               name="svm"):
     """{"top1": %, "mAP": %} ("mAP" only for multi-label data) of per-class SVMs whose cost
     `folds`-fold cross-validation chose."""
     train_x, train_t, test_x, test_t, single_label = _prepare(
         train_x, train_y, test_x, test_y, num_classes, folds,
         " (one per cross-validation fold): add images or lower Eval.svm.cv_folds", class_names)
     classifiers = _parallel((delayed(_fit_class)(train_x, np.where(train_t[:, c] == PRESENT, 1, -1), costs, folds)
-                             for c in range(num_classes)), workers)
+                             for c in range(num_classes)), workers, Progress(name, num_classes, unit="classes"))
     decisions = np.stack([clf.decision_function(test_x) for clf in classifiers], axis=1)
     return _scores(decisions, test_t, single_label)
 
@@ -181,7 +188,7 @@ def _lowshot_decisions(train_x, test_x, draws, cost):
 
 
 def lowshot_scores(train_x, train_y, test_x, test_y, num_classes, costs, ks, samples, seed, workers=1,
-                   class_names=None):
+                   class_names=None, name="lowshot_svm"):
     """{"k{k}_top1_mean": %, "k{k}_top1_std", "k{k}_mAP_mean", "k{k}_mAP_std"} over `samples` draws per k
     (top-1 for single-label data only), at the cost with the best mean mAP.
 
@@ -191,10 +198,11 @@ def lowshot_scores(train_x, train_y, test_x, test_y, num_classes, costs, ks, sam
                                                               1, "", class_names)
     _say_caps(train_t, ks, single_label, class_names)
     out = {}
+    progress = Progress(name, len(ks) * samples * len(costs), unit="(k, draw, cost) fits")
     for k in ks:
         draws = [lowshot_rows(train_t, k, (seed, s), single_label) for s in range(samples)]
         decisions = _parallel((delayed(_lowshot_decisions)(train_x, test_x, draws[s], cost)
-                               for s in range(samples) for cost in costs), workers)
+                               for s in range(samples) for cost in costs), workers, progress)
         scores = [[_scores(decisions[s * len(costs) + i], test_t, single_label) for i in range(len(costs))]
                   for s in range(samples)]
         best = int(np.argmax([np.mean([scores[s][i]["mAP"] for s in range(samples)])
