@@ -16,21 +16,19 @@ import os
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from ppmoco.distributed import rank, world_size
 from ppmoco.errors import CheckpointError
 from ppmoco.eval.inference import predict_dataset
-from ppmoco.feature_layers import LAYERS
 from ppmoco.fileio import write_bytes_atomic
+from ppmoco.models import pool_stages
 
 logger = logging.getLogger("ppmoco")
 
 
 def pool_layers(maps, layers):
-    """{layer: [N, D] float32 tensor} from the stage maps of one batch."""
-    return {layer: F.adaptive_avg_pool2d(maps[LAYERS[layer][0]], LAYERS[layer][1]).flatten(1).astype("float32")
-            for layer in layers}
+    """{layer: [N, D] float32 tensor} from the stage maps of one batch (ppmoco.models.pool_stages, flattened)."""
+    return {layer: pooled.flatten(1).astype("float32") for layer, pooled in pool_stages(maps, layers).items()}
 
 
 def extract_layers(module, data, layers, name):
