@@ -1,12 +1,12 @@
 """Backbone features of a whole dataset, per layer (ppmoco/feature_layers.py), cached.
 
-The maps come from the Module hook `extract_stages`. ppmoco pools adaptively, so every input size
-gives the same dimensions; at 224 px its stem is taken after the max-pool (56 px; mmselfsup's
-before it, at 112 px), the only place the two differ.
+The maps come from the Module hook `extract_stages` and are pooled by ppmoco.models.pool_stages:
+mmselfsup's windows at 224 px, adaptive pooling to the same grids at other sizes.
 
 Features are extracted in exact dataset order (predict_dataset) and, given the file the weights came
 from, cached as `.npz` keyed by that file's identity (path, size, modification time), the layers,
-and the dataset with its transforms: a second protocol on the same checkpoint reads them back.
+the dataset with its transforms, and the version of the pooling (POOLING_VERSION): a second protocol
+on the same checkpoint reads them back.
 """
 import hashlib
 import io
@@ -22,6 +22,7 @@ from ppmoco.errors import CheckpointError
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.fileio import write_bytes_atomic
 from ppmoco.models import pool_stages
+from ppmoco.models.pooling import POOLING_VERSION
 
 logger = logging.getLogger("ppmoco")
 
@@ -57,7 +58,8 @@ def weights_identity(path):
 
 def cache_path(cache_dir, weights, layers, dataset_cfg):
     """The cache file of these weights' `layers` over the dataset `dataset_cfg` (source and transforms)."""
-    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg], sort_keys=True, default=str)
+    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg, POOLING_VERSION], sort_keys=True,
+                     default=str)
     return os.path.join(cache_dir, f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 
 
