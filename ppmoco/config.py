@@ -115,6 +115,7 @@ SCHEMA = {
     "Optimizer": {
         "name": Choice(("Momentum",)),
         "momentum": 0.9,
+        "use_nesterov": False,     # Nesterov momentum (paddle.optimizer.Momentum's, as torch SGD's nesterov)
         "weight_decay": 0.0001,
         "lr": OPEN,
     },

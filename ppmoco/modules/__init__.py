@@ -2,12 +2,14 @@
 from ppmoco.fleetx import module_args
 from ppmoco.modules.base import Module
 from ppmoco.modules.linear_eval import LinearEval
+from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 from ppmoco.modules.moco import MoCo
 from ppmoco.registry import Registry, check_kwargs
 
 MODULES = Registry("module")
 MODULES.register(MoCo, name="MOCOModule", aliases=("MoCo",))
 MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
+MODULES.register(MultiHeadLinearEval, name="MOCOMultiHeadClsModule", aliases=("MultiHeadLinear",))
 
 
 def build_module(model_cfg):
@@ -19,4 +21,4 @@ def build_module(model_cfg):
     return cls(**args)
 
 
-__all__ = ["Module", "MoCo", "LinearEval", "MODULES", "build_module"]
+__all__ = ["Module", "MoCo", "LinearEval", "MultiHeadLinearEval", "MODULES", "build_module"]
