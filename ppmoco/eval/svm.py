@@ -198,7 +198,7 @@ def lowshot_scores(train_x, train_y, test_x, test_y, num_classes, costs, ks, sam
                                                               1, "", class_names)
     _say_caps(train_t, ks, single_label, class_names)
     out = {}
-    progress = Progress(name, len(ks) * samples * len(costs), unit="(k, draw, cost) fits")
+    progress = Progress(name, len(ks) * samples * len(costs), unit="fits")
     for k in ks:
         draws = [lowshot_rows(train_t, k, (seed, s), single_label) for s in range(samples)]
         decisions = _parallel((delayed(_lowshot_decisions)(train_x, test_x, draws[s], cost)
