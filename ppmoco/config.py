@@ -251,8 +251,9 @@ def resolve_config_path(path):
 
     An existing path always wins. A relative path that does not exist is looked up in configs/ of
     the project, first as given (`NAME.yaml`, `base/digits.yaml`), then by its file name (in configs/,
-    then configs/benchmarks/), which accepts FleetX's spelling `ppfleetx/configs/vis/moco/NAME.yaml` and `configs/NAME.yaml` from
-    another working directory. An absolute path is never replaced: it names one file on purpose.
+    then configs/benchmarks/), which accepts FleetX's spelling `ppfleetx/configs/vis/moco/NAME.yaml`
+    and `configs/NAME.yaml` from another working directory. An absolute path is never replaced: it
+    names one file on purpose.
     """
     if os.path.exists(path):
         return path
