@@ -29,7 +29,7 @@ from ppmoco.errors import CheckpointError
 # records, sub-arrays, datetimes or void.
 _ARRAY_KINDS = "biufcSU"
 _NAME_TABLE = "StructuredToParameterName@@"  # paddle.save's {structured name: Paddle tensor name}
-_SPLIT_TABLE = "UnpackBigParamInfor@@"  # paddle.save (protocol 2/3) splits tensors over 1 GiB; typos: disable-line
+_SPLIT_TABLE = "UnpackBigParamInfor@@"  # (sic) paddle.save (protocol 2/3) splits tensors over 1 GiB
 _SHOWN = 60  # characters of a refused argument shown in the error
 
 

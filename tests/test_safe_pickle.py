@@ -86,7 +86,7 @@ def _fleetx():
 def _passl():
     # PASSL's checkpoint hook pickle.dump()s numpy arrays (Tensors converted), epoch, optimizer and
     # LR scheduler state; numpy scalars, big-endian and Fortran-ordered arrays for good measure.
-    state = {k: v.numpy() for k, v in paddle.vision.models.resnet18().state_dict().items()}
+    state = {k: v.numpy() for k, v in _moco().items()}
     optimizer = {k: v.numpy() if isinstance(v, paddle.Tensor) else v
                  for k, v in _trained_optimizer(paddle.optimizer.Momentum, momentum=0.9, learning_rate=0.1).items()}
     return {"epoch": 200, "state_dict": state, "optimizer": optimizer,
@@ -127,7 +127,7 @@ def _pickle_dump(make, protocol):
 
 def _numpy1(path):
     # numpy 1.x names the reconstructors numpy.core.*; a protocol-2 file spells globals out as text
-    paddle.save(paddle.vision.models.resnet18().state_dict(), str(path), protocol=2)
+    paddle.save(_moco(), str(path), protocol=2)
     data = path.read_bytes()
     assert b"numpy._core.multiarray" in data
     path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
@@ -145,8 +145,8 @@ def _split_tensor(path):
 
 LEGIT = {
     "resnet50": _paddle_save(_resnet50),
-    "resnet50_protocol2": _paddle_save(_resnet50, protocol=2),
     "moco_module": _paddle_save(_moco),
+    "moco_module_protocol2": _paddle_save(_moco, protocol=2),
     "momentum_cosine": _paddle_save(lambda: _trained_optimizer(
         paddle.optimizer.Momentum, momentum=0.9, weight_decay=1e-4,
         learning_rate=paddle.optimizer.lr.CosineAnnealingDecay(0.1, 10))),
