@@ -65,7 +65,7 @@ def save_features(path, arrays):
 
 def load_features(path):
     """save_features' arrays: {layer: [N, D], "labels": [N], "paths": [N]}."""
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 import paddle.vision.models
 
+from ppmoco import safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.models.resnet import ARCHS, Architecture, BottleneckBlock
 
@@ -169,10 +170,11 @@ def _unwrap(obj):
 
 
 def _read_paddle(file, key_path):
+    """Arrays from a paddle.save (or pickle) file, read without running code from it (safe_pickle)."""
     try:
-        return _unwrap(paddle.load(file, return_numpy=True))
-    except Exception as err:
-        raise CheckpointError(f"{key_path}: cannot read {file}: {err}") from err
+        return _unwrap(safe_pickle.load_paddle(file, return_numpy=True))
+    except CheckpointError as err:
+        raise CheckpointError(f"{key_path}: {err}") from None
 
 
 def _read_torch(file, key_path):
