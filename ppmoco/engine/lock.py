@@ -67,6 +67,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir, command=None):
         self.path = os.path.join(output_dir, LOCK_NAME)
+        self.created = False
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
                      "time": time.time(), "command": command or " ".join(sys.argv)}
 
@@ -94,7 +95,9 @@ class OutputDirLock:
             os.remove(aside)
 
     def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        folder = os.path.dirname(self.path)
+        self.created = not os.path.isdir(folder)  # a run stopped before writing leaves no folder behind
+        os.makedirs(folder, exist_ok=True)
         while not self._try_create():
             holder = self._read()
             if holder is None:  # released meanwhile
@@ -116,6 +119,8 @@ class OutputDirLock:
     def release(self):
         if self._read() == self.info:  # never another run's lock (ours may have been taken as stale)
             os.remove(self.path)
+            if self.created and not os.listdir(os.path.dirname(self.path)):
+                os.rmdir(os.path.dirname(self.path))
 
     def __enter__(self):
         return self.acquire()
