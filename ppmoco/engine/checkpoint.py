@@ -2,7 +2,8 @@
 
 Layout under `output_dir`: `epoch_N/` (end of epoch N), `step_S/` (mid-epoch, global step S),
 each with model.pdparams, optimizer.pdopt, trainer_state.json (progress + RNG) and meta.json
-(the same progress, for listing); `latest` names the newest complete one. A folder that exists
+(the same progress, for listing, and each file's size and SHA-256, checked before any load: see
+`damage`); `latest` names the newest complete one. A folder that exists
 under its final name is complete; a kill during a save leaves only a `.tmp-*` folder behind,
 which is ignored and cleaned up by the next save.
 
@@ -10,7 +11,9 @@ Reading never runs code from a file: the `.pdparams`/`.pdopt` pickles go through
 ppmoco.safe_pickle, and the trainer state is JSON (checkpoints written before it was, with a pickled
 `trainer_state.pkl`, are still read, through the same restricted unpickler).
 """
+import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -25,6 +28,7 @@ from ppmoco.paddle_internals import rng_state_from_tuples, rng_state_tuples
 TRAINER_STATE = "trainer_state.json"
 OLD_TRAINER_STATE = "trainer_state.pkl"  # what ppmoco wrote before: a pickle, read restricted
 FILES = ("model.pdparams", "optimizer.pdopt", TRAINER_STATE, "meta.json")
+logger = logging.getLogger("ppmoco")
 
 
 def _rename_optimizer_state(state, names):
@@ -40,16 +44,55 @@ def _rename_optimizer_state(state, names):
     return out
 
 
+def _read_meta(path):
+    """Checkpoint folder `path`'s meta.json, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) and isinstance(meta.get("global_step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
 def list_checkpoints(output_dir):
-    """Complete checkpoints in `output_dir`, oldest first (by global step)."""
+    """Checkpoints in `output_dir` with a readable meta.json, oldest first (by global step)."""
     found = []
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
-            meta = os.path.join(output_dir, name, "meta.json")
-            if not name.startswith(".") and os.path.isfile(meta):
-                with open(meta, encoding="utf-8") as f:
-                    found.append((json.load(f)["global_step"], name))
+            meta = None if name.startswith(".") else _read_meta(os.path.join(output_dir, name))
+            if meta is not None:
+                found.append((meta["global_step"], name))
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def _sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path):
+    """Why checkpoint folder `path` cannot be trusted, as a phrase, or None when it is intact: every
+    file meta.json lists has the size and SHA-256 it had when written (bit rot, a truncated copy
+    between file systems, a half-synced object store all show). Checkpoints from before meta.json
+    listed its files are taken as intact when complete."""
+    meta = _read_meta(path)
+    if meta is None:
+        return "meta.json is missing or unreadable"
+    for name in meta.get("files", {}) or [f for f in FILES if f != "meta.json"]:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) and not (name == TRAINER_STATE and
+                                             os.path.isfile(os.path.join(path, OLD_TRAINER_STATE))):
+            return f"{name} is missing"
+    for name, want in meta.get("files", {}).items():
+        size = os.path.getsize(os.path.join(path, name))
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} when written (truncated or damaged)"
+        if _sha256(os.path.join(path, name)) != want["sha256"]:
+            return f"{name}'s SHA-256 differs from when it was written (damaged)"
+    return None
 
 
 def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, regular=True):
@@ -72,6 +115,8 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump(_state_to_json(state), f, indent=1, default=_plain_number)
         meta = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
+        meta["files"] = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
+                                "sha256": _sha256(os.path.join(tmp, name))} for name in FILES if name != "meta.json"}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         # Re-saving a name (`best`, a step a resumed run redoes) replaces the old copy whole; a crash
@@ -85,6 +130,12 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
                               "or set Engine.save_load.output_dir to a writable folder "
                               "(earlier checkpoints are intact)") from None
     if regular and keep_last > 0:
+        # Rotation never deletes the last intact checkpoint: it waits while the new one reads back damaged.
+        problem = damage(final)
+        if problem is not None:
+            logger.warning(f"the checkpoint just written, {final}, reads back damaged ({problem}); older "
+                           "checkpoints are kept")
+            return final
         for old in [p for p in list_checkpoints(output_dir) if os.path.basename(p) != "best"][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -100,21 +151,44 @@ def latest_checkpoint(output_dir):
 
 
 def check_complete(path):
-    """Raise CheckpointError unless `path` is a complete checkpoint folder; return it."""
+    """Raise CheckpointError unless `path` is a complete, intact checkpoint folder; return it."""
     missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))
                and not (f == TRAINER_STATE and os.path.isfile(os.path.join(path, OLD_TRAINER_STATE)))]
     if missing:
         raise CheckpointError(f"Engine.save_load.ckpt_dir: {path} is not a complete ppmoco checkpoint "
                               f"(missing {', '.join(missing)}); point it at an epoch_N or step_N folder")
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; use another checkpoint (Engine.save_load."
+                              "ckpt_dir) or restore this one from a copy")
     return path
 
 
 def find_resume_checkpoint(save_load):
-    """The checkpoint to resume from: ckpt_dir when given, else `latest` when auto_resume."""
-    path = save_load["ckpt_dir"]
-    if path is None and save_load["auto_resume"]:
-        path = latest_checkpoint(save_load["output_dir"])
-    return None if path is None else check_complete(path)
+    """The checkpoint to resume from: ckpt_dir when given (it must be intact), else with auto_resume
+    `latest` or, when that one is damaged, the newest intact checkpoint (saying which and why)."""
+    if save_load["ckpt_dir"] is not None:
+        return check_complete(save_load["ckpt_dir"])
+    if not save_load["auto_resume"]:
+        return None
+    output_dir = save_load["output_dir"]
+    latest = latest_checkpoint(output_dir)
+    regular = [p for p in reversed(list_checkpoints(output_dir)) if os.path.basename(p) != "best"]
+    candidates = ([latest] if latest is not None else []) + [p for p in regular if p != latest]
+    damaged = []
+    for path in candidates:
+        problem = damage(path) if os.path.isdir(path) else "it does not exist"
+        if problem is None:
+            for bad, why in damaged:
+                logger.warning(f"not resuming from {bad}: {why}; resuming from {path}, the newest intact "
+                               "checkpoint")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint to resume from in {output_dir}: "
+                              + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
+                              + "; restore one from a copy, or start afresh in another Engine.save_load.output_dir")
+    return None
 
 
 def load_module_weights(path, module):

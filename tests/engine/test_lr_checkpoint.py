@@ -112,6 +112,9 @@ def test_trainer_state_is_json_and_old_pickled_ones_still_load(tmp_path):
     (folder / "trainer_state.json").unlink()
     with open(folder / "trainer_state.pkl", "wb") as f:  # exactly what the old writer did
         pickle.dump(state, f)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["files"]  # nor did it list the files with their checksums
+    (folder / "meta.json").write_text(json.dumps(meta))
     save_load = {"ckpt_dir": str(folder), "auto_resume": False, "output_dir": str(tmp_path)}
     loaded = load_checkpoint(find_resume_checkpoint(save_load), *_model_and_optimizer(1))
     assert {k: loaded[k] for k in ("epoch", "next_batch", "global_step", "best", "skipped_steps")} == \
