@@ -9,6 +9,8 @@ The unpickler's own cases (every admitted form, every payload, both pickle proto
 tests/test_safe_pickle.py.
 """
 import builtins
+import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -77,12 +79,22 @@ def _legit_checkpoint(root):
 
 
 def _evil_checkpoint(legit, folder, file, payload):
-    """A copy of checkpoint folder `legit` with `file` replaced by a pickle of `payload`."""
+    """A copy of checkpoint folder `legit` with `file` replaced by a pickle of `payload`, and meta.json's
+    sizes and checksums made to match, as whoever crafted a downloadable checkpoint would."""
     shutil.copytree(legit, folder)
+    meta_file = os.path.join(folder, "meta.json")
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
     if file == "trainer_state.pkl":  # an old-format checkpoint: its trainer state is a pickle
         os.remove(os.path.join(folder, "trainer_state.json"))
+        del meta["files"]  # which old checkpoints did not list
     with open(os.path.join(folder, file), "wb") as f:
         pickle.dump(payload, f, protocol=4)
+    if "files" in meta:
+        data = open(os.path.join(folder, file), "rb").read()
+        meta["files"][file] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with open(meta_file, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
     return folder
 
 
