@@ -42,14 +42,25 @@ def start(out, *overrides):
                             stderr=subprocess.PIPE, text=True)
 
 
+def losses(out):
+    """The loss of every step in the run's log (logging_freq 1), in order."""
+    return [float(x) for x in re.findall(r"\[train\] .*?loss: ([-\d.e+]+)", (out / "train.log").read_text())]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_train(out, *COMMON)
+    return out
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_saves_at_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, signum):
+def test_a_stop_signal_saves_at_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, straight, signum):
     # Catches a signal that kills the run (default action: no checkpoint, exit -15), a checkpoint of
     # the wrong position (resume would redo or skip a batch: the weights differ), an exit code a
     # requeue script cannot tell from a crash, and loader workers dying of the signal (2 here, signalled
     # too): Paddle then raises in the training process mid-step, before any checkpoint.
-    straight, out = tmp_path / "straight", tmp_path / "run"
-    run_train(straight, *COMMON)
+    out = tmp_path / "run"
     proc = start(out, "Data.Train.loader.num_workers=2")
     wait_until(proc, lambda: steps_logged(out) >= 3, "three steps")
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -68,6 +79,7 @@ def test_a_stop_signal_saves_at_the_step_and_resume_equals_an_uninterrupted_run(
     resumed = run_train(out, *COMMON)
     assert f"resumed from {out / f'step_{step}'}" in resumed.stdout + resumed.stderr
     assert_same_weights(straight / f"step_{STEPS}", out / f"step_{STEPS}")
+    assert losses(out)[-(STEPS - step):] == losses(straight)[step:]  # each resumed step logged the same loss
 
 
 def test_a_second_signal_stops_at_once_and_leaves_only_whole_checkpoints(tmp_path):
