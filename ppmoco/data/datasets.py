@@ -325,6 +325,15 @@ class GeneralClsDataset(_ImageDataset):
         return self.transform(img, self.rng(index)), np.int64(label)
 
 
+def require_labels(dataset, key_path, user):
+    """Raise DataError unless every sample of `dataset` has a label (`user` names who needs them)."""
+    missing = np.flatnonzero(dataset.labels == UNLABELLED)
+    if missing.size:
+        raise DataError(f"{key_path}: {user} trains on labels, but {missing.size} of {len(dataset)} images have "
+                        f"none (e.g. {dataset.samples[missing[0]][0]}); point root at a folder of class folders "
+                        "(root/<class>/<image>) or give every list-file line a label")
+
+
 def build_dataset(dataset_cfg, key_path, seed):
     """The dataset described by `dataset_cfg` ({name: ..., **kwargs}) found at config `key_path`."""
     if not isinstance(dataset_cfg, dict) or "name" not in dataset_cfg:
