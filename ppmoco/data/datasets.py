@@ -1,5 +1,5 @@
 """Image datasets read from an ImageNet-style folder tree, any folder of images (pretraining needs
-no labels) or FleetX list files.
+no labels) or FleetX list files, on the seeded multi-view base every dataset shares (CIFAR-10: cifar.py).
 
 Every problem with the data is found as early and named as precisely as possible: listing
 problems (missing folders, bad list lines, missing files) at construction, undecodable images when
@@ -203,8 +203,43 @@ def _digits_folder(path, key_path):
     return folder
 
 
-class _ImageDataset(paddle.io.Dataset):
-    """Sample listing, decoding with optional skipping, and per-(seed, epoch, index) RNG.
+class SeededDataset(paddle.io.Dataset):
+    """Sample i of epoch e as (view_1, ..., view_n, label): `views` augmentations of `load(i)`'s image,
+    float32 CHW, drawn from `np.random.default_rng([seed, e, i])`; views=1 is the (image, label) form.
+
+    A subclass defines `load(index)` -> (RGB PIL image, label) and sets `samples` ([(where, label)],
+    where = the image's file or another name for it), `labels` (int64 array, UNLABELLED where a
+    sample has none), `num_classes`, `source` (what the data came from) and `labelled_form` (the
+    registered views=1 dataset of the same images: the kNN memory bank of a pretraining run).
+    """
+
+    def __init__(self, transform_ops, views, seed, config_key):
+        if views < 1:
+            raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
+        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
+        self.views = views
+        self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
+        self.config_key = config_key
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        img, label = self.load(index)
+        rng = self.rng(index)
+        return (*(self.transform(img, rng) for _ in range(self.views)), np.int64(label))
+
+    def set_epoch(self, epoch):
+        """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+
+class _ImageDataset(SeededDataset):
+    """Image files: sample listing, and decoding with optional skipping.
 
     `labelled` says whether the samples need labels: then `root` must hold class folders and every
     list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
@@ -212,9 +247,11 @@ class _ImageDataset(paddle.io.Dataset):
     """
 
     labelled = True
+    labelled_form = "GeneralClsDataset"
 
-    def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+    def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
                  builtin, seed, config_key):
+        super().__init__(transform_ops, views, seed, config_key)  # its checks before the listing
         if root is not None and (image_root is not None or cls_label_path is not None):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
@@ -254,22 +291,8 @@ class _ImageDataset(paddle.io.Dataset):
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
         self.num_classes = class_num if class_num is not None else found
-        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
         self.skip_bad_images = skip_bad_images
-        self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
-        self.config_key = config_key
-        self.epoch = 0
         self.num_skipped = 0  # per process: each loader worker counts its own skips
-
-    def __len__(self):
-        return len(self.samples)
-
-    def set_epoch(self, epoch):
-        """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
-        self.epoch = int(epoch)
-
-    def rng(self, index):
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
 
     def load(self, index):
         """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
@@ -289,7 +312,7 @@ class _ImageDataset(paddle.io.Dataset):
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
 class ContrastiveLearningDataset(_ImageDataset):
-    """(view_1, ..., view_n, label): `views` independent augmentations of one image, float32 CHW.
+    """(view_1, ..., view_n, label): `views` independent augmentations of one image file, float32 CHW.
 
     Pretraining needs no labels: `root` may be any folder of images (list_images) and a list file
     may hold bare paths; the label is UNLABELLED then, and the methods ignore it.
@@ -299,30 +322,18 @@ class ContrastiveLearningDataset(_ImageDataset):
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
                  views=2, skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
-        if views < 1:
-            raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
-        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
                          builtin, seed, config_key)
-        self.views = views
-
-    def __getitem__(self, index):
-        img, label = self.load(index)
-        rng = self.rng(index)
-        return (*(self.transform(img, rng) for _ in range(self.views)), np.int64(label))
 
 
 @DATASETS.register()
 class GeneralClsDataset(_ImageDataset):
-    """(image, label) with the image as float32 CHW: for linear evaluation and kNN."""
+    """(image, label) of image files, the image as float32 CHW: for linear evaluation and kNN."""
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
                  skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
-        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, 1, skip_bad_images,
                          builtin, seed, config_key)
-
-    def __getitem__(self, index):
-        img, label = self.load(index)
-        return self.transform(img, self.rng(index)), np.int64(label)
 
 
 def require_labels(dataset, key_path, user):
@@ -334,10 +345,20 @@ def require_labels(dataset, key_path, user):
                         "(root/<class>/<image>) or give every list-file line a label")
 
 
-def build_dataset(dataset_cfg, key_path, seed):
-    """The dataset described by `dataset_cfg` ({name: ..., **kwargs}) found at config `key_path`."""
+def _dataset_class(dataset_cfg, key_path):
     if not isinstance(dataset_cfg, dict) or "name" not in dataset_cfg:
         raise ConfigError(f"{key_path}.name: missing; choose one of {', '.join(DATASETS.names())}")
+    return DATASETS.get(dataset_cfg["name"], key_path)
+
+
+def labelled_form(dataset_cfg, key_path):
+    """The name of the registered (image, label) dataset reading the images `dataset_cfg` names."""
+    return _dataset_class(dataset_cfg, key_path).labelled_form
+
+
+def build_dataset(dataset_cfg, key_path, seed):
+    """The dataset described by `dataset_cfg` ({name: ..., **kwargs}) found at config `key_path`."""
+    _dataset_class(dataset_cfg, key_path)
     kwargs = {key: value for key, value in dataset_cfg.items() if key != "name"}
     for key in ("seed", "config_key"):
         if key in kwargs:
