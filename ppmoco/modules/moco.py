@@ -38,11 +38,14 @@ class Encoder(nn.Layer):
         return self.head(self.backbone(x))
 
 
+def key_logits(q, k, queue, T):
+    """[N, 1 + K] similarities / T of each query to its own key (column 0) and to the queue's keys."""
+    return paddle.concat([(q * k).sum(axis=1, keepdim=True), paddle.matmul(q, queue)], axis=1) / T
+
+
 def info_nce(q, k, queue, T):
     """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T."""
-    l_pos = (q * k).sum(axis=1, keepdim=True)
-    l_neg = paddle.matmul(q, queue)
-    logits = paddle.concat([l_pos, l_neg], axis=1) / T
+    logits = key_logits(q, k, queue, T)
     loss = F.cross_entropy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
     return loss, logits
 

@@ -24,15 +24,14 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import concat_all_gather
 from ppmoco.errors import ConfigError
-from ppmoco.modules.moco import MoCo
+from ppmoco.modules.moco import MoCo, key_logits
 
 EMPTY = -1  # the label of a queue slot that holds no key yet
 
 
 def key_log_probs(q, k, queue, T):
     """[N, 1 + K] log( e^{s_ia} / sum_{a' in A(i)} e^{s_ia'} ) over A(i) = {k_i} U queue, own key first."""
-    logits = paddle.concat([(q * k).sum(axis=1, keepdim=True), paddle.matmul(q, queue)], axis=1) / T
-    return F.log_softmax(logits, axis=1)
+    return F.log_softmax(key_logits(q, k, queue, T), axis=1)
 
 
 def key_positives(labels, queue_labels):
