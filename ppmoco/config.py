@@ -115,6 +115,7 @@ SCHEMA = {
     "Optimizer": {
         "name": Choice(("Momentum",)),
         "momentum": 0.9,
+        "use_nesterov": False,     # Nesterov momentum (paddle.optimizer.Momentum's, as torch SGD's nesterov)
         "weight_decay": 0.0001,
         "lr": OPEN,
     },
@@ -132,8 +133,10 @@ SCHEMA = {
             "temperature": 0.07,
             "chunk_size": 256,     # evaluation rows per similarity block (bounds memory)
         },
-        # mmselfsup's svm_voc07 defaults; cache_dir null: <Engine.save_load.output_dir>/features
-        "svm": {"costs": [1.0, 10.0, 100.0], "cv_folds": 3, "layers": ["feat5"], "cache_dir": None},
+        # mmselfsup's svm_voc07 defaults: its scripts pass costs 1, 10, 100 and its svm_helper adds
+        # 2^-4 .. 2^-19. cache_dir null: <Engine.save_load.output_dir>/features
+        "svm": {"costs": [1.0, 10.0, 100.0] + [0.5 ** n for n in range(4, 20)], "cv_folds": 3, "layers": ["feat5"],
+                "cache_dir": None},
         "lowshot": {"ks": [1, 2, 4, 8, 16, 32, 64, 96], "samples": 5, "seed": 0},
     },
     "Distributed": {
@@ -232,27 +235,32 @@ LIMITS = {
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+# Where runnable configs are shipped, by name (configs/base/ only holds what they inherit, configs/transfer/
+# other frameworks' files).
+RUNNABLE_DIRS = (CONFIG_DIR, os.path.join(CONFIG_DIR, "benchmarks"))
+
+
 def shipped_configs():
-    """Names of the runnable configs in CONFIG_DIR (configs/base/ only holds what they inherit)."""
-    if not os.path.isdir(CONFIG_DIR):
-        return []
-    return sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")
-                  and os.path.isfile(os.path.join(CONFIG_DIR, n)))
+    """Names of the runnable configs in RUNNABLE_DIRS."""
+    return sorted(n for folder in RUNNABLE_DIRS if os.path.isdir(folder) for n in os.listdir(folder)
+                  if n.endswith(".yaml") and os.path.isfile(os.path.join(folder, n)))
 
 
 def resolve_config_path(path):
     """The file `-c path` means, for every entry point (tools/train.py, eval.py, benchmark.py).
 
     An existing path always wins. A relative path that does not exist is looked up in configs/ of
-    the project, first as given (`NAME.yaml`, `base/digits.yaml`), then by its file name, which
-    accepts FleetX's spelling `ppfleetx/configs/vis/moco/NAME.yaml` and `configs/NAME.yaml` from
-    another working directory. An absolute path is never replaced: it names one file on purpose.
+    the project, first as given (`NAME.yaml`, `base/digits.yaml`), then by its file name (in configs/,
+    then configs/benchmarks/), which accepts FleetX's spelling `ppfleetx/configs/vis/moco/NAME.yaml`
+    and `configs/NAME.yaml` from another working directory. An absolute path is never replaced: it
+    names one file on purpose.
     """
     if os.path.exists(path):
         return path
     names = shipped_configs()
     if not os.path.isabs(path):
-        for candidate in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, os.path.basename(path))):
+        for candidate in (os.path.join(CONFIG_DIR, path),
+                          *(os.path.join(folder, os.path.basename(path)) for folder in RUNNABLE_DIRS)):
             if os.path.isfile(candidate):
                 return candidate
     near = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)

@@ -1,8 +1,8 @@
 """The backbone feature layers of the SVM benchmarks, mmselfsup's (without Paddle: the config checks them).
 
 Layer `featL` is stage L of [stem, res2, res3, res4, res5], average-pooled to mmselfsup's grid for it
-(12, 6, 4, 3, 2 cells a side: its MultiPooling output at 224 px) and flattened; `gap` is the last
-stage averaged globally, the kNN feature.
+(12, 6, 4, 3, 2 cells a side: its MultiPooling output at 224 px; ppmoco/models/pooling.py) and
+flattened; `gap` is the last stage averaged globally, the kNN feature.
 """
 
 # layer name -> (index into Module.extract_stages' maps, pooled grid size a side).

@@ -19,6 +19,8 @@ import paddle
 from ppmoco.errors import ConfigError
 from ppmoco.models import build_backbone
 
+# The classification probes (names and aliases), whose top-k Model.metric sets.
+CLASSIFIERS = ("MOCOClsModule", "LinearEval", "MOCOMultiHeadClsModule", "MultiHeadLinear")
 PARTS = ("base_projector", "base_classifier", "momentum_encoder", "momentum_projector", "momentum_classifier")
 PART_NAMES = {"projector": "MoCoV2Projector", "classifier": "MoCoClassifier"}
 PART_KEYS = {"projector": ("name", "in_dim", "out_dim", "with_pool"),
@@ -37,11 +39,12 @@ def module_args(module_name, model_section):
     if "topk" in args:
         raise ConfigError("Model.model.topk: set the reported top-k as Model.metric.train.topk and "
                           "Model.metric.eval.topk")
-    if module_name in ("MOCOClsModule", "LinearEval"):
+    if module_name in CLASSIFIERS:
         args["topk"] = _metric_topk(metric)
     elif any(spec["topk"] != [1, 5] for spec in metric.values()):  # the schema default
         raise ConfigError(f"Model.metric: {module_name} reports the top-1/top-5 accuracy of its "
-                          "contrastive task; Model.metric applies to MOCOClsModule only, remove it")
+                          "contrastive task; Model.metric applies to MOCOClsModule and "
+                          "MOCOMultiHeadClsModule only, remove it")
     if not uses_fleetx_parts(args):
         return args
     if module_name in ("MOCOModule", "MoCo"):

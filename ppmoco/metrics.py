@@ -44,4 +44,11 @@ def numpy_topk_accuracy(scores, labels, ks=(1, 5)):
     """
     ranks = label_ranks(paddle.to_tensor(np.asarray(scores)),
                         paddle.to_tensor(np.asarray(labels), dtype="int64")).numpy()
+    return rank_accuracy(ranks, ks)
+
+
+def rank_accuracy(ranks, ks=(1, 5)):
+    """numpy_topk_accuracy's result from `label_ranks`' ranks (a numpy array): for an evaluation
+    that keeps each row's rank rather than its [C] scores."""
+    ranks = np.asarray(ranks)
     return {f"top{k}": 100.0 * float(np.mean(ranks < k)) for k in ks}

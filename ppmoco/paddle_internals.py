@@ -26,6 +26,10 @@ Each entry says what it is for and which public alternative was tried:
 - `o2_cast`: `paddle.amp.auto_cast.amp_initialize`, the cast `paddle.amp.decorate(level="O2")`
   applies on GPU. `decorate` itself returns early on CPU, so the tests call this to see on CPU
   which tensors O2 would cast.
+- `rng_state_tuples`, `rng_state_from_tuples`: the pickle methods (`__getstate__`/`__setstate__`)
+  of `paddle.base.core.GeneratorState`, what `paddle.get_rng_state()` returns: checkpoints store the
+  random state as JSON, never as a pickle. Public alternative: none (the states are opaque objects
+  whose only serialisation is pickle's, and reading a pickle can run code).
 - `ONEDNN_PLACEMENT_PASS`: the PIR pass that moves ops to oneDNN (inference passes are its only
   documented users).
 """
@@ -90,3 +94,18 @@ def o2_cast(layers, dtype):
     # paddle.amp.auto_cast names the function; the module of that name is reached by import path
     importlib.import_module("paddle.amp.auto_cast").amp_initialize(models=list(layers), dtype=dtype,
                                                                    excluded_layers=None)
+
+
+def rng_state_tuples(states):
+    """`paddle.get_rng_state()` as (device, seed, offset, [engine state characters]) tuples."""
+    return [state.__getstate__() for state in states]
+
+
+def rng_state_from_tuples(tuples):
+    """The `paddle.set_rng_state` argument for `rng_state_tuples`' output."""
+    states = []
+    for values in tuples:
+        state = paddle.base.core.GeneratorState.__new__(paddle.base.core.GeneratorState)
+        state.__setstate__(tuple(values))
+        states.append(state)
+    return states

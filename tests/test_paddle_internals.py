@@ -75,3 +75,15 @@ def test_o2_cast_is_the_cast_decorate_applies_on_gpu():
     internals.o2_cast([net], "bfloat16")  # raises if paddle.amp.auto_cast.amp_initialize moved
     assert net[0].weight.dtype == paddle.bfloat16, "amp_initialize no longer casts in place"
     assert net[1].weight.dtype == paddle.float32, "amp_initialize no longer keeps norms in float32"
+
+
+def test_rng_state_round_trips_through_plain_tuples():
+    paddle.seed(11)
+    paddle.rand([3])
+    tuples = internals.rng_state_tuples(paddle.get_rng_state())
+    assert all(len(t) == 4 and all(type(v) is int for v in t[:3]) and type(t[3]) is list for t in tuples), \
+        "GeneratorState.__getstate__ no longer gives (device, seed, offset, engine characters)"
+    assert all(0 <= c < 128 for t in tuples for c in t[3]), "the engine state is no longer ASCII text"
+    expected = paddle.rand([5]).numpy()
+    paddle.set_rng_state(internals.rng_state_from_tuples(tuples))
+    np.testing.assert_array_equal(paddle.rand([5]).numpy(), expected)

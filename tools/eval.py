@@ -6,7 +6,9 @@ Eval.protocol=knn runs the kNN benchmark on the backbone named by
 Model.model.base_encoder.pretrained (null: the randomly initialised baseline); so do the linear SVM
 benchmarks Eval.protocol=svm and Eval.protocol=lowshot_svm, whose features of a pretrained file are
 cached in Eval.svm.cache_dir (null: output_dir/features) for the next protocol on the same file.
-Results are printed one per line and written to output_dir/eval_results.json.
+Results are printed one per line and added to output_dir/eval_results.json under the checkpoint
+scored (Model.model.base_encoder.pretrained, or "random init"), and output_dir/eval_results.md shows
+every checkpoint evaluated into that folder as a row of the benchmark tables (ppmoco/eval/results.py).
 """
 import json
 import os
@@ -38,9 +40,12 @@ def main(argv=None):
     from ppmoco.engine import Engine, setup_environment, setup_logger
     from ppmoco.engine.checkpoint import load_module_weights
     from ppmoco.eval.evaluator import report
+    from ppmoco.eval.results import RANDOM_INIT, add_results, read_results, results_markdown
     from ppmoco.modules import build_module
 
     save_load = cfg["Engine"]["save_load"]
+    out = os.path.join(save_load["output_dir"], "eval_results.json")
+    earlier = read_results(out)  # before the evaluation: a file it cannot add to stops the run now
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     logger = setup_logger(save_load["output_dir"], env.is_main)
     module = build_module(cfg["Model"])
@@ -55,10 +60,11 @@ def main(argv=None):
                                         or os.path.join(save_load["output_dir"], "features"))
     results = engine.evaluate()
     if env.is_main:
-        out = os.path.join(save_load["output_dir"], "eval_results.json")
-        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": report(results)},
-                                          indent=1))
-        logger.info(f"wrote {out}")
+        checkpoints = add_results(earlier, RANDOM_INIT if pretrained is None else str(pretrained), report(results))
+        write_text_atomic(out, json.dumps({"protocol": cfg["Eval"]["protocol"], "results": report(results),
+                                           "checkpoints": checkpoints}, indent=1))
+        write_text_atomic(os.path.join(save_load["output_dir"], "eval_results.md"), results_markdown(checkpoints))
+        logger.info(f"wrote {out} and eval_results.md ({len(checkpoints)} checkpoints)")
 
 
 if __name__ == "__main__":

@@ -12,19 +12,21 @@ def main(argv=None):
     args = parse_args(__doc__, argv)
     cfg = load_config(args.config, args.override)
     from ppmoco.engine import Engine, setup_environment, setup_logger
+    from ppmoco.engine.lock import training_lock
     from ppmoco.modules import build_module
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
-    setup_logger(cfg["Engine"]["save_load"]["output_dir"], env.is_main)
-    module = build_module(cfg["Model"])
-    engine = Engine(cfg, module, env)
-    engine.fit()
-    if env.is_main:
-        from ppmoco.report import write_report
+    with training_lock(cfg["Engine"]["save_load"]["output_dir"], env):  # before anything is written there
+        setup_logger(cfg["Engine"]["save_load"]["output_dir"], env.is_main)
+        module = build_module(cfg["Model"])
+        engine = Engine(cfg, module, env)
+        engine.fit()
+        if env.is_main:
+            from ppmoco.report import write_report
 
-        path = write_report(cfg["Engine"]["save_load"]["output_dir"], args.config, load_config(args.config),
-                            cfg, engine.last_results)
-        print(f"wrote {path}")
+            path = write_report(cfg["Engine"]["save_load"]["output_dir"], args.config, load_config(args.config),
+                                cfg, engine.last_results)
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -208,10 +208,14 @@ class SeededDataset(paddle.io.Dataset):
     float32 CHW, drawn from `np.random.default_rng([seed, e, i])`; views=1 is the (image, label) form.
 
     A subclass defines `load(index)` -> (RGB PIL image, label) and sets `samples` ([(where, label)],
-    where = the image's file or another name for it), `labels` (int64 array, UNLABELLED where a
-    sample has none), `num_classes`, `source` (what the data came from) and `labelled_form` (the
-    registered views=1 dataset of the same images: the kNN memory bank of a pretraining run).
+    where = the image's file or another name for it), `labels` (int64: [N] class indices, UNLABELLED
+    where a sample has none, or [N, C] targets of multi-label data), `num_classes`, `source` (what the
+    data came from) and `labelled_form` (the registered views=1 dataset of the same images: the
+    memory bank of the feature protocols); `class_names` where the listing knows them.
     """
+
+    multi_label = False
+    class_names = None
 
     def __init__(self, transform_ops, views, seed, config_key):
         if views < 1:
@@ -228,7 +232,8 @@ class SeededDataset(paddle.io.Dataset):
     def __getitem__(self, index):
         img, label = self.load(index)
         rng = self.rng(index)
-        return (*(self.transform(img, rng) for _ in range(self.views)), np.int64(label))
+        label = np.int64(label) if np.ndim(label) == 0 else np.asarray(label, dtype=np.int64)
+        return (*(self.transform(img, rng) for _ in range(self.views)), label)
 
     def set_epoch(self, epoch):
         """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
@@ -238,8 +243,32 @@ class SeededDataset(paddle.io.Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
 
-class _ImageDataset(SeededDataset):
-    """Image files: sample listing, and decoding with optional skipping.
+class FileDataset(SeededDataset):
+    """Image files, `samples` [(path, label)]: decoding with optional skipping (this module, voc.py)."""
+
+    def __init__(self, transform_ops, views, skip_bad_images, seed, config_key):
+        super().__init__(transform_ops, views, seed, config_key)
+        self.skip_bad_images = skip_bad_images
+        self.num_skipped = 0  # per process: each loader worker counts its own skips
+
+    def load(self, index):
+        """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return _read_rgb(path), label
+            except Exception as err:
+                if not self.skip_bad_images:
+                    raise _decode_error(path, err, self.config_key) from None
+                self.num_skipped += 1
+                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index "
+                               "(%d skipped so far by this process)", path, _reason(err), index,
+                               self.num_skipped)
+        raise DataError(f"no image of {self.source} can be decoded")
+
+
+class _ImageDataset(FileDataset):
+    """Image files listed from a folder tree or a list file.
 
     `labelled` says whether the samples need labels: then `root` must hold class folders and every
     list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
@@ -251,7 +280,7 @@ class _ImageDataset(SeededDataset):
 
     def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
                  builtin, seed, config_key):
-        super().__init__(transform_ops, views, seed, config_key)  # its checks before the listing
+        super().__init__(transform_ops, views, skip_bad_images, seed, config_key)  # its checks before the listing
         if root is not None and (image_root is not None or cls_label_path is not None):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
@@ -291,23 +320,7 @@ class _ImageDataset(SeededDataset):
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
         self.num_classes = class_num if class_num is not None else found
-        self.skip_bad_images = skip_bad_images
-        self.num_skipped = 0  # per process: each loader worker counts its own skips
-
-    def load(self, index):
-        """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return _read_rgb(path), label
-            except Exception as err:
-                if not self.skip_bad_images:
-                    raise _decode_error(path, err, self.config_key) from None
-                self.num_skipped += 1
-                logger.warning("skipping undecodable image %s (%s); sample %d takes the next index "
-                               "(%d skipped so far by this process)", path, _reason(err), index,
-                               self.num_skipped)
-        raise DataError(f"no image of {self.source} can be decoded")
+        self.class_names = classes if root is not None and classes else None
 
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
@@ -364,3 +377,4 @@ def build_dataset(dataset_cfg, key_path, seed):
         if key in kwargs:
             raise ConfigError(f"{key_path}.{key}: set by the trainer, not the dataset config; remove it")
     return DATASETS.build(dataset_cfg["name"], kwargs, key_path, seed=seed, config_key=key_path)
+

@@ -325,6 +325,28 @@ def _channel_stats(values, key):
     return np.asarray(values, dtype=np.float32)
 
 
+@TRANSFORMS.register(name="Lighting")
+class Lighting:
+    """AlexNet's PCA lighting noise (mmselfsup's `Lighting`, from fb.resnet.torch): every pixel gets
+    eigvec @ (alpha * eigval) with alpha ~ N(0, alphastd) per image, ImageNet's RGB eigen-decomposition
+    by default. mmselfsup adds it to the [0, 1] tensor before normalising; here it is added to the
+    0..255 pixel values (times 255), which NormalizeImage's default scale turns into the same thing.
+    It returns a float32 HWC array, so it comes right before NormalizeImage."""
+
+    def __init__(self, alphastd=0.1, eigval=[0.2175, 0.0188, 0.0045],
+                 eigvec=[[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]):
+        self.alphastd = _non_negative(alphastd, "alphastd")
+        self.eigval = np.asarray(eigval, dtype=np.float64)
+        self.eigvec = np.asarray(eigvec, dtype=np.float64)
+        if self.eigval.shape != (3,) or self.eigvec.shape != (3, 3):
+            raise ConfigError(f"eigval, eigvec: expected 3 values and a 3 x 3 matrix, got {eigval!r}, {eigvec!r}")
+
+    def __call__(self, img, rng):
+        alpha = rng.normal(0.0, self.alphastd, 3)
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return (np.asarray(img, dtype=np.float32) + (255.0 * rgb).astype(np.float32)).astype(np.float32)
+
+
 @TRANSFORMS.register(name="NormalizeImage")
 class NormalizeImage:
     """PIL RGB -> float32 HWC array (x * scale - mean) / std. scale None means 1/255."""
@@ -407,6 +429,8 @@ def build_transforms(ops_cfg, key_path):
         raise ConfigError(f"{key_path}: DecodeImage may only come first (images arrive decoded)")
     ops = [op for op in ops if not isinstance(op, DecodeImage)]
     kinds = [type(op) for op in ops]
+    if Lighting in kinds and (kinds.count(Lighting) > 1 or kinds[-3:-2] != [Lighting]):
+        raise ConfigError(f"{key_path}: Lighting returns pixel arrays: use it once, right before NormalizeImage")
     if kinds[-2:] != [NormalizeImage, ToCHWImage] or kinds.count(NormalizeImage) + kinds.count(ToCHWImage) != 2:
         raise ConfigError(f"{key_path}: must end with NormalizeImage then ToCHWImage (and use them only "
                           "there); append '- NormalizeImage: {scale: 1.0/255.0}' and '- ToCHWImage:'")

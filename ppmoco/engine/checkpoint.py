@@ -1,22 +1,34 @@
 """Atomic checkpoints: written to a temporary folder, fsynced, then renamed into place.
 
 Layout under `output_dir`: `epoch_N/` (end of epoch N), `step_S/` (mid-epoch, global step S),
-each with model.pdparams, optimizer.pdopt, trainer_state.pkl (progress + RNG) and meta.json
-(the same progress, readable); `latest` names the newest complete one. A folder that exists
+each with model.pdparams, optimizer.pdopt, trainer_state.json (progress + RNG) and meta.json
+(the same progress, for listing, and each file's size and SHA-256, checked before any load: see
+`damage`); `latest` names the newest complete one. A folder that exists
 under its final name is complete; a kill during a save leaves only a `.tmp-*` folder behind,
 which is ignored and cleaned up by the next save.
+
+Reading never runs code from a file: the `.pdparams`/`.pdopt` pickles go through
+ppmoco.safe_pickle, and the trainer state is JSON (checkpoints written before it was, with a pickled
+`trainer_state.pkl`, are still read, through the same restricted unpickler).
 """
+import hashlib
 import json
+import logging
 import os
-import pickle
 import shutil
 
+import numpy as np
 import paddle
 
+from ppmoco import safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.fileio import replace_dir, write_text_atomic
+from ppmoco.paddle_internals import rng_state_from_tuples, rng_state_tuples
 
-FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.pkl", "meta.json")
+TRAINER_STATE = "trainer_state.json"
+OLD_TRAINER_STATE = "trainer_state.pkl"  # what ppmoco wrote before: a pickle, read restricted
+FILES = ("model.pdparams", "optimizer.pdopt", TRAINER_STATE, "meta.json")
+logger = logging.getLogger("ppmoco")
 
 
 def _rename_optimizer_state(state, names):
@@ -32,16 +44,55 @@ def _rename_optimizer_state(state, names):
     return out
 
 
+def _read_meta(path):
+    """Checkpoint folder `path`'s meta.json, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) and isinstance(meta.get("global_step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
 def list_checkpoints(output_dir):
-    """Complete checkpoints in `output_dir`, oldest first (by global step)."""
+    """Checkpoints in `output_dir` with a readable meta.json, oldest first (by global step)."""
     found = []
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
-            meta = os.path.join(output_dir, name, "meta.json")
-            if not name.startswith(".") and os.path.isfile(meta):
-                with open(meta, encoding="utf-8") as f:
-                    found.append((json.load(f)["global_step"], name))
+            meta = None if name.startswith(".") else _read_meta(os.path.join(output_dir, name))
+            if meta is not None:
+                found.append((meta["global_step"], name))
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def _sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path):
+    """Why checkpoint folder `path` cannot be trusted, as a phrase, or None when it is intact: every
+    file meta.json lists has the size and SHA-256 it had when written (bit rot, a truncated copy
+    between file systems, a half-synced object store all show). Checkpoints from before meta.json
+    listed its files are taken as intact when complete."""
+    meta = _read_meta(path)
+    if meta is None:
+        return "meta.json is missing or unreadable"
+    for name in meta.get("files", {}) or [f for f in FILES if f != "meta.json"]:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) and not (name == TRAINER_STATE and
+                                             os.path.isfile(os.path.join(path, OLD_TRAINER_STATE))):
+            return f"{name} is missing"
+    for name, want in meta.get("files", {}).items():
+        size = os.path.getsize(os.path.join(path, name))
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} when written (truncated or damaged)"
+        if _sha256(os.path.join(path, name)) != want["sha256"]:
+            return f"{name}'s SHA-256 differs from when it was written (damaged)"
+    return None
 
 
 def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, regular=True):
@@ -61,9 +112,11 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         structured = {p.name: n for n, p in module.named_parameters()}
         paddle.save(_rename_optimizer_state(optimizer.state_dict(), structured),
                     os.path.join(tmp, "optimizer.pdopt"))
-        with open(os.path.join(tmp, "trainer_state.pkl"), "wb") as f:
-            pickle.dump(state, f)
+        with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
+            json.dump(_state_to_json(state), f, indent=1, default=_plain_number)
         meta = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
+        meta["files"] = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
+                                "sha256": _sha256(os.path.join(tmp, name))} for name in FILES if name != "meta.json"}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         # Re-saving a name (`best`, a step a resumed run redoes) replaces the old copy whole; a crash
@@ -77,6 +130,12 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
                               "or set Engine.save_load.output_dir to a writable folder "
                               "(earlier checkpoints are intact)") from None
     if regular and keep_last > 0:
+        # Rotation never deletes the last intact checkpoint: it waits while the new one reads back damaged.
+        problem = damage(final)
+        if problem is not None:
+            logger.warning(f"the checkpoint just written, {final}, reads back damaged ({problem}); older "
+                           "checkpoints are kept")
+            return final
         for old in [p for p in list_checkpoints(output_dir) if os.path.basename(p) != "best"][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -92,25 +151,49 @@ def latest_checkpoint(output_dir):
 
 
 def check_complete(path):
-    """Raise CheckpointError unless `path` is a complete checkpoint folder; return it."""
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+    """Raise CheckpointError unless `path` is a complete, intact checkpoint folder; return it."""
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))
+               and not (f == TRAINER_STATE and os.path.isfile(os.path.join(path, OLD_TRAINER_STATE)))]
     if missing:
         raise CheckpointError(f"Engine.save_load.ckpt_dir: {path} is not a complete ppmoco checkpoint "
                               f"(missing {', '.join(missing)}); point it at an epoch_N or step_N folder")
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; use another checkpoint (Engine.save_load."
+                              "ckpt_dir) or restore this one from a copy")
     return path
 
 
 def find_resume_checkpoint(save_load):
-    """The checkpoint to resume from: ckpt_dir when given, else `latest` when auto_resume."""
-    path = save_load["ckpt_dir"]
-    if path is None and save_load["auto_resume"]:
-        path = latest_checkpoint(save_load["output_dir"])
-    return None if path is None else check_complete(path)
+    """The checkpoint to resume from: ckpt_dir when given (it must be intact), else with auto_resume
+    `latest` or, when that one is damaged, the newest intact checkpoint (saying which and why)."""
+    if save_load["ckpt_dir"] is not None:
+        return check_complete(save_load["ckpt_dir"])
+    if not save_load["auto_resume"]:
+        return None
+    output_dir = save_load["output_dir"]
+    latest = latest_checkpoint(output_dir)
+    regular = [p for p in reversed(list_checkpoints(output_dir)) if os.path.basename(p) != "best"]
+    candidates = ([latest] if latest is not None else []) + [p for p in regular if p != latest]
+    damaged = []
+    for path in candidates:
+        problem = damage(path) if os.path.isdir(path) else "it does not exist"
+        if problem is None:
+            for bad, why in damaged:
+                logger.warning(f"not resuming from {bad}: {why}; resuming from {path}, the newest intact "
+                               "checkpoint")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint to resume from in {output_dir}: "
+                              + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
+                              + "; restore one from a copy, or start afresh in another Engine.save_load.output_dir")
+    return None
 
 
 def load_module_weights(path, module):
     """Restore the module's weights (and buffers such as the queue) from checkpoint folder `path`."""
-    weights = paddle.load(os.path.join(path, "model.pdparams"))
+    weights = _read_state_dict(os.path.join(path, "model.pdparams"))
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     wrong = [k for k in expected if k in weights and list(weights[k].shape) != list(expected[k].shape)]
@@ -126,6 +209,70 @@ def load_checkpoint(path, module, optimizer):
     load_module_weights(path, module)
     internal = {n: p.name for n, p in module.named_parameters()}
     optimizer.set_state_dict(_rename_optimizer_state(
-        paddle.load(os.path.join(path, "optimizer.pdopt")), internal))
-    with open(os.path.join(path, "trainer_state.pkl"), "rb") as f:
-        return pickle.load(f)
+        _read_state_dict(os.path.join(path, "optimizer.pdopt")), internal))
+    return load_trainer_state(path)
+
+
+def _read_state_dict(file):
+    """The dict paddle.save wrote to `file`, with Tensors, read without running code from it."""
+    state = safe_pickle.load_paddle(file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read {file}: it holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _plain_number(value):
+    """json.dump's fallback: numpy scalars (a monitored metric may be one) as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"trainer state value {value!r} of type {type(value).__name__} is not JSON")
+
+
+def _state_to_json(state):
+    """The trainer state with Paddle's random state as (device, seed, offset, engine text) records."""
+    out = dict(state)
+    if "rng_state" in out:
+        out["rng_state"] = [{"device": device, "seed": seed, "offset": offset, "engine": bytes(engine).decode("ascii")}
+                            for device, seed, offset, engine in rng_state_tuples(out["rng_state"])]
+    return out
+
+
+def load_trainer_state(path):
+    """The trainer state saved in checkpoint folder `path` (rng_state ready for paddle.set_rng_state)."""
+    file = os.path.join(path, TRAINER_STATE)
+    if not os.path.isfile(file) and os.path.isfile(os.path.join(path, OLD_TRAINER_STATE)):
+        return _load_old_trainer_state(os.path.join(path, OLD_TRAINER_STATE))
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise TypeError(f"a JSON {type(state).__name__}, not an object")
+        if "rng_state" in state:
+            state["rng_state"] = rng_state_from_tuples(
+                [(r["device"], r["seed"], r["offset"], list(r["engine"].encode("ascii"))) for r in state["rng_state"]])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"cannot read {file}: {err} (damaged?)") from None
+    return state
+
+
+class _OldGeneratorState:
+    """Stands in for paddle.base.libpaddle.GeneratorState while an old trainer_state.pkl is read:
+    keeps the state pickle hands its __setstate__, checked to be (device, seed, offset, characters)."""
+
+    __slots__ = ("values",)
+
+    def __setstate__(self, values):
+        if not (type(values) is tuple and len(values) == 4 and all(type(v) is int for v in values[:3])
+                and type(values[3]) is list and all(type(c) is int and 0 <= c < 128 for c in values[3])):
+            raise ValueError(f"GeneratorState state {str(values)[:60]} is not (device, seed, offset, text)")
+        self.values = values
+
+
+def _load_old_trainer_state(file):
+    state = safe_pickle.load(file, extra={("paddle.base.libpaddle", "GeneratorState"): _OldGeneratorState})
+    rng = state.get("rng_state", []) if isinstance(state, dict) else None
+    if not isinstance(rng, list) or not all(isinstance(s, _OldGeneratorState) and hasattr(s, "values") for s in rng):
+        raise CheckpointError(f"cannot read {file}: not a ppmoco trainer state")
+    if "rng_state" in state:
+        state["rng_state"] = rng_state_from_tuples([s.values for s in rng])
+    return state

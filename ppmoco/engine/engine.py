@@ -13,6 +13,7 @@ from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
+from ppmoco.engine.preemption import Preempted, StopSignals
 from ppmoco.engine.profiler import StepProfiler
 from ppmoco.engine.step import build_train_step
 from ppmoco.errors import ConfigError, PpmocoError
@@ -155,6 +156,15 @@ class Engine:
             self._show_views(epoch)
         step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None
         meter = _Meter()
+        with StopSignals() as signals:
+            global_step = self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
+                                     step_profiler, signals)
+        if step_profiler is not None:
+            step_profiler.close()
+        self.writer.close()
+        return global_step
+
+    def _loop(self, epoch, start_batch, global_step, steps_per_epoch, total_steps, meter, step_profiler, signals):
         while epoch < self.epochs and global_step < total_steps:
             self.module.train()
             self.train_set.set_epoch(epoch)
@@ -179,6 +189,8 @@ class Engine:
                     self.save(f"step_{global_step}", epoch, batch_idx + 1, global_step)
                 if stop:
                     break
+                if signals.requested():
+                    self._preempt(signals.received, epoch, batch_idx + 1, global_step, step_profiler)
             else:
                 start_batch = 0
                 epoch += 1
@@ -189,10 +201,18 @@ class Engine:
                 last = epoch == self.epochs or global_step == total_steps
                 if save_epoch > 0 and (epoch % save_epoch == 0 or last):
                     self.save(f"epoch_{epoch}", epoch, 0, global_step)
+        return global_step
+
+    def _preempt(self, signal_name, epoch, next_batch, global_step, step_profiler):
+        """Save where training stands and stop with Preempted (ppmoco/engine/preemption.py)."""
+        name = f"step_{global_step}"
+        self.save(name, epoch, next_batch, global_step)
         if step_profiler is not None:
             step_profiler.close()
         self.writer.close()
-        return global_step
+        raise Preempted(f"stopped by {signal_name} after step {global_step}: saved "
+                        f"{os.path.join(self.save_load['output_dir'], name)}; run the same command with "
+                        "-o Engine.save_load.auto_resume=true to continue")
 
     def _log(self, meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr):
         values, batch_cost, reader_cost = meter.summary()

@@ -16,9 +16,11 @@ logger = logging.getLogger("ppmoco")
 
 
 def build_optimizer(opt_cfg, module, learning_rate):
-    """SGD with momentum over the module's trainable parameters (weight decay = L2, as torch SGD)."""
+    """SGD with momentum over the module's trainable parameters (weight decay = L2, as torch SGD;
+    `use_nesterov` as torch SGD's nesterov: the step is grad + momentum x the new velocity)."""
     return paddle.optimizer.Momentum(learning_rate=learning_rate, momentum=opt_cfg["momentum"],
                                      parameters=module.trainable_parameters(),
+                                     use_nesterov=opt_cfg.get("use_nesterov", False),
                                      weight_decay=opt_cfg["weight_decay"])
 
 

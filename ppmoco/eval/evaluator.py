@@ -20,6 +20,7 @@ logger = logging.getLogger("ppmoco")
 # The optional Module hooks each protocol calls (see ppmoco/modules/base.py).
 _HOOKS = {"linear": ("validation_step", "validation_end"), "knn": ("extract_features",),
           "svm": ("extract_stages",), "lowshot_svm": ("extract_stages",)}
+_MULTI_LABEL = ("svm", "lowshot_svm")  # the protocols that score multi-label data (VOC): per-class mAP
 
 
 def eval_loader(dataset, data_cfg, env, seed):
@@ -53,13 +54,22 @@ class Evaluator:
             fix = f"use {' or '.join(served)}" if served else "it defines no evaluation hook (ppmoco/modules/base.py)"
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'; {fix}")
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
+        if eval_set.multi_label and self.protocol not in _MULTI_LABEL:
+            raise ConfigError(f"Eval.protocol: '{self.protocol}' needs single-label data, and Data.Eval.dataset "
+                              f"({data['Eval']['dataset']['name']}) is multi-label; use {' or '.join(_MULTI_LABEL)}")
         self.eval_data = eval_loader(eval_set, data["Eval"], env, seed)
         self.dataset_cfgs = {"eval": data["Eval"]["dataset"]}
+        self.workers = env.num_threads  # threads for the SVMs: this process's share of the CPUs
         if self.protocol != "linear":
             self.dataset_cfgs["bank"] = bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"])
             bank = build_dataset(self.dataset_cfgs["bank"], "Data.Train.dataset", seed)
+            if bank.multi_label != eval_set.multi_label:
+                raise ConfigError("Data.Train.dataset: the training images are "
+                                  f"{'multi' if bank.multi_label else 'single'}-label but the evaluation images "
+                                  "are not; give both splits the same kind of dataset")
             self.bank_data = eval_loader(bank, data["Eval"], env, seed)
             self.num_classes = max(bank.num_classes, eval_set.num_classes)
+            self.class_names = bank.class_names if bank.num_classes == self.num_classes else None
 
     def cache_features(self, weights, cache_dir):
         """Cache the SVM protocols' features in `cache_dir`, keyed by the file `weights` the module's
@@ -109,25 +119,27 @@ class Evaluator:
                 for split, data, what in (("bank", self.bank_data, "training"), ("eval", self.eval_data, "evaluation"))]
 
     def _svm(self):
-        """Per layer, top-1 and mAP of cross-validated one-vs-rest SVMs; then those of the best layer."""
+        """Per layer, top-1 (single-label data) and mAP of cross-validated one-vs-rest SVMs; then those of
+        the best layer (by mAP)."""
         bank, query = self._svm_features()
-        out = {}
-        for layer in self.svm_cfg["layers"]:
-            scores = svm_scores(bank[layer], bank["labels"], query[layer], query["labels"], self.num_classes,
-                                self.svm_cfg["costs"], self.svm_cfg["cv_folds"])
-            out.update({f"{layer}_{metric}": value for metric, value in scores.items()})
-        best = max(self.svm_cfg["layers"], key=lambda layer: out[f"{layer}_mAP"])  # first of equals
+        per_layer = {layer: svm_scores(bank[layer], bank["labels"], query[layer], query["labels"], self.num_classes,
+                                       self.svm_cfg["costs"], self.svm_cfg["cv_folds"], self.workers, self.class_names,
+                                       name=f"svm {layer}")
+                     for layer in self.svm_cfg["layers"]}
+        best = max(self.svm_cfg["layers"], key=lambda layer: per_layer[layer]["mAP"])  # first of equals
         logger.info(f"svm: the best layer is {best}")
-        return dict(out, best_top1=out[f"{best}_top1"], best_mAP=out[f"{best}_mAP"])
+        out = {f"{layer}_{metric}": value for layer, scores in per_layer.items() for metric, value in scores.items()}
+        return dict(out, **{f"best_{metric}": value for metric, value in per_layer[best].items()})
 
     def _lowshot(self):
-        """Per layer and k, mean and std of top-1 and mAP over the seeded low-shot draws."""
+        """Per layer and k, mean and std of top-1 (single-label data) and mAP over the seeded low-shot draws."""
         bank, query = self._svm_features()
         low = self.lowshot_cfg
         return {f"{layer}_{name}": value for layer in self.svm_cfg["layers"]
                 for name, value in lowshot_scores(bank[layer], bank["labels"], query[layer], query["labels"],
                                                   self.num_classes, self.svm_cfg["costs"], low["ks"],
-                                                  low["samples"], low["seed"]).items()}
+                                                  low["samples"], low["seed"], self.workers, self.class_names,
+                                                  name=f"lowshot_svm {layer}").items()}
 
 
 # Protocols whose eval_results.json and log lines are not their plain flat results: kNN nests

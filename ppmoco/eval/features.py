@@ -1,12 +1,12 @@
 """Backbone features of a whole dataset, per layer (ppmoco/feature_layers.py), cached.
 
-The maps come from the Module hook `extract_stages`. ppmoco pools adaptively, so every input size
-gives the same dimensions; at 224 px its stem is taken after the max-pool (56 px; mmselfsup's
-before it, at 112 px), the only place the two differ.
+The maps come from the Module hook `extract_stages` and are pooled by ppmoco.models.pool_stages:
+mmselfsup's windows at 224 px, adaptive pooling to the same grids at other sizes.
 
 Features are extracted in exact dataset order (predict_dataset) and, given the file the weights came
 from, cached as `.npz` keyed by that file's identity (path, size, modification time), the layers,
-and the dataset with its transforms: a second protocol on the same checkpoint reads them back.
+the dataset with its transforms, and the version of the pooling (POOLING_VERSION): a second protocol
+on the same checkpoint reads them back.
 """
 import hashlib
 import io
@@ -16,21 +16,20 @@ import os
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from ppmoco.distributed import rank, world_size
-from ppmoco.errors import CheckpointError
 from ppmoco.eval.inference import predict_dataset
-from ppmoco.feature_layers import LAYERS
 from ppmoco.fileio import write_bytes_atomic
+from ppmoco.models import pool_stages
+from ppmoco.models.pooling import POOLING_VERSION
+from ppmoco.models.pretrained import weights_file
 
 logger = logging.getLogger("ppmoco")
 
 
 def pool_layers(maps, layers):
-    """{layer: [N, D] float32 tensor} from the stage maps of one batch."""
-    return {layer: F.adaptive_avg_pool2d(maps[LAYERS[layer][0]], LAYERS[layer][1]).flatten(1).astype("float32")
-            for layer in layers}
+    """{layer: [N, D] float32 tensor} from the stage maps of one batch (ppmoco.models.pool_stages, flattened)."""
+    return {layer: pooled.flatten(1).astype("float32") for layer, pooled in pool_stages(maps, layers).items()}
 
 
 def extract_layers(module, data, layers, name):
@@ -43,23 +42,16 @@ def extract_layers(module, data, layers, name):
 
 
 def weights_identity(path):
-    """(path, size, mtime) of every file holding the weights at `path` (file, `.pdparams`-less name,
-    or checkpoint folder): changes whenever the weights can have changed."""
-    for candidate in (path, path + ".pdparams"):
-        if os.path.isfile(candidate):
-            files = [candidate]
-            break
-        if os.path.isdir(candidate):
-            files = sorted(os.path.join(root, f) for root, _, names in os.walk(candidate) for f in names)
-            break
-    else:
-        raise CheckpointError(f"{path}: no such weights file or folder; check Model.model.base_encoder.pretrained")
-    return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    """(path, size, mtime) of the file the weights at `path` are read from (a file, a `.pdparams`-less
+    name or a checkpoint folder, as Model.model.base_encoder.pretrained): it changes whenever they can."""
+    file = os.path.abspath(weights_file(path, "Model.model.base_encoder.pretrained", "check the path"))
+    return file, os.path.getsize(file), os.stat(file).st_mtime_ns
 
 
 def cache_path(cache_dir, weights, layers, dataset_cfg):
     """The cache file of these weights' `layers` over the dataset `dataset_cfg` (source and transforms)."""
-    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg], sort_keys=True, default=str)
+    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg, POOLING_VERSION], sort_keys=True,
+                     default=str)
     return os.path.join(cache_dir, f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 
 
@@ -73,7 +65,7 @@ def save_features(path, arrays):
 
 def load_features(path):
     """save_features' arrays: {layer: [N, D], "labels": [N], "paths": [N]}."""
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 
 

@@ -1,11 +1,13 @@
-"""Backbones (built from config through BACKBONES) and the heads put on top of them."""
+"""Backbones (built from config through BACKBONES), the heads put on top of them, and the pooling of
+their stage maps to per-layer features (pool_stages)."""
 from ppmoco.errors import ConfigError
-from ppmoco.models.heads import LinearClassifier, ProjectionHead
+from ppmoco.models.heads import LinearClassifier, NormLinearHead, ProjectionHead
+from ppmoco.models.pooling import pool_stages
 from ppmoco.models.pretrained import load_backbone, load_pretrained_backbone
 from ppmoco.models.resnet import BACKBONES, ResNet
 
-__all__ = ["ResNet", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier",
-           "load_pretrained_backbone", "load_backbone"]
+__all__ = ["ResNet", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier", "NormLinearHead",
+           "load_pretrained_backbone", "load_backbone", "pool_stages"]
 
 
 def build_backbone(cfg, key_path):

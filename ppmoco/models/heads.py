@@ -48,3 +48,17 @@ class LinearClassifier(nn.Layer):
 
     def forward(self, x):
         return self.fc(x)
+
+
+class NormLinearHead(LinearClassifier):
+    """One head of mmselfsup's MultiClsHead: a pooled [N, C, g, g] stage map normalised per channel by
+    BatchNorm without affine parameters (mmselfsup's `norm_cfg=dict(type='SyncBN', momentum=0.1,
+    affine=False)`: torch's momentum 0.1 is Paddle's 0.9), flattened to C*g*g features, then the
+    linear classifier (N(0, 0.01), bias 0: mmselfsup's init_cfg for its Linear layers)."""
+
+    def __init__(self, channels, grid, num_classes):
+        super().__init__(channels * grid * grid, num_classes)
+        self.norm = nn.BatchNorm2D(channels, momentum=0.9, epsilon=1e-5, weight_attr=False, bias_attr=False)
+
+    def forward(self, pooled):
+        return self.fc(self.norm(pooled).flatten(1))

@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 import paddle.vision.models
 
+from ppmoco import safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.models.resnet import ARCHS, Architecture, BottleneckBlock
 
@@ -52,7 +53,7 @@ def read_backbone(path, key_path, missing_hint="download them there or fix the p
     `.pdparams` suffix, as FleetX configs give it. `key_path` names the setting in errors and
     `missing_hint` says what to do when there is no such file.
     """
-    file = _resolve(path, key_path, missing_hint)
+    file = weights_file(path, key_path, missing_hint)
     is_torch = _is_torch_file(file)
     state = _read_torch(file, key_path) if is_torch else _read_paddle(file, key_path)
     layout, prefix = _detect(state, file, key_path)
@@ -141,8 +142,9 @@ def _out_channels(value):
     return int(shape[0]) if shape else 0
 
 
-def _resolve(path, key_path, missing_hint):
-    """The file to read: `path` itself, a folder's `model.pdparams`, or `path` + `.pdparams`."""
+def weights_file(path, key_path, missing_hint):
+    """The file the weights at `path` are read from: `path` itself, a folder's `model.pdparams`, or
+    `path` + `.pdparams`."""
     path = str(path)
     if os.path.isdir(path):
         tried = [os.path.join(path, "model.pdparams")]
@@ -168,10 +170,11 @@ def _unwrap(obj):
 
 
 def _read_paddle(file, key_path):
+    """Arrays from a paddle.save (or pickle) file, read without running code from it (safe_pickle)."""
     try:
-        return _unwrap(paddle.load(file, return_numpy=True))
-    except Exception as err:
-        raise CheckpointError(f"{key_path}: cannot read {file}: {err}") from err
+        return _unwrap(safe_pickle.load_paddle(file, return_numpy=True))
+    except CheckpointError as err:
+        raise CheckpointError(f"{key_path}: {err}") from None
 
 
 def _read_torch(file, key_path):

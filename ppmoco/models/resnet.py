@@ -118,12 +118,11 @@ class ResNet(nn.Layer):
         self.out_dim = self.stage_channels[-1]
 
     def forward_stages(self, x):
-        """[stem, res2, res3, res4, res5] feature maps, for multi-stage linear evaluation."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
-        outputs = [x]
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+        """[stem, res2, res3, res4, res5] feature maps, for multi-stage evaluation; the stem is taken
+        before the max-pool, as mmselfsup's ResNet gives it (112 px at 224)."""
+        stem = self.relu(self.bn1(self.conv1(x)))
+        outputs = [stem, self.layer1(stem if self.maxpool is None else self.maxpool(stem))]
+        for layer in (self.layer2, self.layer3, self.layer4):
             outputs.append(layer(outputs[-1]))
         return outputs
 

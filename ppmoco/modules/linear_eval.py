@@ -18,10 +18,12 @@ from ppmoco.modules.base import Module
 logger = logging.getLogger("ppmoco")
 
 
-class LinearEval(Module):
-    monitor = "top1"  # validation metric whose best value the Engine keeps as the `best` checkpoint
+class FrozenBackboneProbe(Module):
+    """What the probes of a frozen backbone share (LinearEval, MultiHeadLinearEval): the backbone
+    built and loaded from `base_encoder`, every weight frozen, kept in eval mode, checked against the
+    pretrained weights after the first epoch; the reported top-k. A subclass adds its classifier."""
 
-    def __init__(self, base_encoder, num_classes, topk=[1, 5]):
+    def __init__(self, base_encoder, topk):
         super().__init__()
         if not (topk and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in topk)
                 and 1 in topk):
@@ -37,7 +39,6 @@ class LinearEval(Module):
         self._frozen = {k: v.numpy().copy() for k, v in self.backbone.state_dict().items()}
         for p in self.backbone.parameters():
             p.stop_gradient = True
-        self.classifier = LinearClassifier(self.backbone.out_dim, num_classes)
 
     def train(self):
         """Train the classifier only; the frozen backbone keeps eval-mode BatchNorm."""
@@ -50,6 +51,26 @@ class LinearEval(Module):
 
     def extract_stages(self, images):
         return self.backbone.forward_stages(images)
+
+    def on_epoch_end(self, epoch):
+        if epoch == 1:
+            self.check_backbone_unchanged()
+
+    def check_backbone_unchanged(self):
+        """The reference's sanity check: training the classifier must not touch the backbone."""
+        for name, value in self.backbone.state_dict().items():
+            if not np.array_equal(value.numpy(), self._frozen[name]):
+                raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; "
+                                  "the backbone must stay frozen (a ppmoco bug: please report it)")
+        logger.info("sanity check passed: the backbone equals the pretrained weights")
+
+
+class LinearEval(FrozenBackboneProbe):
+    monitor = "top1"  # validation metric whose best value the Engine keeps as the `best` checkpoint
+
+    def __init__(self, base_encoder, num_classes, topk=[1, 5]):
+        super().__init__(base_encoder, topk)
+        self.classifier = LinearClassifier(self.backbone.out_dim, num_classes)
 
     def _logits(self, images):
         with paddle.no_grad():
@@ -70,15 +91,3 @@ class LinearEval(Module):
     def validation_end(self, outputs):
         """Top-k (each k of `topk`) in percent over every evaluation image, each counted once (ppmoco.metrics)."""
         return numpy_topk_accuracy(outputs["logits"], outputs["labels"], self.topk)
-
-    def on_epoch_end(self, epoch):
-        if epoch == 1:
-            self.check_backbone_unchanged()
-
-    def check_backbone_unchanged(self):
-        """The reference's sanity check: training the classifier must not touch the backbone."""
-        for name, value in self.backbone.state_dict().items():
-            if not np.array_equal(value.numpy(), self._frozen[name]):
-                raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; "
-                                  "the backbone must stay frozen (a ppmoco bug: please report it)")
-        logger.info("sanity check passed: the backbone equals the pretrained weights")

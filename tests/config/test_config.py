@@ -102,6 +102,8 @@ def test_config_names_resolve_to_shipped_configs_from_any_cwd(tmp_path, monkeypa
     assert load_config("configs/mocov2_pt_in1k_1n8c.yaml") == shipped
     # Catches: only file names looked up in configs/ (a config in a subfolder of configs/ not found).
     assert resolve_config_path("base/digits.yaml") == os.path.join(ROOT, "configs", "base", "digits.yaml")
+    # Catches: the benchmark configs reachable only by their path.
+    assert resolve_config_path("svm_voc07.yaml") == os.path.join(ROOT, "configs", "benchmarks", "svm_voc07.yaml")
     # Catches: _base_ resolved against the working directory or by name instead of next to its file.
     digits = load_config("mocov2_pt_digits_1n2c.yaml")
     assert digits["Model"]["model"]["base_encoder"]["widths"] == [8, 16, 32, 64]
@@ -114,10 +116,14 @@ def test_config_names_resolve_to_shipped_configs_from_any_cwd(tmp_path, monkeypa
 
 
 def test_shipped_configs_load():
-    # configs/base/ holds what the runnable configs inherit, not runs of its own
-    for name in sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")):
-        cfg = load_config(os.path.join(ROOT, "configs", name))
-        assert cfg["Model"]["module"]
+    # configs/base/ holds what the runnable configs inherit, not runs of its own; configs/transfer/
+    # holds other frameworks' configs; configs/benchmarks/ holds runnable ones.
+    for folder in ("configs", os.path.join("configs", "benchmarks")):
+        names = sorted(n for n in os.listdir(os.path.join(ROOT, folder)) if n.endswith(".yaml"))
+        assert names, folder
+        for name in names:
+            cfg = load_config(os.path.join(ROOT, folder, name))
+            assert cfg["Model"]["module"], name
 
 
 def test_train_cli_unknown_key_is_one_line_exit_2(tmp_path):

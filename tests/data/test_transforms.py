@@ -273,3 +273,26 @@ def test_pipeline_must_end_with_normalize_and_chw():
         build_transforms({"RandFlipImage": None}, KEY)
     default = build_transforms(None, KEY)(random_image(), rng())
     assert default.shape == (3, 40, 48) and default.dtype == np.float32
+
+
+def test_lighting_then_normalize_equals_mmselfsups_lighting_on_the_unit_tensor():
+    # Catches the noise added after normalising (it would be divided by std twice or not at all), the
+    # eigenvalues applied per row instead of per column (eigvec @ (alpha * eigval)), a draw per pixel
+    # instead of per image, and the 0..1 noise added to 0..255 pixels unscaled.
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 3)).astype(np.uint8)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    pipeline = build_transforms([{"Lighting": None}, {"NormalizeImage": {"mean": mean.tolist(), "std": std.tolist()}},
+                                 {"ToCHWImage": None}], "ops")
+    got = pipeline(Image.fromarray(pixels), np.random.default_rng(7))
+    alpha = np.random.default_rng(7).normal(0, 0.1, 3)
+    eigval = np.array([0.2175, 0.0188, 0.0045])
+    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    rgb = (eigvec * alpha[None, :] * eigval[None, :]).sum(1)  # mmselfsup's expression, written out
+    want = ((pixels.transpose(2, 0, 1) / 255.0 + rgb[:, None, None]) - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    plain = (pixels.transpose(2, 0, 1) / 255.0 - mean[:, None, None]) / std[:, None, None]
+    assert np.abs(got - plain).max() > 100 * 1e-5  # the noise is well above the tolerance
+    with pytest.raises(ConfigError, match="Lighting returns pixel arrays: use it once, right before NormalizeImage"):
+        build_transforms([{"Lighting": None}, {"RandFlipImage": None}, {"NormalizeImage": None},
+                          {"ToCHWImage": None}], "ops")

@@ -1,6 +1,8 @@
 import errno
+import json
 import math
 import os
+import pickle
 
 import numpy as np
 import paddle
@@ -66,6 +68,67 @@ def test_checkpoint_roundtrip_rotation_and_latest(tmp_path):
     assert {p.name for p in net.parameters()}.isdisjoint({p.name for p in other.parameters()})
     for a, b in zip(velocities, restored):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _train(net, opt, steps, seed):
+    paddle.seed(seed)
+    for _ in range(steps):
+        opt.clear_grad()  # _model_and_optimizer leaves its step's gradients
+        (net(paddle.randn([5, 3])) * paddle.randn([5, 4])).sum().backward()
+        opt.step()
+
+
+def test_resumed_training_continues_bit_identically(tmp_path):
+    """Weights, momentum and the random state read back (by safe_pickle and JSON, not pickle) continue
+    the run exactly: catches a momentum or random state not restored, or restored inexactly."""
+    net, opt = _model_and_optimizer(0)
+    paddle.seed(5)
+    save_checkpoint(str(tmp_path), "step_1", net, opt, {"epoch": 0, "next_batch": 1, "global_step": 1,
+                                                          "rng_state": paddle.get_rng_state(), "best": None})
+    _train(net, opt, 3, seed=paddle.randint(0, 1000, [1]).item())
+    other, other_opt = _model_and_optimizer(1)
+    state = load_checkpoint(str(tmp_path / "step_1"), other, other_opt)
+    paddle.set_rng_state(state["rng_state"])
+    _train(other, other_opt, 3, seed=paddle.randint(0, 1000, [1]).item())
+    for (k, a), b in zip(net.state_dict().items(), other.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=k)
+
+
+def test_trainer_state_is_json_and_old_pickled_ones_still_load(tmp_path):
+    """Checkpoints hold no trainer-state pickle any more; those written before (trainer_state.pkl,
+    the same dict pickled, Paddle's random state included) still resume, read restricted."""
+    net, opt = _model_and_optimizer(0)
+    paddle.seed(7)
+    state = {"epoch": 2, "next_batch": 3, "global_step": 9, "best": np.float32(41.5), "skipped_steps": 1,
+             "rng_state": paddle.get_rng_state()}
+    expected_draw = paddle.rand([4]).numpy()
+    save_checkpoint(str(tmp_path), "step_9", net, opt, state)
+    folder = tmp_path / "step_9"
+    assert not (folder / "trainer_state.pkl").exists()
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    assert {k: saved[k] for k in ("epoch", "next_batch", "global_step", "best", "skipped_steps")} == \
+        {"epoch": 2, "next_batch": 3, "global_step": 9, "best": 41.5, "skipped_steps": 1}
+
+    (folder / "trainer_state.json").unlink()
+    with open(folder / "trainer_state.pkl", "wb") as f:  # exactly what the old writer did
+        pickle.dump(state, f)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["files"]  # nor did it list the files with their checksums
+    (folder / "meta.json").write_text(json.dumps(meta))
+    save_load = {"ckpt_dir": str(folder), "auto_resume": False, "output_dir": str(tmp_path)}
+    loaded = load_checkpoint(find_resume_checkpoint(save_load), *_model_and_optimizer(1))
+    assert {k: loaded[k] for k in ("epoch", "next_batch", "global_step", "best", "skipped_steps")} == \
+        {"epoch": 2, "next_batch": 3, "global_step": 9, "best": 41.5, "skipped_steps": 1}
+    paddle.set_rng_state(loaded["rng_state"])
+    np.testing.assert_array_equal(paddle.rand([4]).numpy(), expected_draw)
+
+
+def test_damaged_trainer_state_is_a_clear_error(tmp_path):
+    net, opt = _model_and_optimizer(0)
+    save_checkpoint(str(tmp_path), "epoch_1", net, opt, {"epoch": 1, "next_batch": 0, "global_step": 5})
+    (tmp_path / "epoch_1" / "trainer_state.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="cannot read .*epoch_1/trainer_state.json: .*damaged"):
+        load_checkpoint(str(tmp_path / "epoch_1"), net, opt)
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

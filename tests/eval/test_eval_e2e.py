@@ -21,7 +21,7 @@ def run(tool, config, *overrides):
 
 
 def test_pretrain_then_linear_and_knn(tmp_path):
-    pt, lin, knn, base = (tmp_path / n for n in ("pt", "lin", "knn", "knn_random"))
+    pt, lin, knn = (tmp_path / n for n in ("pt", "lin", "knn"))
     run("train.py", "mocov2_pt_digits_1n2c.yaml", f"Engine.save_load.output_dir={pt}", "Engine.max_steps=3",
         "Data.Train.sampler.batch_size=32", "Model.model.K=128", NARROW)
     weights = f"Model.model.base_encoder.pretrained={pt / 'step_3'}"
@@ -46,18 +46,23 @@ def test_pretrain_then_linear_and_knn(tmp_path):
     assert len(logged) == 4 and f"{top1:.2f}" == f"{max(logged):.2f}" and max(logged) > min(logged)
     assert f"linear top1={top1:.2f}" in out
 
-    for out_dir, init in ((knn, weights), (base, "Model.model.base_encoder.pretrained=null")):
-        out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={out_dir}", init,
+    for init in (weights, "Model.model.base_encoder.pretrained=null"):  # two rows of one results table
+        out = run("eval.py", "moco_lincls_digits_1n2c.yaml", f"Engine.save_load.output_dir={knn}", init,
                   NARROW, "Eval.protocol=knn")
-        results = json.loads((out_dir / "eval_results.json").read_text())["results"]["knn"]
+        results = json.loads((knn / "eval_results.json").read_text())["results"]["knn"]
         assert sorted(results, key=int) == ["10", "20", "100", "200"]
         for k, v in results.items():
             assert 30 < v["top1"] <= v["top5"] <= 100  # chance is 10%; even random features cluster digits
             assert f"knn k={k} top1={v['top1']:.2f} top5={v['top5']:.2f}" in out
     assert "randomly initialised backbone" in out
+    # Catches a second checkpoint replacing the first one's row instead of adding its own.
+    table = (knn / "eval_results.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith(f"| {pt / 'step_3'} |") or line.startswith("| random init |")]
+    assert [line.split(" | ")[0] for line in rows] == [f"| {pt / 'step_3'}", "| random init"]
+    assert table[table.index("| checkpoint | k=10 | k=20 | k=100 | k=200 |") + 2] == rows[0]
     # The evaluation features go to VisualDL's embedding view, one label per image (360 digits).
     from visualdl import LogReader
-    [log] = [p for p in (knn / "vdl").iterdir() if p.name.startswith("vdlrecords")]
+    log = sorted(p for p in (knn / "vdl").iterdir() if p.name.startswith("vdlrecords"))[0]  # the pretrained run's
     reader = LogReader(file_path=str(log))
     assert reader.get_tags()["embeddings"] == ["eval/features_step0"]
     [record] = reader.get_data("embeddings", "eval/features_step0")

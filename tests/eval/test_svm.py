@@ -11,7 +11,7 @@ from sklearn.svm import LinearSVC
 from ppmoco.config import load_config
 from ppmoco.errors import ConfigError, DataError
 from ppmoco.eval.evaluator import summary_lines
-from ppmoco.eval.svm import lowshot_indices, lowshot_scores, svm_scores
+from ppmoco.eval.svm import lowshot_rows, lowshot_scores, svm_scores, voc_ap
 
 COSTS = [0.1, 1.0, 10.0]
 
@@ -32,25 +32,60 @@ def test_separable_features_score_100():
     assert svm_scores(train_x, train_y, test_x, test_y, 4, COSTS, 3) == {"top1": 100.0, "mAP": 100.0}
 
 
-def reference(train_x, train_y, test_x, test_y, num_classes, costs, folds):
-    """mmselfsup's recipe written out plainly: normalise, per class the cost of the best CV AP, fit, score."""
-    def norm(x):
-        return x / (np.linalg.norm(x, axis=1)[:, None] + 1e-5)
+def loop_voc_ap(scores, positive):
+    """mmselfsup's svm_helper.get_precision_recall + calculate_ap, written as its loops."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    tp = fp = 0
+    recall, precision = [0.0], [0.0]
+    for i in order:
+        tp, fp = tp + bool(positive[i]), fp + (not positive[i])
+        recall.append(tp / sum(map(bool, positive)))
+        precision.append(tp / (tp + fp))
+    recall.append(1.0)
+    precision.append(0.0)
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    return sum((recall[i] - recall[i - 1]) * precision[i] for i in range(1, len(recall)) if recall[i] != recall[i - 1])
 
-    train_x, test_x = norm(train_x.astype(np.float64)), norm(test_x.astype(np.float64))
-    decisions = np.zeros((len(test_y), num_classes))
-    aps = []
-    for c in range(num_classes):
-        targets = np.where(train_y == c, 1, -1)
 
-        def svc(cost):
-            return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, dual=True, max_iter=2000, tol=1e-4, random_state=0)
+def test_voc_ap_is_the_area_under_the_precision_envelope():
+    # Catches sklearn's step AP (0.7 here) in place of mmselfsup's interpolated one, and the envelope
+    # taken from the left (precision made non-decreasing).
+    scores, positive = np.array([5.0, 4.0, 3.0, 2.0, 1.0]), np.array([1, 0, 0, 1, 1], bool)
+    assert average_precision_score(positive, scores) == pytest.approx(0.7)
+    assert voc_ap(scores, positive) == pytest.approx(11 / 15)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores, positive = rng.normal(size=40), rng.random(40) < 0.3
+        positive[0] = True
+        assert voc_ap(scores, positive) == pytest.approx(loop_voc_ap(list(scores), list(positive)), abs=1e-12)
 
+
+def svc(cost):
+    return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, dual=True, max_iter=2000, tol=1e-4, random_state=0)
+
+
+def norm(x):
+    return x / (np.linalg.norm(x.astype(np.float64), axis=1)[:, None] + 1e-5)
+
+
+def reference(train_x, train_t, test_x, test_t, costs, folds):
+    """mmselfsup's train_svm_kfold + test_svm written out plainly on [N, C] targets (1, 0, -1 =
+    difficult): per class the cost of the best CV AP, trained with difficult as negative, tested without it."""
+    train_x, test_x = norm(train_x), norm(test_x)
+    decisions, aps = np.zeros((len(test_x), train_t.shape[1])), []
+    for c in range(train_t.shape[1]):
+        targets = np.where(train_t[:, c] == 1, 1, -1)
         cv = [cross_val_score(svc(cost), train_x, targets, cv=folds, scoring="average_precision").mean()
               for cost in costs]
         decisions[:, c] = svc(costs[int(np.argmax(cv))]).fit(train_x, targets).decision_function(test_x)
-        aps.append(average_precision_score(test_y == c, decisions[:, c]))
-    return {"top1": 100.0 * np.mean(decisions.argmax(1) == test_y), "mAP": 100.0 * np.mean(aps)}
+        kept = test_t[:, c] != -1
+        aps.append(loop_voc_ap(list(decisions[kept, c]), list(test_t[kept, c] == 1)))
+    return decisions, 100.0 * np.mean(aps)
+
+
+def one_hot(labels, num_classes):
+    return (labels[:, None] == np.arange(num_classes)).astype(np.int64)
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -61,33 +96,119 @@ def test_noisy_labels_equal_an_independent_sklearn_recomputation():
     train_x, test_x = rng.normal(size=(45, 7)), rng.normal(size=(30, 7))
     train_y, test_y = np.tile(np.arange(3), 15), rng.integers(0, 3, 30)
     got = svm_scores(train_x, train_y, test_x, test_y, 3, COSTS, 3)
-    want = reference(train_x, train_y, test_x, test_y, 3, COSTS, 3)
-    assert got == pytest.approx(want, abs=1e-9)
+    decisions, mean_ap = reference(train_x, one_hot(train_y, 3), test_x, one_hot(test_y, 3), COSTS, 3)
+    assert got == pytest.approx({"top1": 100.0 * np.mean(decisions.argmax(1) == test_y), "mAP": mean_ap}, abs=1e-9)
     assert got["top1"] < 70  # near chance (33%), not a leak of the labels
 
 
 def test_lowshot_draws_exactly_k_per_class_reproducibly():
     # Catches a draw over all images instead of per class, sampling with replacement, an ignored seed
-    # (other seed, same images) or an unseeded draw (same seed, other images).
-    labels = np.repeat(np.arange(3), 10)
-    first = lowshot_indices(labels, 3, 4, (0, 1))
-    assert np.bincount(labels[first]).tolist() == [4, 4, 4] and len(set(first)) == 12
-    assert np.array_equal(first, lowshot_indices(labels, 3, 4, (0, 1)))
-    assert not np.array_equal(first, lowshot_indices(labels, 3, 4, (0, 2)))
+    # (other seed, same images), an unseeded draw (same seed, other images), and SVM targets
+    # misaligned with the drawn rows.
+    targets = one_hot(np.repeat(np.arange(3), 10), 3)
+    first = lowshot_rows(targets, 4, (0, 1), single_label=True)
+    rows = first[0][0]
+    assert np.bincount(targets[rows].argmax(1)).tolist() == [4, 4, 4] and len(set(rows)) == 12
+    assert all(np.array_equal(r, rows) for r, _ in first)  # one draw, each class against the rest of it
+    assert all(np.array_equal(y, np.where(targets[rows, c] == 1, 1, -1)) for c, (_, y) in enumerate(first))
+    again = lowshot_rows(targets, 4, (0, 1), single_label=True)
+    assert all(np.array_equal(r1, r2) for (r1, _), (r2, _) in zip(first, again))
+    assert not np.array_equal(rows, lowshot_rows(targets, 4, (0, 2), single_label=True)[0][0])
 
 
-def test_lowshot_caps_k_at_a_small_class_and_says_so_once(caplog):
+def test_multilabel_lowshot_draws_k_positives_and_c_minus_1_k_negatives_per_class():
+    # Catches difficult (-1) images drawn as negatives, the single-label union used for VOC data, and
+    # a negative count other than mmselfsup's (C - 1) * k.
+    rng = np.random.default_rng(0)
+    targets = rng.choice([1, 0, 0, 0, -1], size=(200, 3))
+    for c, (rows, y) in enumerate(lowshot_rows(targets, 5, (0, 0), single_label=False)):
+        assert np.sum(y == 1) == 5 and np.sum(y == -1) == 10 and len(set(rows)) == 15
+        assert np.array_equal(targets[rows, c], np.where(y == 1, 1, 0))  # no difficult image drawn
+
+
+def test_lowshot_caps_k_at_a_small_class_and_says_so_once_per_class(caplog):
     # Catches a k above a class's size reaching numpy/sklearn as a traceback, a message per k, and
     # draws that do not differ across samples (std 0 where k is below every class's size).
     train_x, train_y = separable(3, num_classes=3)
     test_x, test_y = separable(4, num_classes=3, seed=1)
     labels = np.concatenate([train_y, [0, 0, 0]])  # class 0 has 6 images, the others 3
-    assert np.bincount(labels[lowshot_indices(labels, 3, 5, 0)]).tolist() == [5, 3, 3]
+    rows = lowshot_rows(one_hot(labels, 3), 5, 0, single_label=True)[0][0]
+    assert np.bincount(labels[rows]).tolist() == [5, 3, 3]
     with caplog.at_level(logging.INFO, logger="ppmoco"):
-        out = lowshot_scores(train_x, train_y, test_x, test_y, 3, COSTS, [1, 8, 16], 3, 0)
-    assert sum("only 3 training images" in r.getMessage() for r in caplog.records) == 1
+        out = lowshot_scores(train_x, train_y, test_x, test_y, 3, COSTS, [1, 8, 16], 3, 0,
+                             class_names=["zero", "one", "two"])
+    messages = [r.getMessage() for r in caplog.records if "training images" in r.getMessage()]
+    assert messages == [f"lowshot_svm: class {c} ({name}) has only 3 training images; a k above that uses all of them"
+                        for c, name in enumerate(["zero", "one", "two"])]
     assert out["k8_mAP_mean"] == 100.0 and out["k8_mAP_std"] == 0.0  # every draw is the whole class
     assert list(out)[:4] == ["k1_top1_mean", "k1_top1_std", "k1_mAP_mean", "k1_mAP_std"]
+
+
+def multilabel(n, num_classes=3, dims=8, seed=0):
+    """Random features and VOC-style targets (1 present, 0 absent, -1 difficult), each class present in some."""
+    rng = np.random.default_rng(seed)
+    targets = rng.choice([1, 0, 0, -1], size=(n, num_classes))
+    targets[:3] = np.where(np.eye(3, num_classes, dtype=bool), 1, 0)
+    return rng.normal(size=(n, dims)) + targets @ rng.normal(size=(num_classes, dims)), targets
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_multilabel_svm_equals_mmselfsups_recipe_recomputed():
+    # Catches difficult images kept in the test AP, difficult images dropped from training (mmselfsup's
+    # train_svm_kfold trains them as negatives), a top-1 reported for multi-label data, and targets
+    # read as class indices.
+    train_x, train_t = multilabel(60)
+    test_x, test_t = multilabel(40, seed=1)
+    got = svm_scores(train_x, train_t, test_x, test_t, 3, COSTS, 3, workers=2)
+    assert got == pytest.approx({"mAP": reference(train_x, train_t, test_x, test_t, COSTS, 3)[1]}, abs=1e-9)
+
+
+def test_difficult_test_images_do_not_count():
+    # Catches difficult (-1) test images scored as negatives: here they would rank above every positive.
+    train_x, train_y = separable(9)
+    test_x, test_y = separable(5, seed=1)
+    look_like_0 = test_x[test_y == 0] + 3 * np.eye(4, 6)[0]  # more like class 0 than its own images
+    test_t = np.concatenate([one_hot(test_y, 4), np.tile([-1, 0, 0, 0], (len(look_like_0), 1))])
+    assert svm_scores(train_x, one_hot(train_y, 4), np.concatenate([test_x, look_like_0]), test_t, 4, COSTS, 3) == \
+        {"mAP": 100.0}
+
+
+def lowshot_reference(train_x, train_t, test_x, test_t, costs, k, samples, seed, single_label):
+    """mmselfsup's low-shot train, test and aggregate steps, plainly: mAP per (draw, cost), the cost
+    of the best mean over draws, its mean and std."""
+    train_x, test_x = norm(train_x), norm(test_x)
+    maps = np.zeros((samples, len(costs)))
+    for s in range(samples):
+        draws = lowshot_rows(train_t, k, (seed, s), single_label)
+        for i, cost in enumerate(costs):
+            aps = []
+            for c, (rows, y) in enumerate(draws):
+                scores = svc(cost).fit(train_x[rows], y).decision_function(test_x)
+                kept = test_t[:, c] != -1
+                aps.append(loop_voc_ap(list(scores[kept]), list(test_t[kept, c] == 1)))
+            maps[s, i] = 100.0 * np.mean(aps)
+    best = int(np.argmax(maps.mean(axis=0)))
+    return maps[:, best].mean(), maps[:, best].std()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("single_label", [True, False])
+def test_lowshot_equals_mmselfsups_aggregate_recomputed(single_label):
+    # Catches the best cost picked per draw (optimistic) instead of by the mean over draws, a std over
+    # costs, and the multi-label draw or difficult handling diverging from the reference's.
+    if single_label:
+        rng = np.random.default_rng(3)
+        train_x, test_x = rng.normal(size=(60, 6)), rng.normal(size=(30, 6))
+        train_y, test_y = np.tile(np.arange(3), 20), np.tile(np.arange(3), 10)
+        train_t, test_t = one_hot(train_y, 3), one_hot(test_y, 3)
+    else:
+        (train_x, train_y), (test_x, test_y) = multilabel(90), multilabel(40, seed=1)
+        train_t, test_t = train_y, test_y
+    got = lowshot_scores(train_x, train_y, test_x, test_y, 3, COSTS, [2, 4], 3, 7, workers=2)
+    for k in (2, 4):
+        mean, std = lowshot_reference(train_x, train_t, test_x, test_t, COSTS, k, 3, 7, single_label)
+        assert (got[f"k{k}_mAP_mean"], got[f"k{k}_mAP_std"]) == pytest.approx((mean, std), abs=1e-9)
+    assert ("k2_top1_mean" in got) == single_label
 
 
 @pytest.mark.parametrize("labels, message", [

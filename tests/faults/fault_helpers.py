@@ -26,7 +26,7 @@ FAST = ["Data.Train.sampler.batch_size=32", "Model.model.K=128", "Engine.logging
 SMALL_DATA = ["Data.Train.sampler.batch_size=8", "Model.model.K=16", "Data.Eval=null",
               "Data.Train.dataset.builtin=null"]
 
-CHECKPOINT_FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.pkl", "meta.json")
+CHECKPOINT_FILES = ("model.pdparams", "optimizer.pdopt", "trainer_state.json", "meta.json")
 
 
 def train_args(out_dir, *overrides, config=DIGITS_V2):

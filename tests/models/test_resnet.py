@@ -38,14 +38,15 @@ def test_torchvision_style_names():
 
 
 @pytest.mark.parametrize("block, exp", [(BasicBlock, 1), (BottleneckBlock, 4)])
-@pytest.mark.parametrize("cifar_stem, size, stem_size", [(True, 32, 32), (False, 64, 16)])
-def test_stage_shapes(block, exp, cifar_stem, size, stem_size):
+# The stem is taken before the max-pool (mmselfsup's; catches it taken after, at res2's size).
+@pytest.mark.parametrize("cifar_stem, size, stem_size, res2_size", [(True, 32, 32, 32), (False, 64, 32, 16)])
+def test_stage_shapes(block, exp, cifar_stem, size, stem_size, res2_size):
     model = ResNet(block, [1, 1, 1, 1], widths=NARROW, cifar_stem=cifar_stem)
     model.eval()
     x = paddle.randn([2, 3, size, size])
     stages = model.forward_stages(x)
     channels = [8, 8 * exp, 16 * exp, 32 * exp, 64 * exp]
-    sizes = [stem_size, stem_size, stem_size // 2, stem_size // 4, stem_size // 8]
+    sizes = [stem_size, res2_size, res2_size // 2, res2_size // 4, res2_size // 8]
     assert [s.shape for s in stages] == [[2, c, h, h] for c, h in zip(channels, sizes)]
     assert model.stage_channels == channels
     assert model.out_dim == 64 * exp

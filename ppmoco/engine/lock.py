@@ -1,0 +1,153 @@
+"""One training run per output folder: `output_dir/.ppmoco.lock` names the run that holds it.
+
+Two runs writing one folder interleave checkpoints, and `keep_last` rotation deletes the other
+run's files. The lock file holds the holder's host, pid, process start time and command; it is
+created whole or not at all (written aside, then hard-linked into place, which fails if it exists).
+A lock whose process is gone from this host (or whose pid now belongs to a process started at
+another time) is stale, e.g. after kill -9: the next run takes it over with a warning. A lock held
+from another host cannot be checked from here and is always respected. Evaluation-only tools do not
+take it: they write nothing a training run reads.
+"""
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+
+import paddle
+import paddle.distributed as dist
+
+from ppmoco.errors import PpmocoError
+
+logger = logging.getLogger("ppmoco")
+LOCK_NAME = ".ppmoco.lock"
+
+
+class OutputDirInUse(PpmocoError):
+    """Another live run holds the output folder's lock."""
+
+
+def process_start(pid):
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            # The command name (field 2) may hold spaces and parentheses: fields count from its end.
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def holder_alive(holder):
+    """Whether the process a lock names still runs; True when this host cannot tell (another host),
+    False for a lock that names no process (damaged)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # a damaged lock: nothing holds it
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    started = process_start(pid)
+    return started is None or holder.get("start") is None or started == holder["start"]
+
+
+def _describe(holder):
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {since} ({holder.get('command', '?')})"
+
+
+class OutputDirLock:
+    """`with OutputDirLock(output_dir):` holds the folder's lock for the block (training's run)."""
+
+    def __init__(self, output_dir, command=None):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self.created = False
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                     "time": time.time(), "command": command or " ".join(sys.argv)}
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # written whole by design, so unreadable means damaged: nothing holds it
+
+    def _try_create(self):
+        aside = f"{self.path}.{self.info['host']}.{self.info['pid']}"
+        with open(aside, "w", encoding="utf-8") as f:
+            json.dump(self.info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(aside, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(aside)
+
+    def acquire(self):
+        folder = os.path.dirname(self.path)
+        self.created = not os.path.isdir(folder)  # a run stopped before writing leaves no folder behind
+        os.makedirs(folder, exist_ok=True)
+        while not self._try_create():
+            holder = self._read()
+            if holder is None:  # released meanwhile
+                continue
+            if holder_alive(holder):
+                raise OutputDirInUse(
+                    f"{os.path.dirname(self.path)} is in use by the run of {_describe(holder)}; wait for it, set "
+                    f"Engine.save_load.output_dir to another folder, or delete {self.path} if that run is gone")
+            # Renaming the stale lock away succeeds for one of several runs taking it over at once.
+            try:
+                os.rename(self.path, f"{self.path}.stale.{self.info['pid']}")
+            except FileNotFoundError:
+                continue
+            os.remove(f"{self.path}.stale.{self.info['pid']}")
+            logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of {_describe(holder)}, "
+                           "which is gone")
+        return self
+
+    def release(self):
+        if self._read() == self.info:  # never another run's lock (ours may have been taken as stale)
+            os.remove(self.path)
+            if self.created and not os.listdir(os.path.dirname(self.path)):
+                os.rmdir(os.path.dirname(self.path))
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@contextlib.contextmanager
+def training_lock(output_dir, env):
+    """The output folder's lock for a training run of `env`'s processes: rank 0 holds it, and every
+    rank learns through a collective whether it got it, so none is left waiting in the next one."""
+    lock, refusal = OutputDirLock(output_dir), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except OutputDirInUse as err:
+            refusal = err
+    if env.world_size > 1:
+        refused = paddle.to_tensor([int(refusal is not None)])
+        dist.all_reduce(refused)
+        if refusal is None and int(refused.item()):
+            refusal = OutputDirInUse(f"{output_dir} is in use by another run (rank 0 says which)")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        if env.is_main:
+            lock.release()

@@ -1,0 +1,110 @@
+"""Preemption: SIGTERM / SIGINT / SIGUSR1 stop training at a step boundary with a checkpoint, exit 75,
+and auto_resume continues bit-identically; every rank stops at the same step."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ppmoco.engine.checkpoint import check_complete  # noqa: E402
+from ppmoco.engine.preemption import EXIT_PREEMPTED  # noqa: E402
+
+from fault_helpers import (  # noqa: E402
+    ROOT,
+    TRAIN,
+    assert_same_weights,
+    checkpoints,
+    describe,
+    launch_cmd,
+    run_train,
+    train_args,
+    train_cmd,
+    wait_until,
+    worker_logs,
+)
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+COMMON = (f"Engine.max_steps={STEPS}", "Engine.save_load.auto_resume=true")
+
+
+def steps_logged(out):
+    log = out / "train.log"
+    return len(re.findall(r"\[train\] epoch", log.read_text())) if log.exists() else 0
+
+
+def start(out, *overrides):
+    return subprocess.Popen(train_cmd(out, *COMMON, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_at_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, signum):
+    # Catches a signal that kills the run (default action: no checkpoint, exit -15), a checkpoint of
+    # the wrong position (resume would redo or skip a batch: the weights differ), an exit code a
+    # requeue script cannot tell from a crash, and loader workers dying of the signal (2 here, signalled
+    # too): Paddle then raises in the training process mid-step, before any checkpoint.
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_train(straight, *COMMON)
+    proc = start(out, "Data.Train.loader.num_workers=2")
+    wait_until(proc, lambda: steps_logged(out) >= 3, "three steps")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in [proc.pid, *map(int, workers)]:  # as Slurm signals every process of a job step
+        os.kill(pid, signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, stdout[-2000:] + stderr[-2000:]
+    stopped = re.search(rf"error: stopped by {signum.name} after step (\d+): saved (\S+); run the same command "
+                        r"with -o Engine.save_load.auto_resume=true to continue$", stderr.strip())
+    assert stopped, stderr[-2000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < STEPS and stopped.group(2) == str(out / f"step_{step}")
+    check_complete(str(out / f"step_{step}"))
+    assert (out / "latest").read_text().strip() == f"step_{step}"
+    resumed = run_train(out, *COMMON)
+    assert f"resumed from {out / f'step_{step}'}" in resumed.stdout + resumed.stderr
+    assert_same_weights(straight / f"step_{STEPS}", out / f"step_{STEPS}")
+
+
+def test_a_second_signal_stops_at_once_and_leaves_only_whole_checkpoints(tmp_path):
+    # Catches a handler that swallows every further signal (Ctrl-C twice must end the run) and a
+    # checkpoint left half-written by it (resume would then fail or load garbage).
+    out = tmp_path / "run"
+    proc = start(out, "Engine.save_load.save_steps=1")
+    wait_until(proc, lambda: steps_logged(out) >= 3, "three steps")
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    for name in checkpoints(out):
+        check_complete(str(out / name))
+    resumed = run_train(out, *COMMON)
+    assert "resumed from" in resumed.stdout + resumed.stderr and (out / f"step_{STEPS}").is_dir()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # Catches ranks that decide alone: the signalled rank would leave and the other wait in its next
+    # collective until gloo times out, or rank 0 would save a step the other rank never finished.
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = launch_cmd(logs, "--nproc_per_node", "2", TRAIN,
+                     *train_args(out, *COMMON, "Data.Train.sampler.batch_size=16", "Model.model.K=128"))
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(launcher, lambda: steps_logged(out) >= 3, "three steps")
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = [pid for pid in workers if "PADDLE_TRAINER_ID=1\0" in open(f"/proc/{pid}/environ").read()]
+    assert len(workers) == 2 and len(rank1) == 1, workers
+    os.kill(int(rank1[0]), signal.SIGUSR1)
+    output, _ = launcher.communicate(timeout=180)
+    assert launcher.returncode != 0, output[-2000:]
+    text = worker_logs(logs)
+    steps = re.findall(r"error: stopped by (SIGUSR1|a stop signal on another rank) after step (\d+)", text)
+    assert sorted(name for name, _ in steps) == ["SIGUSR1", "a stop signal on another rank"], text[-3000:]
+    assert steps[0][1] == steps[1][1]
+    check_complete(str(out / f"step_{steps[0][1]}"))
+    assert (out / "latest").read_text().strip() == f"step_{steps[0][1]}", describe(launcher)
