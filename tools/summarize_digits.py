@@ -1,4 +1,7 @@
 """The digits demo's report: python tools/summarize_digits.py [OUTPUT] -> OUTPUT/digits_demo/report.md.
+With `--table RUN...` it only prints the results table of those evaluation runs
+(OUTPUT/knn_digits_RUN, OUTPUT/lincls_digits_RUN): the supervised-contrastive benchmark
+(tools/supcon_digits.sh) compares its pretraining methods that way.
 
 OUTPUT (default `output`) holds the demo's runs (tools/digits_demo.sh). The report has the results
 table (pretrained vs random backbone, kNN and linear), the pretraining curves (drawn here from its
@@ -22,15 +25,16 @@ INITS = (("pretrained", "MoCo v2 pretrained"), ("random", "random init"))
 
 def load_results(path):
     if not os.path.isfile(path):
-        raise DataError(f"{path} is missing; run tools/digits_demo.sh first")
+        raise DataError(f"{path} is missing; run tools/digits_demo.sh (or tools/supcon_digits.sh) first")
     with open(path, encoding="utf-8") as f:
         return json.load(f)["results"]
 
 
-def results_table(out_dir):
-    """Markdown lines of the pretrained-vs-random table from the evaluation runs' eval_results.json."""
+def results_table(out_dir, runs=INITS):
+    """Markdown lines of the results table from the evaluation runs' eval_results.json, a row per
+    (run, title) of `runs` (default: the demo's pretrained and random backbones)."""
     rows, ks = [], None
-    for init, title in INITS:
+    for init, title in runs:
         knn = load_results(os.path.join(out_dir, f"knn_digits_{init}", "eval_results.json"))["knn"]
         linear = load_results(os.path.join(out_dir, f"lincls_digits_{init}", "eval_results.json"))["linear"]
         ks = sorted(knn, key=int)
@@ -76,6 +80,11 @@ def write_digits_report(out_dir):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--table" in argv:
+        at = argv.index("--table")
+        runs = argv[at + 1:]
+        print("\n".join(results_table(argv[0] if at else "output", [(name, name) for name in runs])))
+        return None
     path, table = write_digits_report(argv[0] if argv else "output")
     print("\n".join(table))
     print(f"wrote {path}")

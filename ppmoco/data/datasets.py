@@ -1,5 +1,5 @@
 """Image datasets read from an ImageNet-style folder tree, any folder of images (pretraining needs
-no labels) or FleetX list files.
+no labels) or FleetX list files, on the seeded multi-view base every dataset shares (CIFAR-10: cifar.py).
 
 Every problem with the data is found as early and named as precisely as possible: listing
 problems (missing folders, bad list lines, missing files) at construction, undecodable images when
@@ -203,29 +203,37 @@ def _digits_folder(path, key_path):
     return folder
 
 
-class SampleDataset(paddle.io.Dataset):
-    """Decoding of `samples` [(path, label)] with optional skipping, and per-(seed, epoch, index) RNG:
-    what every image dataset shares, whatever lists its samples (this module, ppmoco/data/voc.py).
+class SeededDataset(paddle.io.Dataset):
+    """Sample i of epoch e as (view_1, ..., view_n, label): `views` augmentations of `load(i)`'s image,
+    float32 CHW, drawn from `np.random.default_rng([seed, e, i])`; views=1 is the (image, label) form.
 
-    `labels` are the samples' labels as one array ([N] class indices, or [N, C] targets of
-    multi-label data); `class_names` name the classes where the listing knows them (else None).
+    A subclass defines `load(index)` -> (RGB PIL image, label) and sets `samples` ([(where, label)],
+    where = the image's file or another name for it), `labels` (int64: [N] class indices, UNLABELLED
+    where a sample has none, or [N, C] targets of multi-label data), `num_classes`, `source` (what the
+    data came from) and `labelled_form` (the registered views=1 dataset of the same images: the
+    memory bank of the feature protocols); `class_names` where the listing knows them.
     """
 
     multi_label = False
+    class_names = None
 
-    def setup(self, source, samples, labels, num_classes, class_names, transform_ops, skip_bad_images, seed,
-              config_key):
-        self.source = source  # the folder or file the samples were listed from, for messages
-        self.samples, self.labels, self.num_classes, self.class_names = samples, labels, num_classes, class_names
+    def __init__(self, transform_ops, views, seed, config_key):
+        if views < 1:
+            raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
         self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
-        self.skip_bad_images = skip_bad_images
+        self.views = views
         self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
         self.config_key = config_key
         self.epoch = 0
-        self.num_skipped = 0  # per process: each loader worker counts its own skips
 
     def __len__(self):
         return len(self.samples)
+
+    def __getitem__(self, index):
+        img, label = self.load(index)
+        rng = self.rng(index)
+        label = np.int64(label) if np.ndim(label) == 0 else np.asarray(label, dtype=np.int64)
+        return (*(self.transform(img, rng) for _ in range(self.views)), label)
 
     def set_epoch(self, epoch):
         """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
@@ -233,6 +241,15 @@ class SampleDataset(paddle.io.Dataset):
 
     def rng(self, index):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+
+class FileDataset(SeededDataset):
+    """Image files, `samples` [(path, label)]: decoding with optional skipping (this module, voc.py)."""
+
+    def __init__(self, transform_ops, views, skip_bad_images, seed, config_key):
+        super().__init__(transform_ops, views, seed, config_key)
+        self.skip_bad_images = skip_bad_images
+        self.num_skipped = 0  # per process: each loader worker counts its own skips
 
     def load(self, index):
         """(RGB image, label) of sample `index`, or of the next decodable one if skip_bad_images."""
@@ -250,8 +267,8 @@ class SampleDataset(paddle.io.Dataset):
         raise DataError(f"no image of {self.source} can be decoded")
 
 
-class _ImageDataset(SampleDataset):
-    """Samples listed from a folder tree or a list file.
+class _ImageDataset(FileDataset):
+    """Image files listed from a folder tree or a list file.
 
     `labelled` says whether the samples need labels: then `root` must hold class folders and every
     list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
@@ -259,9 +276,11 @@ class _ImageDataset(SampleDataset):
     """
 
     labelled = True
+    labelled_form = "GeneralClsDataset"
 
-    def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+    def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
                  builtin, seed, config_key):
+        super().__init__(transform_ops, views, skip_bad_images, seed, config_key)  # its checks before the listing
         if root is not None and (image_root is not None or cls_label_path is not None):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
@@ -297,17 +316,16 @@ class _ImageDataset(SampleDataset):
         elif labels.size and labels.min() < 0:
             path, label = given[int(np.argmin(labels))]
             raise DataError(f"{self.source}: label {label} of {path} is negative")
-        samples = [(path, UNLABELLED if label is None else label) for path, label in samples]
+        self.samples = [(path, UNLABELLED if label is None else label) for path, label in samples]
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
-        self.setup(self.source, samples, np.array([label for _, label in samples], dtype=np.int64),
-                   class_num if class_num is not None else found,
-                   classes if root is not None and classes else None,
-                   transform_ops, skip_bad_images, seed, config_key)
+        self.num_classes = class_num if class_num is not None else found
+        self.class_names = classes if root is not None and classes else None
 
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
 class ContrastiveLearningDataset(_ImageDataset):
-    """(view_1, ..., view_n, label): `views` independent augmentations of one image, float32 CHW.
+    """(view_1, ..., view_n, label): `views` independent augmentations of one image file, float32 CHW.
 
     Pretraining needs no labels: `root` may be any folder of images (list_images) and a list file
     may hold bare paths; the label is UNLABELLED then, and the methods ignore it.
@@ -317,47 +335,46 @@ class ContrastiveLearningDataset(_ImageDataset):
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
                  views=2, skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
-        if views < 1:
-            raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
-        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
                          builtin, seed, config_key)
-        self.views = views
-
-    def __getitem__(self, index):
-        img, label = self.load(index)
-        rng = self.rng(index)
-        return (*(self.transform(img, rng) for _ in range(self.views)), np.int64(label))
 
 
 @DATASETS.register()
 class GeneralClsDataset(_ImageDataset):
-    """(image, label) with the image as float32 CHW: for linear evaluation and kNN."""
+    """(image, label) of image files, the image as float32 CHW: for linear evaluation and kNN."""
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
                  skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
-        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, skip_bad_images,
+        super().__init__(root, image_root, cls_label_path, class_num, transform_ops, 1, skip_bad_images,
                          builtin, seed, config_key)
 
-    def __getitem__(self, index):
-        img, label = self.load(index)
-        return self.transform(img, self.rng(index)), np.int64(label)
+
+def require_labels(dataset, key_path, user):
+    """Raise DataError unless every sample of `dataset` has a label (`user` names who needs them)."""
+    missing = np.flatnonzero(dataset.labels == UNLABELLED)
+    if missing.size:
+        raise DataError(f"{key_path}: {user} trains on labels, but {missing.size} of {len(dataset)} images have "
+                        f"none (e.g. {dataset.samples[missing[0]][0]}); point root at a folder of class folders "
+                        "(root/<class>/<image>) or give every list-file line a label")
+
+
+def _dataset_class(dataset_cfg, key_path):
+    if not isinstance(dataset_cfg, dict) or "name" not in dataset_cfg:
+        raise ConfigError(f"{key_path}.name: missing; choose one of {', '.join(DATASETS.names())}")
+    return DATASETS.get(dataset_cfg["name"], key_path)
+
+
+def labelled_form(dataset_cfg, key_path):
+    """The name of the registered (image, label) dataset reading the images `dataset_cfg` names."""
+    return _dataset_class(dataset_cfg, key_path).labelled_form
 
 
 def build_dataset(dataset_cfg, key_path, seed):
     """The dataset described by `dataset_cfg` ({name: ..., **kwargs}) found at config `key_path`."""
-    if not isinstance(dataset_cfg, dict) or "name" not in dataset_cfg:
-        raise ConfigError(f"{key_path}.name: missing; choose one of {', '.join(DATASETS.names())}")
+    _dataset_class(dataset_cfg, key_path)
     kwargs = {key: value for key, value in dataset_cfg.items() if key != "name"}
     for key in ("seed", "config_key"):
         if key in kwargs:
             raise ConfigError(f"{key_path}.{key}: set by the trainer, not the dataset config; remove it")
     return DATASETS.build(dataset_cfg["name"], kwargs, key_path, seed=seed, config_key=key_path)
 
-
-def unaugmented(dataset_cfg, transform_ops):
-    """`dataset_cfg`'s images as one (image, label) per sample under `transform_ops`, e.g. the training
-    images as the feature protocols' memory bank: the multi-view pretraining dataset becomes a
-    GeneralClsDataset over the same source; any other dataset keeps its kind (VOC stays multi-label)."""
-    single_view = DATASETS.get(dataset_cfg.get("name"), "Data.Train.dataset.name") is ContrastiveLearningDataset
-    cfg = {k: v for k, v in dataset_cfg.items() if not (single_view and k == "views")}
-    return dict(cfg, name="GeneralClsDataset" if single_view else cfg["name"], transform_ops=transform_ops)

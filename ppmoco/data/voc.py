@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from ppmoco.data.datasets import DATASETS, SampleDataset
+from ppmoco.data.datasets import DATASETS, FileDataset
 from ppmoco.errors import ConfigError, DataError
 
 PRESENT, ABSENT, IGNORED = 1, 0, -1
@@ -65,23 +65,21 @@ def read_voc_split(root, split):
 
 
 @DATASETS.register(aliases=("VOCDataset",))
-class VOC07Dataset(SampleDataset):
+class VOC07Dataset(FileDataset):
     """(image, target) from a VOCdevkit/VOC2007 folder: the image float32 CHW, the target int64 [C]
     (PRESENT / ABSENT / IGNORED), for the SVM benchmarks."""
 
     multi_label = True
+    labelled_form = "VOC07Dataset"
 
     def __init__(self, root=None, split="trainval", transform_ops=None, skip_bad_images=False, class_num=None,
                  seed=0, config_key="dataset"):
+        super().__init__(transform_ops, 1, skip_bad_images, seed, config_key)
         if root is None:
             raise ConfigError(f"{config_key}.root: missing; set it to the VOCdevkit/VOC2007 folder")
-        samples, classes = read_voc_split(root, split)
-        if class_num is not None and class_num != len(classes):
-            raise ConfigError(f"{config_key}.class_num: {class_num}, but {root} has {len(classes)} classes "
-                              f"({', '.join(classes)}); fix class_num or remove it")
-        self.setup(root, samples, np.stack([target for _, target in samples]), len(classes), classes,
-                   transform_ops, skip_bad_images, seed, config_key)
-
-    def __getitem__(self, index):
-        img, target = self.load(index)
-        return self.transform(img, self.rng(index)), target
+        self.samples, self.class_names = read_voc_split(root, split)
+        if class_num is not None and class_num != len(self.class_names):
+            raise ConfigError(f"{config_key}.class_num: {class_num}, but {root} has {len(self.class_names)} classes "
+                              f"({', '.join(self.class_names)}); fix class_num or remove it")
+        self.source, self.num_classes = root, len(self.class_names)
+        self.labels = np.stack([target for _, target in self.samples])

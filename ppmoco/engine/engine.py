@@ -7,7 +7,7 @@ import time
 import paddle
 
 from ppmoco.config import dump_config
-from ppmoco.data import build_dataloader, build_dataset
+from ppmoco.data import build_dataloader, build_dataset, require_labels
 from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -46,6 +46,8 @@ class Engine:
 
         seed = cfg["Global"]["seed"]
         self.train_set = build_dataset(train["dataset"], "Data.Train.dataset", seed)
+        if module.needs_labels:
+            require_labels(self.train_set, "Data.Train.dataset", type(module).__name__)
         self.train_loader, self.train_sampler = build_dataloader(
             self.train_set, sampler["batch_size"], env.world_size, env.rank, sampler["shuffle"],
             sampler["drop_last"], seed, **train["loader"])

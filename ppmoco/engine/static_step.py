@@ -53,6 +53,9 @@ PLAIN_CPU_OPS = {
     "divide_grad": "returns a wrong gradient for the divisor (F.normalize)",
     "pool2d_grad": "raises a oneDNN error (ResNet's max-pool stem)",
     "concat": "its gradients came out wrong in the MoCo step (at the projection head)",
+    "log_softmax": ("each Paddle-kernel reader of its result gets its own layout transfer sharing the memory, so "
+                    "the in-place pass let a `where` overwrite it while log_softmax_grad still read it (wrong "
+                    "gradients of the supervised-contrastive losses)"),
     "mean": "prints 'ReduceMeanCheckIfOneDNNSupport' to stdout at every run (and it is cheap)",
 }
 _onednn_ready = False

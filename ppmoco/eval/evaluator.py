@@ -7,7 +7,7 @@ train on the same memory bank.
 """
 import logging
 
-from ppmoco.data import build_dataloader, build_dataset, unaugmented
+from ppmoco.data import build_dataloader, build_dataset, labelled_form
 from ppmoco.errors import ConfigError
 from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
@@ -34,7 +34,8 @@ def eval_loader(dataset, data_cfg, env, seed):
 
 def bank_dataset_cfg(train_cfg, eval_cfg):
     """The training images as a labelled, unaugmented dataset: Train's source, Eval's transforms."""
-    return unaugmented(train_cfg, eval_cfg.get("transform_ops"))
+    cfg = {k: v for k, v in train_cfg.items() if k not in ("name", "views", "transform_ops")}
+    return dict(cfg, name=labelled_form(train_cfg, "Data.Train.dataset"), transform_ops=eval_cfg.get("transform_ops"))
 
 
 class Evaluator:

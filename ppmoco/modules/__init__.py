@@ -4,12 +4,16 @@ from ppmoco.modules.base import Module
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 from ppmoco.modules.moco import MoCo
+from ppmoco.modules.supcon import SupConIn, SupConOut, SupConSuploss
 from ppmoco.registry import Registry, check_kwargs
 
 MODULES = Registry("module")
 MODULES.register(MoCo, name="MOCOModule", aliases=("MoCo",))
 MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
 MODULES.register(MultiHeadLinearEval, name="MOCOMultiHeadClsModule", aliases=("MultiHeadLinear",))
+MODULES.register(SupConIn, name="MOCOSupConInModule", aliases=("SupConIn",))
+MODULES.register(SupConOut, name="MOCOSupConOutModule", aliases=("SupConOut",))
+MODULES.register(SupConSuploss, name="MOCOSupConSuplossModule", aliases=("SupConSuploss",))
 
 
 def build_module(model_cfg):
@@ -21,4 +25,5 @@ def build_module(model_cfg):
     return cls(**args)
 
 
-__all__ = ["Module", "MoCo", "LinearEval", "MultiHeadLinearEval", "MODULES", "build_module"]
+__all__ = ["Module", "MoCo", "LinearEval", "MultiHeadLinearEval", "SupConIn", "SupConOut", "SupConSuploss", "MODULES",
+           "build_module"]

@@ -32,6 +32,10 @@ Hooks a subclass defines:
   enqueue of `state["keys"]`, `state` being training_step's "after_step" entry).
   Kept out of `training_step` so no in-place write races a read of the same tensor, in autograd
   or in the static program the CPU fast path compiles (ppmoco/engine/static_step.py).
+
+Class attribute `needs_labels`: True for a method that trains on the labels (batch[-1]), such as the
+supervised-contrastive MoCo variants. The Engine then refuses training data holding an unlabelled
+sample before anything runs, since `training_step` cannot read a label on the host.
 """
 import paddle.nn as nn
 
@@ -51,6 +55,7 @@ class Module(nn.Layer):
     """Base class of trainable methods."""
 
     monitor = None  # name of the validation metric whose best value is kept as checkpoint `best`
+    needs_labels = False  # training_step reads the labels: unlabelled training data is refused
 
     def setup(self, global_batch_size):
         """Check the method against the run's geometry before anything starts (raise ConfigError)."""

@@ -38,11 +38,14 @@ class Encoder(nn.Layer):
         return self.head(self.backbone(x))
 
 
+def key_logits(q, k, queue, T):
+    """[N, 1 + K] similarities / T of each query to its own key (column 0) and to the queue's keys."""
+    return paddle.concat([(q * k).sum(axis=1, keepdim=True), paddle.matmul(q, queue)], axis=1) / T
+
+
 def info_nce(q, k, queue, T):
     """InfoNCE with the positive key at index 0: cross-entropy of [q.k, q.queue] / T."""
-    l_pos = (q * k).sum(axis=1, keepdim=True)
-    l_neg = paddle.matmul(q, queue)
-    logits = paddle.concat([l_pos, l_neg], axis=1) / T
+    logits = key_logits(q, k, queue, T)
     loss = F.cross_entropy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
     return loss, logits
 
@@ -108,7 +111,11 @@ class MoCo(Module):
         # builder.py enqueues inside forward and reads a copy of the queue; enqueueing after the
         # update is the same computation without the copy, and keeps the in-place write after
         # every read of the queue (autograd's and a static program's).
-        self.enqueue(state["keys"])
+        self.enqueue(**state)
+
+    def queue_columns(self, n):
+        """The queue columns the next `n` enqueued keys go to (the oldest `n`), as a device tensor."""
+        return (self.queue_ptr + paddle.arange(n, dtype="int64")) % self.K
 
     @paddle.no_grad()
     def enqueue(self, keys):
@@ -118,7 +125,7 @@ class MoCo(Module):
         """
         keys = concat_all_gather(keys)
         n = keys.shape[0]
-        columns = (self.queue_ptr + paddle.arange(n, dtype="int64")) % self.K
+        columns = self.queue_columns(n)
         queue = paddle.put_along_axis(self.queue, columns.unsqueeze(0).expand([keys.shape[1], n]),
                                       keys.T.astype(self.queue.dtype), axis=1)
         paddle.assign(queue, output=self.queue)
@@ -137,10 +144,12 @@ class MoCo(Module):
         k = F.normalize(self._grouped(self.encoder_k, shuffled), axis=1)
         return batch_unshuffle(k, idx_unshuffle)
 
+    def encode(self, im_q, im_k):
+        """Unit query features (with gradient) and unit key features (shuffle BN, no gradient)."""
+        return F.normalize(self._grouped(self.encoder_q, im_q), axis=1), self.encode_keys(im_k)
+
     def training_step(self, batch):
-        im_q, im_k = batch[0], batch[1]
-        q = F.normalize(self._grouped(self.encoder_q, im_q), axis=1)
-        k = self.encode_keys(im_k)
+        q, k = self.encode(batch[0], batch[1])
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
         acc1, acc5 = topk_accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
         return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from ppmoco.data import build_dataset, decode_image
-from ppmoco.data.datasets import ContrastiveLearningDataset, GeneralClsDataset
+from ppmoco.data.datasets import ContrastiveLearningDataset, GeneralClsDataset, require_labels
 from ppmoco.errors import ConfigError, DataError
 
 KEY = "Data.Train.dataset"
@@ -178,6 +178,17 @@ def test_pretraining_list_file_may_hold_bare_paths(tree, tmp_path):
     # Catches: labelled datasets accepting bare paths (linear evaluation and the kNN bank need labels).
     with pytest.raises(DataError, match=r"list\.txt line 1: expected '<relative/path> <label>'"):
         GeneralClsDataset(image_root=str(tree), cls_label_path=str(lst))
+
+
+# Catches: a method that trains on labels accepting a sample without one (it would be a class of its own
+# or, with the queue's empty-slot marker, match the queue's empty slots).
+def test_require_labels_refuses_a_dataset_with_an_unlabelled_sample(tree, tmp_path):
+    require_labels(ContrastiveLearningDataset(root=str(tree)), KEY, "SupConIn")  # a class tree: labelled
+    lst = tmp_path / "list.txt"
+    lst.write_text("cat/A b.JPG 1\nbird/z.jpeg\ncat/b.png\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{KEY}: SupConIn trains on labels, but 2 of 3 images have none "
+                                        rf"\(e.g. .*bird/z.jpeg\); point root at a folder of class folders"):
+        require_labels(ContrastiveLearningDataset(image_root=str(tree), cls_label_path=str(lst)), KEY, "SupConIn")
 
 
 @pytest.mark.parametrize("name, content, reason", [

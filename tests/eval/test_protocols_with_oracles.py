@@ -18,6 +18,8 @@ from ppmoco.eval.inference import predict_dataset
 from ppmoco.metrics import numpy_topk_accuracy
 from ppmoco.modules.base import Module
 
+from cifar_archive import write_cifar10
+
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]  # class c is COLOURS[c]
 PLAIN = [{"ResizeImage": {"size": 8}}, {"NormalizeImage": {"mean": [0, 0, 0], "std": [1, 1, 1]}},
          {"ToCHWImage": None}]
@@ -132,3 +134,21 @@ def test_the_knn_bank_is_the_training_split_under_the_evaluation_transforms(fold
     want = np.array([COLOURS[label] for _, label in train], dtype=np.float32) / 255.0
     np.testing.assert_allclose(bank["features"], want, atol=1e-6)
     np.testing.assert_array_equal(bank["labels"], [label for _, label in train])
+
+
+# Catches: the bank of a CIFAR-10 pretraining run built as an image-folder dataset (GeneralClsDataset
+# cannot read the archive), from the test split, or with the training views.
+def test_the_knn_bank_of_cifar10_pretraining_is_its_training_split_under_the_evaluation_transforms(tmp_path):
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    train_labels, test_labels = [c for c in range(4) for _ in range(3)], [3, 2, 1, 0, 0]
+    write_cifar10(archive, train_labels, test_labels, colours=COLOURS)
+    train = {"name": "Cifar10ContrastiveDataset", "data_file": archive, "transform_ops": JITTER}
+    evaluation = {"name": "Cifar10ClsDataset", "data_file": archive, "mode": "test", "transform_ops": PLAIN}
+    results = Evaluator(config("knn", train, evaluation), ColourOracle(), ENV)()["knn"]
+    assert all(v == 100.0 for name, v in results.items() if name.endswith("top1")), results
+    evaluator = Evaluator(config("knn", train, evaluation), MeanColour(), ENV)
+    module = MeanColour()
+    bank = predict_dataset(lambda batch: {"features": module.extract_features(batch[0]), "labels": batch[-1]},
+                           *evaluator.bank_data)
+    np.testing.assert_allclose(bank["features"], np.array([COLOURS[c] for c in train_labels]) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(bank["labels"], train_labels)

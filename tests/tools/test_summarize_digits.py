@@ -62,4 +62,19 @@ def test_missing_run_is_a_one_line_error(tmp_path):
     proc = summarize(tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'lincls_digits_random' / 'eval_results.json'} is missing; run tools/digits_demo.sh first")
+        f"error: {tmp_path / 'lincls_digits_random' / 'eval_results.json'} is missing; run tools/digits_demo.sh "
+        "(or tools/supcon_digits.sh) first")
+
+
+# Catches: --table ignoring the runs it names (the supervised-contrastive benchmark's rows).
+def test_table_of_named_runs(tmp_path):
+    for run, base in (("mocov2", 90.0), ("supcon_in", 80.0)):
+        write_results(tmp_path, f"knn_digits_{run}", {"knn": {"10": {"top1": base, "top5": 99.0}}})
+        write_results(tmp_path, f"lincls_digits_{run}", {"linear": {"top1": base + 1, "top5": base + 2}})
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "summarize_digits.py"), str(tmp_path),
+                           "--table", "supcon_in", "mocov2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "| backbone | kNN k=10 top-1 | linear top-1 | linear top-5 |", "|---|---|---|---|",
+        "| supcon_in | 80.00 | 81.00 | 82.00 |", "| mocov2 | 90.00 | 91.00 | 92.00 |"]
+    assert not (tmp_path / "digits_demo").exists()
