@@ -102,6 +102,10 @@ SCHEMA = {
         # dropped and the step is counted in the log (costs one host sync and one on-device copy of
         # the training state per step).
         "skip_nonfinite_steps": False,
+        # Seconds a training process may go without finishing a step (evaluations and checkpoint
+        # writes excepted) before it ends the run saying where it is stuck; 0 never
+        # (ppmoco/engine/watchdog.py). NCCL's own default limit; gloo (CPU) ends waiting ranks after 30 s.
+        "hang_timeout": 1800.0,
     },
     "Model": {
         "module": "",
@@ -209,6 +213,7 @@ LIMITS = {
     "Data.Eval.loader.num_workers": (lambda v: v >= 0, "must be >= 0 (0 = load in the main process)", 4),
     "Eval.knn.ks": (lambda v: bool(v) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0
                                               for k in v), "must be a non-empty list of ints > 0", "[20,200]"),
+    "Engine.hang_timeout": (lambda v: v >= 0, "must be >= 0 (0 = no watchdog)", 600),
     "Eval.knn.temperature": (lambda v: v > 0, "must be > 0", 0.07),
     "Eval.knn.chunk_size": (lambda v: v > 0, "must be > 0", 256),
     "Eval.svm.costs": (lambda v: bool(v) and all(is_number(c) and c > 0 for c in v),

@@ -10,13 +10,20 @@ from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset, require_labels
 from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from ppmoco.engine.checkpoint import (
+    find_resume_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
 from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.preemption import Preempted, StopSignals
 from ppmoco.engine.profiler import StepProfiler
 from ppmoco.engine.step import build_train_step
-from ppmoco.errors import ConfigError, PpmocoError
+from ppmoco.engine.watchdog import Watchdog
+from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 from ppmoco.progress import format_eta
 
@@ -71,6 +78,7 @@ class Engine:
         self.guard = _FiniteGuard(self.module, self.optimizer, engine["skip_nonfinite_steps"],
                                   self.save_load["output_dir"])
         self.writer = VisualDLWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
+        self.watchdog = Watchdog(0, env.rank)  # watches only while fit() trains
 
     def _to_device(self, batch):
         if self.env.device == "cpu":
@@ -80,15 +88,17 @@ class Engine:
     def _trainer_state(self, epoch, next_batch, global_step):
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
                 "best": self.best, "rng_state": paddle.get_rng_state(),
-                "skipped_steps": self.guard.skipped}
+                "skipped_steps": self.guard.skipped, "processes": self.env.world_size,
+                "batch_size": self.global_batch // self.env.world_size}
 
     def save(self, name, epoch, next_batch, global_step, regular=True):
         """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
         self.guard.check(global_step, state=True)
         if self.env.is_main:
-            path = save_checkpoint(self.save_load["output_dir"], name, self.module, self.optimizer,
-                                   self._trainer_state(epoch, next_batch, global_step),
-                                   self.save_load["keep_last"], regular=regular)
+            with self.watchdog.paused():
+                path = save_checkpoint(self.save_load["output_dir"], name, self.module, self.optimizer,
+                                       self._trainer_state(epoch, next_batch, global_step),
+                                       self.save_load["keep_last"], regular=regular)
             logger.info(f"saved checkpoint {path}")
 
     def evaluate(self, global_step=0):
@@ -130,6 +140,7 @@ class Engine:
         path = find_resume_checkpoint(self.save_load)
         if path is None:
             return 0, 0, 0
+        check_geometry(load_trainer_state(path), path, self.env.world_size, self.global_batch // self.env.world_size)
         state = load_checkpoint(path, self.module, self.optimizer)
         paddle.set_rng_state(state["rng_state"])
         self.best = state.get("best")
@@ -156,7 +167,8 @@ class Engine:
             self._show_views(epoch)
         step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None
         meter = _Meter()
-        with StopSignals() as signals:
+        self.watchdog = Watchdog(self.cfg["Engine"]["hang_timeout"], self.env.rank)
+        with StopSignals() as signals, self.watchdog:
             global_step = self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
                                      step_profiler, signals)
         if step_profiler is not None:
@@ -175,6 +187,7 @@ class Engine:
                 self.optimizer.set_lr(lr)
                 meter.data_ready()
                 out = self.guard.step(self.train_step, self._to_device(batch), global_step + 1)
+                self.watchdog.beat()
                 global_step += 1
                 meter.step_done(out)
                 if step_profiler is not None:
@@ -196,7 +209,8 @@ class Engine:
                 epoch += 1
                 self.module.on_epoch_end(epoch)
                 if self.eval_freq > 0 and (epoch % self.eval_freq == 0 or epoch == self.epochs):
-                    self._validate_and_keep_best(epoch, global_step)
+                    with self.watchdog.paused():
+                        self._validate_and_keep_best(epoch, global_step)
                 save_epoch = self.save_load["save_epoch"]
                 last = epoch == self.epochs or global_step == total_steps
                 if save_epoch > 0 and (epoch % save_epoch == 0 or last):
@@ -231,6 +245,27 @@ class Engine:
             self.writer.add(f"train/{k}", v, global_step)
         self.writer.add("train/lr", lr, global_step)
         self.writer.add("train/ips", ips, global_step)
+
+
+def check_geometry(state, path, processes, batch_size):
+    """Resume another number of processes only at the same global batch (module docstring of
+    ppmoco/data/sampler.py: global batch k is then the same images), saying what changes; else a
+    one-line CheckpointError naming both geometries and the keys to change."""
+    saved = (state.get("processes"), state.get("batch_size"))
+    if None in saved or saved == (processes, batch_size):  # the same run, or a checkpoint from before it was recorded
+        return
+    was, now = saved[0] * saved[1], processes * batch_size
+    if was != now:
+        fix = (f"set Data.Train.sampler.batch_size={was // processes}" if was % processes == 0
+               else f"launch a number of processes that divides {was}")
+        raise CheckpointError(
+            f"{path} was written by {saved[0]} process(es) x batch {saved[1]} (global batch {was}); this run is "
+            f"{processes} x {batch_size} ({now}): resuming at the same image needs the same global batch: {fix}, "
+            f"or run {saved[0]} x {saved[1]} as before")
+    logger.warning(f"resuming {path} of {saved[0]} process(es) x batch {saved[1]} with {processes} x {batch_size}: "
+                   f"the same global batch {now}, so training continues at the same image; BatchNorm statistics "
+                   f"now come from {batch_size} images per process (were {saved[1]}), so the run is no longer "
+                   "bit-identical to an uninterrupted one")
 
 
 def monitored_value(results, monitor):
