@@ -9,7 +9,6 @@ import codecs
 import collections
 import os
 import pickle
-import subprocess
 import warnings
 
 import numpy as np
@@ -19,6 +18,8 @@ import pytest
 from ppmoco import safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.modules.moco import MoCo
+
+from pickle_payloads import Eval, Exec, Popen, System
 
 
 def assert_same(expected, got, where="file"):
@@ -192,34 +193,11 @@ def test_load_returns_numpy_arrays_as_pickled(tmp_path):
 MARKER = "ran"  # what a payload would create in the test's folder
 
 
-class System:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class Eval(System):
-    def __reduce__(self):
-        return builtins.eval, (f"__import__('os').system('touch {self.marker}')",)
-
-
 class EvalDataShape(System):
     """Paddle's eval("data", {"data": ...}) shape with code where the array belongs."""
 
     def __reduce__(self):
         return builtins.eval, ("data", {"data": System(self.marker)})
-
-
-class Exec(System):
-    def __reduce__(self):
-        return builtins.exec, (f"import os; os.system('touch {self.marker}')",)
-
-
-class Popen(System):
-    def __reduce__(self):
-        return subprocess.Popen, (["touch", self.marker],)
 
 
 class Codec(System):

@@ -8,13 +8,11 @@ conversion), two at a time (each is mostly imports), and the other files of a ch
 The unpickler's own cases (every admitted form, every payload, both pickle protocols) are in
 tests/test_safe_pickle.py.
 """
-import builtins
 import hashlib
 import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,32 +29,10 @@ from ppmoco.errors import CheckpointError  # noqa: E402
 from ppmoco.modules import build_module  # noqa: E402
 
 from fault_helpers import DIGITS_V2, FAST, ROOT, assert_user_error, describe, run, train_cmd  # noqa: E402
+from pickle_payloads import Eval, Exec, Popen, System  # noqa: E402
 
 LINCLS = os.path.join(ROOT, "configs", "moco_lincls_digits_1n2c.yaml")
 NARROW = "Model.model.base_encoder.widths=[8,16,16,16]"
-
-
-class System:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class Eval(System):
-    def __reduce__(self):
-        return builtins.eval, (f"__import__('os').system('touch {self.marker}')",)
-
-
-class Exec(System):
-    def __reduce__(self):
-        return builtins.exec, (f"import os; os.system('touch {self.marker}')",)
-
-
-class Popen(System):
-    def __reduce__(self):
-        return subprocess.Popen, (["touch", self.marker],)
 
 
 def _eval_cmd(config, out, *overrides):
