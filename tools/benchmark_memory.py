@@ -6,8 +6,8 @@ tensors, logs kept per step) shows as growth after the first steps.
 
 Each mode runs as its own tools/train.py process (one process, Global.num_threads 1, no evaluation
 or checkpoints); RSS is sampled from /proc every 0.2 s together with the last step its log shows.
-Growth is reported per 100 steps from step --settle to the end (allocator pools fill in the
-first steps).
+Growth is reported per 100 steps from step --settle to the step before the last (allocator pools fill
+in the first steps; the last writes a checkpoint); the peak includes that write.
 """
 import json
 import os
@@ -68,11 +68,13 @@ def measure(execution, steps, settle):
             time.sleep(0.2)
         if proc.returncode != 0:
             raise SystemExit(f"tools/train.py failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-    after = [rss for step, rss in samples if step >= settle]
+    # Up to the last step before the end: the end writes a checkpoint and the run's report, which is
+    # not growth over steps.
+    after = [rss for step, rss in samples if settle <= step < steps]
     at_settle, at_end = after[0], after[-1]
-    return {"execution": execution, "rss_at_settle_mb": round(at_settle, 1), "rss_at_end_mb": round(at_end, 1),
+    return {"execution": execution, "rss_at_settle_mb": round(at_settle, 1), "rss_before_end_mb": round(at_end, 1),
             "peak_rss_mb": round(max(rss for _, rss in samples), 1),
-            "growth_mb_per_100_steps": round(100 * (at_end - at_settle) / (steps - settle), 2),
+            "growth_mb_per_100_steps": round(100 * (at_end - at_settle) / (steps - 1 - settle), 2),
             "series": [(step, round(rss, 1)) for step, rss in samples[::10]]}
 
 
@@ -83,8 +85,9 @@ def main(argv=None):
     result = {"steps": args.steps, "settle": args.settle, "config": "configs/mocov2_pt_digits_1n2c.yaml",
               "cpu": cpu_info(), "runs": [measure(e, args.steps, args.settle) for e in args.executions]}
     for r in result["runs"]:
-        print(f"{r['execution']}: RSS {r['rss_at_settle_mb']} MiB at step {args.settle}, {r['rss_at_end_mb']} MiB at "
-              f"step {args.steps} ({r['growth_mb_per_100_steps']:+} MiB per 100 steps), peak {r['peak_rss_mb']} MiB")
+        print(f"{r['execution']}: RSS {r['rss_at_settle_mb']} MiB at step {args.settle}, {r['rss_before_end_mb']} "
+              f"MiB at step {args.steps - 1} ({r['growth_mb_per_100_steps']:+} MiB per 100 steps), "
+              f"peak {r['peak_rss_mb']} MiB")
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
