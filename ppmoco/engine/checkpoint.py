@@ -73,6 +73,12 @@ def _sha256(file):
     return digest.hexdigest()
 
 
+def _missing(path, names):
+    """The files of `names` not in checkpoint folder `path` (an old trainer_state.pkl stands for the JSON)."""
+    return [name for name in names if not os.path.isfile(os.path.join(path, name))
+            and not (name == TRAINER_STATE and os.path.isfile(os.path.join(path, OLD_TRAINER_STATE)))]
+
+
 def damage(path):
     """Why checkpoint folder `path` cannot be trusted, as a phrase, or None when it is intact: every
     file meta.json lists has the size and SHA-256 it had when written (bit rot, a truncated copy
@@ -81,11 +87,9 @@ def damage(path):
     meta = _read_meta(path)
     if meta is None:
         return "meta.json is missing or unreadable"
-    for name in meta.get("files", {}) or [f for f in FILES if f != "meta.json"]:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file) and not (name == TRAINER_STATE and
-                                             os.path.isfile(os.path.join(path, OLD_TRAINER_STATE))):
-            return f"{name} is missing"
+    missing = _missing(path, meta.get("files", {}) or [f for f in FILES if f != "meta.json"])
+    if missing:
+        return f"{missing[0]} is missing"
     for name, want in meta.get("files", {}).items():
         size = os.path.getsize(os.path.join(path, name))
         if size != want["size"]:
@@ -152,8 +156,7 @@ def latest_checkpoint(output_dir):
 
 def check_complete(path):
     """Raise CheckpointError unless `path` is a complete, intact checkpoint folder; return it."""
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))
-               and not (f == TRAINER_STATE and os.path.isfile(os.path.join(path, OLD_TRAINER_STATE)))]
+    missing = _missing(path, FILES)
     if missing:
         raise CheckpointError(f"Engine.save_load.ckpt_dir: {path} is not a complete ppmoco checkpoint "
                               f"(missing {', '.join(missing)}); point it at an epoch_N or step_N folder")

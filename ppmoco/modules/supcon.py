@@ -86,16 +86,14 @@ def positive_hit_rate(scores, positives, ks=(1, 5)):
 
 
 class SupConMoCo(MoCo):
-    """MoCo whose queue keeps each key's label; a variant defines `loss(q, k, labels)`."""
+    """MoCo whose queue keeps each key's label; a variant defines `loss(q, k, labels)` (the scalar loss
+    of the batch's queries `q`, keys `k` and labels)."""
 
     needs_labels = True
 
     def __init__(self, base_encoder, projector=None, dim=128, K=65536, m=0.999, T=0.07, bn_splits=1):
         super().__init__(base_encoder, projector, dim, K, m, T, bn_splits)
         self.register_buffer("queue_labels", paddle.full([K], EMPTY, dtype="int64"))
-
-    def loss(self, q, k, labels):
-        raise NotImplementedError
 
     @paddle.no_grad()
     def enqueue(self, keys, labels):
