@@ -18,6 +18,7 @@ what `paddle.load` does after unpickling (reassembles split tensors, drops the n
 arrays into Tensors unless `return_numpy`), so it can stand in for `paddle.load` on such files.
 """
 import collections
+import io
 import pickle
 
 import numpy as np
@@ -268,9 +269,18 @@ def load(path, extra=None):
     `extra` maps further (module, name) pairs to classes that stand in for them (each validating
     what `__setstate__` receives). Raises CheckpointError for a refused or unreadable file.
     """
+    return _load(lambda: open(path, "rb"), path, extra)
+
+
+def loads(data, name):
+    """`load` for pickled bytes (e.g. a member of an archive), named `name` in errors."""
+    return _load(lambda: io.BytesIO(data), name, None)
+
+
+def _load(opener, path, extra):
     extra = extra or {}
     try:
-        with open(path, "rb") as f:
+        with opener() as f:
             obj = _Unpickler(f, extra).load()
         _check_result(obj, tuple(extra.values()))
         return obj

@@ -1,5 +1,6 @@
 """CIFAR-10 from a local cifar-10-python.tar.gz (a small stand-in with the official layout)."""
 import io
+import pickle
 import tarfile
 
 import numpy as np
@@ -9,6 +10,7 @@ from ppmoco.data import build_dataset
 from ppmoco.errors import ConfigError, DataError
 
 from cifar_archive import write_batches, write_cifar10
+from pickle_payloads import System
 
 KEY = "Data.Train.dataset"
 TRAIN_LABELS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
@@ -80,3 +82,17 @@ def test_images_of_another_size_or_labels_beyond_ten_classes_are_refused(tmp_pat
         write_batches(path, {"test_batch": (rows, labels)})
         with pytest.raises(DataError, match=f"is not the CIFAR-10 archive .*its test {detail}"):
             cifar("Cifar10ClsDataset", str(path), mode="test")
+
+
+def test_an_archive_whose_batch_runs_code_is_refused_and_nothing_runs(tmp_path):
+    # Catches the batches read with pickle.load (paddle.vision's reader does): the payload would run.
+    payload = pickle.dumps({b"data": System(tmp_path / "ran"), b"labels": [0]}, protocol=2)
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as archive:
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    with pytest.raises(DataError, match=r"is not the CIFAR-10 archive .*refusing to load: it asks to run "
+                                        r"(posix|os)\.system"):
+        build_dataset({"name": "Cifar10ClsDataset", "data_file": str(tmp_path / "evil.tar.gz"), "mode": "test"},
+                      "Data.Eval.dataset", 0)
+    assert not (tmp_path / "ran").exists()
