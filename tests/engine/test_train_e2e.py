@@ -61,7 +61,8 @@ def _final_state(out_dir, name):
 def test_resume_at_epoch_boundary_with_ckpt_dir(tmp_path):
     """FleetX's way: -o Engine.save_load.ckpt_dir=<epoch folder>."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["Data.Train.sampler.batch_size=256", "Model.model.K=256", "Engine.save_load.save_epoch=1"]
+    common = ["Data.Train.sampler.batch_size=256", "Model.model.K=256", "Engine.save_load.save_epoch=1",
+              "Engine.eval_freq=-1"]
     train("mocov1_pt_digits_1n2c.yaml", straight, *common, "Engine.num_train_epochs=2")
     train("mocov1_pt_digits_1n2c.yaml", resumed, *common, "Engine.num_train_epochs=2", "Engine.max_steps=5")
     assert (resumed / "epoch_1").is_dir()
