@@ -43,7 +43,8 @@ class Engine:
         if sampler["name"] != "DistributedBatchSampler":
             raise ConfigError(f"Data.Train.sampler.name: '{sampler['name']}' is not supported; "
                               "use DistributedBatchSampler")
-        self.global_batch = sampler["batch_size"] * env.world_size
+        self.batch_size = sampler["batch_size"]  # per process
+        self.global_batch = self.batch_size * env.world_size
         declared = cfg["Global"]["global_batch_size"]
         if declared is not None and declared != self.global_batch:
             raise ConfigError(f"Global.global_batch_size: {declared} but {env.world_size} process(es) x "
@@ -89,7 +90,7 @@ class Engine:
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
                 "best": self.best, "rng_state": paddle.get_rng_state(),
                 "skipped_steps": self.guard.skipped, "processes": self.env.world_size,
-                "batch_size": self.global_batch // self.env.world_size}
+                "batch_size": self.batch_size}
 
     def save(self, name, epoch, next_batch, global_step, regular=True):
         """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
@@ -140,7 +141,7 @@ class Engine:
         path = find_resume_checkpoint(self.save_load)
         if path is None:
             return 0, 0, 0
-        check_geometry(load_trainer_state(path), path, self.env.world_size, self.global_batch // self.env.world_size)
+        check_geometry(load_trainer_state(path), path, self.env.world_size, self.batch_size)
         state = load_checkpoint(path, self.module, self.optimizer)
         paddle.set_rng_state(state["rng_state"])
         self.best = state.get("best")
@@ -159,7 +160,7 @@ class Engine:
         if max_steps > 0:
             total_steps = min(total_steps, max_steps)
         logger.info(f"training {type(self.module).__name__}: {len(self.train_set)} images, "
-                    f"{self.env.world_size} process(es) x batch {self.global_batch // self.env.world_size}"
+                    f"{self.env.world_size} process(es) x batch {self.batch_size}"
                     f" on {self.env.device} ({self.env.num_threads} thread(s) each, "
                     f"{self.train_step.execution} execution), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
@@ -168,13 +169,14 @@ class Engine:
         step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None
         meter = _Meter()
         self.watchdog = Watchdog(self.cfg["Engine"]["hang_timeout"], self.env.rank)
-        with StopSignals() as signals, self.watchdog:
-            global_step = self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
-                                     step_profiler, signals)
-        if step_profiler is not None:
-            step_profiler.close()
-        self.writer.close()
-        return global_step
+        try:
+            with StopSignals() as signals, self.watchdog:
+                return self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
+                                  step_profiler, signals)
+        finally:  # also when stopped by a signal (Preempted)
+            if step_profiler is not None:
+                step_profiler.close()
+            self.writer.close()
 
     def _loop(self, epoch, start_batch, global_step, steps_per_epoch, total_steps, meter, step_profiler, signals):
         while epoch < self.epochs and global_step < total_steps:
@@ -203,7 +205,7 @@ class Engine:
                 if stop:
                     break
                 if signals.requested():
-                    self._preempt(signals.received, epoch, batch_idx + 1, global_step, step_profiler)
+                    self._preempt(signals.received, epoch, batch_idx + 1, global_step)
             else:
                 start_batch = 0
                 epoch += 1
@@ -217,13 +219,10 @@ class Engine:
                     self.save(f"epoch_{epoch}", epoch, 0, global_step)
         return global_step
 
-    def _preempt(self, signal_name, epoch, next_batch, global_step, step_profiler):
+    def _preempt(self, signal_name, epoch, next_batch, global_step):
         """Save where training stands and stop with Preempted (ppmoco/engine/preemption.py)."""
         name = f"step_{global_step}"
         self.save(name, epoch, next_batch, global_step)
-        if step_profiler is not None:
-            step_profiler.close()
-        self.writer.close()
         raise Preempted(f"stopped by {signal_name} after step {global_step}: saved "
                         f"{os.path.join(self.save_load['output_dir'], name)}; run the same command with "
                         "-o Engine.save_load.auto_resume=true to continue")
