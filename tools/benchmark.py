@@ -1,25 +1,43 @@
-"""Measure ppmoco's pretraining step, data pipeline and memory; write JSON and print a table.
+"""Measure ppmoco's pretraining step, data pipeline, end-to-end rate and memory, next to the PyTorch
+references; print a table and write JSON.
 
-    python tools/benchmark.py --preset r18c_32 --steps 20 --json output/bench_r18c_32.json
-    python tools/benchmark.py --preset r50_224 --steps 10
+    python tools/benchmark.py --preset r50_224 --compare-torch --end-to-end 4 --json output/bench/r50_224.json
+    python tools/benchmark.py --preset r18c_32 --executions static eager --compare-torch
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
+    python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
+        -o Data.Train.sampler.batch_size=128
 
-The step is the one the Engine builds (build_train_step: eager, or the static CPU fast path per
-Engine.execution) on synthetic tensors of the config's image size; phases are timed by wrapping
-the module's own methods, so nothing here re-implements MoCo.
-Warm-up steps are excluded. Numbers are measurements of this run only.
+- Step: the one the Engine builds (build_train_step: eager, or the static CPU fast path per
+  Engine.execution) on synthetic tensors of the config's image size; phases are timed by wrapping
+  the module's own methods, so nothing here re-implements MoCo. On one process every execution in
+  --executions runs in a fresh process of its own, and so does, with --compare-torch, the official
+  MoCo step in PyTorch on the same shapes (tools/torch_reference.py): each reports the peak memory
+  (maximum resident set) of its own process. Under paddle.distributed.launch each rank measures in
+  place. Warm-up steps are excluded.
+- Data: decode + two augmented views per image in this process (= one loader worker), over the
+  same files for ppmoco and, with --compare-torch, the official torchvision MoCo v2 pipeline, passes
+  alternating between the two. The files: --data-root, else JPEGs cut from scikit-learn's two
+  sample photographs at ImageNet's typical 500x375.
+- End to end (--end-to-end STEPS): tools/train.py pretraining on those files with loader workers,
+  its logged step times after the warm-up, against the synthetic-tensor rate of the same execution.
+Numbers are measurements of this run only; the JSON records the CPU model and flags.
 """
+import argparse
 import contextlib
 import json
 import os
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.config import load_config, resolve_config_path  # noqa: E402
+from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -34,6 +52,7 @@ PRESETS = {  # the two configurations of the performance table in the README
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
 }
 PHASES = ("momentum_update", "encode_keys", "enqueue")
+LR = 0.03  # the step's learning rate, ppmoco's and the reference's
 
 
 def parse_args(argv):
@@ -41,15 +60,27 @@ def parse_args(argv):
     p.add_argument("--preset", choices=sorted(PRESETS), help="a standard configuration (on top of -c)")
     p.add_argument("-c", "--config", default=BASE, help="YAML config (default: MoCo v2 ImageNet)")
     p.add_argument("-o", "--override", action="append", default=[], help="key.path=value")
+    p.add_argument("--executions", nargs="+", choices=("auto", "static", "eager"), default=None,
+                   help="ppmoco executions to measure (default: the config's Engine.execution)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also measure the official MoCo step in PyTorch and the torchvision data pipeline")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     p.add_argument("--data-samples", type=int, default=64, help="images for the data pipeline measurement")
+    p.add_argument("--data-passes", type=int, default=3, help="passes over them per pipeline (median kept)")
     p.add_argument("--data-root", default=None,
-                   help="folder of class folders of JPEGs (default: synthetic 500x375 JPEGs, ImageNet-like)")
+                   help="folder of images (class folders or not; default: JPEGs cut from sample photographs)")
+    p.add_argument("--end-to-end", type=int, default=0, metavar="STEPS",
+                   help="also pretrain STEPS steps (after --warmup) on the data with loader workers")
+    p.add_argument("--workers", type=int, default=1, help="loader workers of the end-to-end run")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--child", choices=("step", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.data_samples < 1 or args.data_passes < 1 or args.end_to_end < 0:
+        p.error("--steps, --data-samples and --data-passes must be >= 1, --warmup and --end-to-end >= 0")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     return args
 
 
@@ -95,7 +126,7 @@ def bench_step(cfg, env, steps, warmup):
     batch_size = cfg["Data"]["Train"]["sampler"]["batch_size"]
     module.setup(batch_size * env.world_size)
     module.train()
-    step = build_train_step(cfg["Engine"], cfg["Optimizer"], module, 0.03, env)
+    step = build_train_step(cfg["Engine"], cfg["Optimizer"], module, LR, env)
     static = step.execution != "eager"
     sync = paddle.device.synchronize if env.device == "gpu" else (lambda: None)
     # A static program runs the key forward and the optimizer inside it: only the eager hooks
@@ -134,38 +165,165 @@ def bench_step(cfg, env, steps, warmup):
             "image_size": [h, w], "steps": steps, "warmup": warmup}
 
 
-def synthetic_jpegs(folder, count, size=(500, 375)):
-    """`count` smooth random JPEGs of ImageNet's typical size (quality 90) in one class folder."""
+def sample_photos(folder, count, size=(500, 375)):
+    """`count` JPEGs (quality 90) of ImageNet's typical size cut from scikit-learn's two sample
+    photographs (random position, scale and mirror): real photo content, shipped with a dependency."""
     import numpy as np
     from PIL import Image
+    from sklearn.datasets import load_sample_images
 
-    os.makedirs(os.path.join(folder, "class0"), exist_ok=True)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
     rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
     for i in range(count):
-        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize(size, Image.BICUBIC)
-        img.save(os.path.join(folder, "class0", f"{i:04d}.jpg"), quality=90)
+        photo = photos[i % len(photos)]
+        w = int(photo.width * rng.uniform(0.6, 1.0))
+        h = min(photo.height, int(w * size[1] / size[0]))
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        img = photo.resize(size, Image.BICUBIC, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img.save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
     return folder
 
 
-def bench_data(cfg, samples, data_root):
-    """Decode + augmented views per second in one process (= one loader worker)."""
-    import tempfile
+def bench_data(cfg, root, samples, passes, compare_torch):
+    """Images (decode + augmented views) per second in one process (= one loader worker): ppmoco's
+    dataset and, with `compare_torch`, main_moco.py's torchvision pipeline on the same files, each
+    pass over the files alternating between the two; the median pass of each."""
+    import statistics
 
     from ppmoco.data import build_dataset
 
     dataset_cfg = {k: v for k, v in cfg["Data"]["Train"]["dataset"].items()
                    if k not in ("image_root", "cls_label_path", "builtin")}
-    with tempfile.TemporaryDirectory() as tmp:
-        dataset_cfg["root"] = data_root or synthetic_jpegs(tmp, samples)
-        dataset = build_dataset(dataset_cfg, "Data.Train.dataset", 0)
-        n = min(samples, len(dataset))
+    dataset_cfg["root"] = root
+    dataset = build_dataset(dataset_cfg, "Data.Train.dataset", 0)
+    n = min(samples, len(dataset))
+    paths = [path for path, _ in dataset.samples[:n]]
+    pipelines = {"ppmoco": dataset.__getitem__}
+    if compare_torch:
+        from torch_reference import moco_v2_views
+
+        torchvision_views = moco_v2_views(crop_size(cfg)[0])
+        pipelines["torchvision"] = lambda i: torchvision_views(paths[i])
+    rates = {name: [] for name in pipelines}
+    for _ in range(passes):
+        for name, load in pipelines.items():
+            start = time.perf_counter()
+            for i in range(n):
+                load(i)
+            rates[name].append(n / (time.perf_counter() - start))
+    out = {name: {"images_per_sec_per_worker": statistics.median(r), "passes": r} for name, r in rates.items()}
+    out.update(samples=n, views=dataset_cfg.get("views", 2), source=root)
+    if compare_torch:
+        out["ratio_vs_torchvision"] = (out["ppmoco"]["images_per_sec_per_worker"]
+                                       / out["torchvision"]["images_per_sec_per_worker"])
+    return out
+
+
+def torch_reference_spec(cfg):
+    """TorchMoCo's arguments for the config's model, or a ConfigError naming what it cannot mirror."""
+    model = cfg["Model"]["model"]
+    encoder = model["base_encoder"]
+    if cfg["Model"]["module"] != "MOCOModule":
+        raise ConfigError(f"--compare-torch: Model.module: the PyTorch reference is MoCo's step, not "
+                          f"{cfg['Model']['module']}; benchmark a MOCOModule config")
+    if encoder["name"] not in ("resnet18", "resnet50"):
+        raise ConfigError(f"--compare-torch: Model.model.base_encoder.name: {encoder['name']} has no reference; "
+                          "use resnet18 or resnet50")
+    if list(encoder.get("widths") or (64, 128, 256, 512)) != [64, 128, 256, 512]:
+        raise ConfigError("--compare-torch: Model.model.base_encoder.widths: torchvision's ResNet has the "
+                          "standard widths only; drop the override")
+    if model.get("bn_splits", 1) != 1:
+        raise ConfigError("--compare-torch: Model.model.bn_splits: the reference runs one BN group; set 1")
+    return {"arch": encoder["name"], "cifar_stem": bool(encoder.get("cifar_stem")), "dim": model["dim"],
+            "hidden_dim": (model.get("projector") or {}).get("hidden_dim"), "K": model["K"], "m": model["m"],
+            "T": model["T"]}
+
+
+def bench_torch_step(cfg, threads, steps, warmup):
+    """main_moco.py's step (tools/torch_reference.py) on synthetic tensors of the config's shapes."""
+    import numpy as np
+    import torch
+    from torch_reference import TorchMoCo, torch_moco_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    spec = torch_reference_spec(cfg)
+    step = torch_moco_step(TorchMoCo(**spec), lr=LR, momentum=cfg["Optimizer"]["momentum"],
+                           weight_decay=cfg["Optimizer"]["weight_decay"])
+    batch_size = cfg["Data"]["Train"]["sampler"]["batch_size"]
+    rng = np.random.default_rng(0)
+    h, w = crop_size(cfg)
+    views = [torch.from_numpy(rng.standard_normal((batch_size, 3, h, w)).astype("float32")) for _ in range(2)]
+    times = []
+    for _ in range(warmup + steps):
         start = time.perf_counter()
-        for i in range(n):
-            dataset[i]
-        elapsed = time.perf_counter() - start
-    return {"images_per_sec_per_worker": n / elapsed, "samples": n, "views": dataset_cfg.get("views", 2),
-            "source": data_root or "synthetic 500x375 JPEGs"}
+        step(*views)
+        times.append(time.perf_counter() - start)
+    measured = times[warmup:]
+    per_step = sum(measured) / steps
+    return {"execution": "pytorch", "torch": torch.__version__, "threads": threads, "reference": spec,
+            "images_per_sec": batch_size / per_step, "ms_per_step": 1000 * per_step,
+            "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "batch_size": batch_size,
+            "image_size": [h, w], "steps": steps, "warmup": warmup}
+
+
+def child_command(args, child, extra=()):
+    cmd = [sys.executable, os.path.abspath(__file__), "-c", args.config, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--child", child, *extra]
+    for o in PRESETS.get(args.preset, []) + args.override:
+        cmd += ["-o", o]
+    return cmd
+
+
+def run_measured(cmd, what):
+    """Run `cmd` to its end; (its stdout, the peak resident memory of its own process in MiB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed (exit {proc.returncode}): {err.read()[-3000:]}")
+        return out.read(), usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_in_child(args, child, execution=None, threads=None):
+    """A step measurement in a fresh process: its result with the peak memory of that process."""
+    extra = [] if execution is None else ["-o", f"Engine.execution={execution}"]
+    extra += [] if threads is None else ["--threads", str(threads)]
+    stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {execution or child} step")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_memory_mb"] = peak_mb
+    return result
+
+
+def end_to_end(args, cfg, root, threads):
+    """tools/train.py on `root` with --workers loader workers; the mean logged step after --warmup."""
+    steps = args.warmup + args.end_to_end
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", args.config]
+        for o in (PRESETS.get(args.preset, []) + args.override
+                  + [f"Data.Train.dataset.root={root}", f"Data.Train.loader.num_workers={args.workers}",
+                     f"Engine.save_load.output_dir={out}", f"Engine.max_steps={steps}", "Engine.logging_freq=1",
+                     "Engine.eval_freq=-1", "Data.Eval=null", "Engine.save_load.save_epoch=0",
+                     f"Engine.num_train_epochs={steps}", f"Global.num_threads={threads}"]):
+            cmd += ["-o", o]
+        _, peak_mb = run_measured(cmd, "the end-to-end run (tools/train.py)")
+        with open(os.path.join(out, "train.log"), encoding="utf-8") as f:
+            logged = re.findall(r"batch_cost: ([\d.]+) s, reader_cost: ([\d.]+) s", f.read())
+    if len(logged) != steps:
+        raise SystemExit(f"the end-to-end run logged {len(logged)} steps, expected {steps}: are there "
+                         f"{cfg['Data']['Train']['sampler']['batch_size']} images or more in {root}?")
+    measured = [(float(b), float(r)) for b, r in logged[args.warmup:]]
+    per_step = sum(b for b, _ in measured) / len(measured)
+    return {"images_per_sec": cfg["Data"]["Train"]["sampler"]["batch_size"] / per_step,
+            "ms_per_step": 1000 * per_step, "reader_ms_per_step": 1000 * sum(r for _, r in measured) / len(measured),
+            "workers": args.workers, "steps": len(measured), "warmup": args.warmup, "source": root,
+            "peak_memory_mb": peak_mb}
 
 
 def peak_memory_mb(device):
@@ -176,49 +334,99 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def child_main(args, cfg):
+    """A --child process: one step measurement, as one JSON line on stdout."""
+    if args.child == "torch":
+        result = bench_torch_step(cfg, args.threads, args.steps, args.warmup)
+    else:
+        from ppmoco.engine import setup_environment
+
+        env = setup_environment(cfg["Global"], cfg["Distributed"])
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench_step(cfg, env, args.steps, args.warmup)
+        result["threads"] = env.num_threads
+    print(json.dumps(result))
+
+
 def main(argv=None):
     args = parse_args(argv)
     overrides = PRESETS.get(args.preset, []) + args.override
     cfg = load_config(args.config, overrides)
+    if args.child:
+        return child_main(args, cfg)
+    if args.compare_torch:
+        torch_reference_spec(cfg)  # a model the reference cannot mirror stops here, before any measurement
     import paddle
 
     from ppmoco.engine import setup_environment
     from ppmoco.engine.env import cpu_info
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
-    config_file = os.path.relpath(resolve_config_path(args.config), ROOT)
-    result = {"preset": args.preset, "config": config_file, "overrides": overrides,
-              "device": env.device, "threads": env.num_threads, "processes": env.world_size,
-              "paddle": paddle.__version__, "cpu": cpu_info(),
-              "backbone": cfg["Model"]["model"]["base_encoder"]["name"],
-              "K": cfg["Model"]["model"].get("K")}
-    result["step"] = bench_step(cfg, env, args.steps, args.warmup)
-    result["peak_memory_mb"] = peak_memory_mb(env.device)
-    with contextlib.redirect_stdout(sys.stderr):  # keep dataset-building chatter off the table
-        result["data"] = bench_data(cfg, args.data_samples, args.data_root)
-    result["images_per_sec"] = result["step"]["images_per_sec"]
+    executions = args.executions or [cfg["Engine"]["execution"]]
+    result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
+              "overrides": overrides, "device": env.device, "threads": env.num_threads,
+              "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
+              "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
+              "steps": {}, "ratios": {}}
+    if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
+        if len(executions) > 1 or args.compare_torch or args.end_to_end:
+            raise ConfigError("--executions with several values, --compare-torch and --end-to-end measure "
+                              "one process on the CPU; run them without paddle.distributed.launch")
+        with contextlib.redirect_stdout(sys.stderr):
+            step = bench_step(cfg, env, args.steps, args.warmup)
+        step["peak_memory_mb"] = peak_memory_mb(env.device)
+        result["steps"][executions[0]] = step
+    else:
+        for execution in executions:
+            result["steps"][execution] = measure_in_child(args, "step", execution=execution)
+        if args.compare_torch:
+            result["steps"]["pytorch"] = reference = measure_in_child(args, "torch", threads=env.num_threads)
+            for execution in executions:
+                ours = result["steps"][execution]
+                result["ratios"][f"step_{execution}_vs_pytorch"] = ours["images_per_sec"] / reference["images_per_sec"]
+                result["ratios"][f"peak_memory_{execution}_vs_pytorch"] = (ours["peak_memory_mb"]
+                                                                           / reference["peak_memory_mb"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_root or sample_photos(
+            tmp, max(args.data_samples, cfg["Data"]["Train"]["sampler"]["batch_size"] if args.end_to_end else 0))
+        with contextlib.redirect_stdout(sys.stderr):  # keep dataset-building chatter off the table
+            result["data"] = bench_data(cfg, root, args.data_samples, args.data_passes, args.compare_torch)
+        if args.compare_torch:
+            result["ratios"]["data_vs_torchvision"] = result["data"]["ratio_vs_torchvision"]
+        if args.end_to_end:
+            result["end_to_end"] = e2e = end_to_end(args, cfg, root, env.num_threads)
+            synthetic = result["steps"][executions[0]]
+            e2e["execution"], e2e["synthetic_images_per_sec"] = synthetic["execution"], synthetic["images_per_sec"]
+            result["ratios"]["end_to_end_vs_synthetic"] = e2e["images_per_sec"] / synthetic["images_per_sec"]
     if env.is_main:
         print_table(result)
         if args.json:
-            write_text_atomic(args.json, json.dumps(result, indent=1))
+            write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
             print(f"wrote {args.json}")
     return result
 
 
 def print_table(r):
-    s = r["step"]
-    rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {s['image_size'][0]} px, "
-                               f"batch {s['batch_size']} x {r['processes']}, K {r['K']}"),
+    first = next(iter(r["steps"].values()))
+    rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
+                               f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
-            ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"),
-            ("execution", s["execution"]),
-            ("step images/s", f"{s['images_per_sec']:.2f}"),
-            ("ms per step (mean / min)", f"{s['ms_per_step']:.1f} / {s['ms_per_step_min']:.1f}"),
-            ("first step (build + check)", f"{s['first_step_s']:.1f} s")]
-    rows += [(f"  {name}", f"{ms:.1f} ms") for name, ms in s["phases_ms"].items()]
+            ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})")]
+    for name, s in r["steps"].items():
+        rows += [(f"step: {name}", f"{s['images_per_sec']:.2f} images/s, {s['ms_per_step']:.1f} ms/step "
+                                   f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
+                                   f"peak memory {s['peak_memory_mb']:.0f} MiB ({s['execution']})")]
+        rows += [(f"  {phase}", f"{ms:.1f} ms") for phase, ms in s.get("phases_ms", {}).items()]
     data = r["data"]
-    rows += [("data images/s per worker", f"{data['images_per_sec_per_worker']:.1f} (decode + {data['views']} views)"),
-             ("peak memory", f"{r['peak_memory_mb']:.0f} MiB")]
+    for name in ("ppmoco", "torchvision"):
+        if name in data:
+            rows.append((f"data: {name}", f"{data[name]['images_per_sec_per_worker']:.1f} images/s per worker "
+                                          f"(decode + {data['views']} views)"))
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        rows.append(("end to end", f"{e['images_per_sec']:.2f} images/s with {e['workers']} loader worker(s) "
+                                   f"(synthetic: {e['synthetic_images_per_sec']:.2f})"))
+    rows += [(f"ratio: {name}", f"{value:.2f}") for name, value in r["ratios"].items()]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")

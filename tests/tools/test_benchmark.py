@@ -13,39 +13,80 @@ PHASES = {"eager": {"momentum_update", "enqueue", "optimizer", "key_fwd", "query
           "static": {"momentum_update", "enqueue", "program"}}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("execution", ["eager", "static"])
-def test_benchmark_writes_json_with_measured_fields(tmp_path, execution):
+def run_benchmark(tmp_path, *args):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c",
-           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"),
-           "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
-           "-o", "Data.Train.sampler.batch_size=16", "-o", "Model.model.K=64", "-o", f"Engine.execution={execution}",
-           "--steps", "2", "--warmup", "1", "--data-samples", "4", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o", "Data.Train.sampler.batch_size=16",
+           "-o", "Model.model.K=64", "--steps", "2", "--warmup", "1", "--data-samples", "4", "--json", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    step = result["step"]
-    assert result["images_per_sec"] == step["images_per_sec"] > 0
-    assert step["batch_size"] == 16 and step["image_size"] == [16, 16] and step["steps"] == 2
-    phases = step["phases_ms"]
-    assert set(phases) == PHASES[execution] and step["execution"].startswith(execution)
-    assert all(v >= 0 for v in phases.values())
-    assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
-    assert result["data"]["images_per_sec_per_worker"] > 0 and result["data"]["samples"] == 4
-    assert result["peak_memory_mb"] > 0 and result["device"] == "cpu"
-    assert step["first_step_s"] > 0
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_measures_each_execution_in_its_own_process(tmp_path):
+    result, stdout = run_benchmark(tmp_path, "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
+                                   "--executions", "eager", "static", "--data-passes", "2")
+    assert list(result["steps"]) == ["eager", "static"]
+    for execution, step in result["steps"].items():
+        assert step["batch_size"] == 16 and step["image_size"] == [16, 16] and step["steps"] == 2
+        phases = step["phases_ms"]
+        # Catches: a child measuring the config's execution instead of the one it was given.
+        assert set(phases) == PHASES[execution] and step["execution"].startswith(execution)
+        assert all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
+        assert step["images_per_sec"] == pytest.approx(16 / (step["ms_per_step"] / 1000), rel=1e-9)
+        assert step["first_step_s"] > 0 and step["threads"] == result["threads"]
+    # Each execution's peak is its own process's: the static program's is larger than eager's (two
+    # encoders' programs and their check), which one shared process would hide.
+    assert result["steps"]["static"]["peak_memory_mb"] > result["steps"]["eager"]["peak_memory_mb"] > 100
+    data = result["data"]
+    assert data["samples"] == 4 and len(data["ppmoco"]["passes"]) == 2 and "torchvision" not in data
+    assert sorted(data["ppmoco"]["passes"])[0] <= data["ppmoco"]["images_per_sec_per_worker"] \
+        <= sorted(data["ppmoco"]["passes"])[-1]
+    assert result["ratios"] == {} and result["device"] == "cpu"
     with open("/proc/cpuinfo") as f:
         cpuinfo = f.read()
     assert result["cpu"]["model"] and result["cpu"]["model"] in cpuinfo
     assert all(f" {flag}" in cpuinfo for flag in result["cpu"]["flags"])
-    assert "step images/s" in proc.stdout
+    assert "step: static" in stdout and "data: ppmoco" in stdout
+
+
+@pytest.mark.slow
+def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    result, stdout = run_benchmark(tmp_path, "-o", "Model.model.bn_splits=1", "-o",
+                                   "Model.model.base_encoder.widths=[64,128,256,512]", "--executions", "eager",
+                                   "--compare-torch", "--end-to-end", "2", "--data-passes", "1")
+    ours, reference = result["steps"]["eager"], result["steps"]["pytorch"]
+    assert reference["reference"] == {"arch": "resnet18", "cifar_stem": True, "dim": 64, "hidden_dim": 64,
+                                      "K": 64, "m": 0.99, "T": 0.2}
+    assert reference["threads"] == ours["threads"] and reference["image_size"] == [16, 16]
+    ratios = result["ratios"]
+    # Catches: ratios inverted or taken from another row.
+    assert ratios["step_eager_vs_pytorch"] == pytest.approx(ours["images_per_sec"] / reference["images_per_sec"])
+    assert ratios["peak_memory_eager_vs_pytorch"] == pytest.approx(ours["peak_memory_mb"] / reference["peak_memory_mb"])
+    data = result["data"]
+    assert ratios["data_vs_torchvision"] == pytest.approx(data["ppmoco"]["images_per_sec_per_worker"]
+                                                          / data["torchvision"]["images_per_sec_per_worker"])
+    e2e = result["end_to_end"]
+    assert e2e["steps"] == 2 and e2e["workers"] == 1 and e2e["synthetic_images_per_sec"] == ours["images_per_sec"]
+    assert e2e["images_per_sec"] == pytest.approx(16 / (e2e["ms_per_step"] / 1000))
+    assert ratios["end_to_end_vs_synthetic"] == pytest.approx(e2e["images_per_sec"] / ours["images_per_sec"])
+    assert "ratio: step_eager_vs_pytorch" in stdout
+
+
+def test_benchmark_refuses_a_model_the_reference_cannot_mirror():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c",
+                           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "--compare-torch"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Model.model.base_encoder.widths" in proc.stderr
 
 
 def test_benchmark_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--steps", "0"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "--steps, --data-samples and --data-passes must be >= 1" in proc.stderr
 
 
 # Catches: the grad-sync benchmark not running both ways under launch, or recording the wrong setting.

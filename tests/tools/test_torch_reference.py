@@ -1,0 +1,46 @@
+"""tools/torch_reference.py, the PyTorch step tools/benchmark.py measures ppmoco against, computes
+MoCo's step: from the same weights, views and queue it follows the tests' exactness reference
+(tests/torch_moco_reference.py, written from builder.py) over two steps."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from moco_equivalence import Setup, numpy_state
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from torch_reference import TorchMoCo, torch_moco_step  # noqa: E402
+
+
+def test_benchmark_reference_computes_the_moco_step(monkeypatch):
+    setup = Setup(arch="resnet18", px=32, batch=8, hidden_dim=256, K=64, steps=2)
+    exact = setup.reference(numpy_state(setup.moco()), "float32")
+    torch.manual_seed(0)
+    fast = TorchMoCo("resnet18", dim=setup.dim, K=setup.K, m=setup.m, T=setup.T, hidden_dim=setup.hidden_dim)
+    for ours, theirs in ((fast.encoder_q, exact.encoder_q), (fast.encoder_k, exact.encoder_k)):
+        missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
+        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    fast.queue.copy_(exact.queue)
+    fast.queue_ptr = exact.queue_ptr
+    step = torch_moco_step(fast, lr=setup.lr, momentum=0.9, weight_decay=1e-4)
+    # The same shuffle permutations, so the two compute in the same order: equal to the last bit
+    # apart from the running variance (Paddle's convention in the exactness reference) and the BN
+    # step counter (which the exactness reference does not keep).
+    permutations = setup.permutations()
+    drawn = iter(permutations)
+    monkeypatch.setattr(torch, "randperm", lambda n: torch.as_tensor(next(drawn)))
+    # Catches: a wrong temperature or loss (the losses), a missing momentum update of the key encoder,
+    # a wrong unshuffle or a missing/misplaced enqueue (step 2's loss and the queue), SGD without
+    # momentum or decay (the query encoder after step 2).
+    for views, perm in zip(setup.views(), permutations):
+        expected = exact.step(*views, perm)["loss"]
+        assert step(*(torch.from_numpy(v) for v in views)) == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(fast.queue.numpy(), exact.queue.numpy(), rtol=0, atol=1e-6)
+    assert fast.queue_ptr == exact.queue_ptr == 2 * setup.batch
+    for ours, theirs in ((fast.encoder_q, exact.encoder_q), (fast.encoder_k, exact.encoder_k)):
+        own = ours.state_dict()
+        for name, value in theirs.state_dict().items():
+            if not name.endswith(("running_var", "num_batches_tracked")):
+                np.testing.assert_allclose(own[name].numpy(), value.numpy(), rtol=0, atol=1e-6, err_msg=name)
