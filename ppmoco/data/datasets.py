@@ -231,9 +231,10 @@ class SeededDataset(paddle.io.Dataset):
 
     def __getitem__(self, index):
         img, label = self.load(index)
+        pixels = np.asarray(img)  # once for all the views, which never write into it
         rng = self.rng(index)
         label = np.int64(label) if np.ndim(label) == 0 else np.asarray(label, dtype=np.int64)
-        return (*(self.transform(img, rng) for _ in range(self.views)), label)
+        return (*(self.transform(pixels, rng) for _ in range(self.views)), label)
 
     def set_epoch(self, epoch):
         """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""

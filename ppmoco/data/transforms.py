@@ -13,33 +13,62 @@ like the FleetX config ops, so a MoCo v1/v2 recipe is written as a FleetX-style 
     - NormalizeImage: {scale: 1.0/255.0}
     - ToCHWImage:
 
-Images travel as RGB PIL images until NormalizeImage turns them into float32 HWC arrays;
-ToCHWImage makes them CHW. Op constructors raise ConfigError("<arg>: ...") and
-`build_transforms` prefixes the config path of the op.
+Images travel as uint8 RGB HWC arrays (Compose takes a PIL image or such an array) until
+NormalizeImage turns them into float32 HWC arrays; ToCHWImage makes them CHW. Ops never write into
+their input: the views of a sample all start from the same decoded pixels. The pixel ops run on
+OpenCV, resampling on Pillow unless an op says `backend: cv2` (the reasons and the measurements are
+in docs/performance.md). Op constructors raise ConfigError("<arg>: ...") and `build_transforms`
+prefixes the config path of the op.
 """
 import math
 
+import cv2
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from ppmoco.errors import ConfigError
 from ppmoco.registry import Registry, check_kwargs, is_number
 
 TRANSFORMS = Registry("transform op")
 
-_INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+# A loader worker is one process on one core, and the ops' images are too small for OpenCV's threads
+# to pay; set at import, before the loader forks its workers, so that they inherit it.
+cv2.setNumThreads(1)
+
+# name -> (Pillow's filter, OpenCV's flag)
+_INTERPOLATIONS = {"nearest": (Image.NEAREST, cv2.INTER_NEAREST), "bilinear": (Image.BILINEAR, cv2.INTER_LINEAR),
+                   "bicubic": (Image.BICUBIC, cv2.INTER_CUBIC)}
+_BACKENDS = ("pil", "cv2")
 
 
 def _interpolation(name):
     if name not in _INTERPOLATIONS:
         raise ConfigError(f"interpolation: unknown '{name}'; choose one of {', '.join(_INTERPOLATIONS)}")
-    return _INTERPOLATIONS[name]
+    return name
 
 
 def _backend(name):
-    """FleetX's `backend` of resizing ops: PaddleClas offers cv2 and pil; ppmoco's ops work on PIL images."""
-    if name != "pil":
-        raise ConfigError(f"backend: '{name}' is not supported; ppmoco's ops resize PIL images: set pil")
+    """FleetX's `backend` of resizing ops, which PaddleClas offers too: see `resize`."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"backend: unknown '{name}'; choose one of {', '.join(_BACKENDS)}")
+    return name
+
+
+def resize(pixels, box, size, interpolation, backend):
+    """The region `box` (left, top, width, height) of `pixels` resized to `size` (height, width).
+
+    backend pil: Pillow's resize, which widens its filter by the shrink factor (antialiasing) and
+    is what torchvision runs on PIL images, so the pixels are torchvision's. backend cv2: cv2.resize
+    of the region, as PaddleClas's cv2 backend does: several times faster, but its bilinear and
+    bicubic filters keep their width when shrinking, so a shrunken crop aliases (fine detail turns
+    into false patterns).
+    """
+    left, top, w, h = box
+    pil_filter, cv2_flag = _INTERPOLATIONS[interpolation]
+    if backend == "cv2":
+        return cv2.resize(pixels[top:top + h, left:left + w], (size[1], size[0]), interpolation=cv2_flag)
+    return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), pil_filter,
+                                                     box=(left, top, left + w, top + h)))
 
 
 def _is_positive_int(value):
@@ -77,7 +106,7 @@ def _probability(p):
 
 @TRANSFORMS.register(name="DecodeImage")
 class DecodeImage:
-    """FleetX's first op. The dataset already decodes every file to an RGB PIL image (with its
+    """FleetX's first op. The dataset already decodes every file to RGB pixels (with its
     checks and one-line errors), so this op only checks its settings describe that image and
     build_transforms leaves it out of the pipeline."""
 
@@ -91,15 +120,16 @@ class DecodeImage:
 
 @TRANSFORMS.register(name="RandCropImage")
 class RandCropImage:
-    """RandomResizedCrop: a random area fraction in `scale` and aspect ratio in `ratio`, resized to `size`."""
+    """RandomResizedCrop: a random area fraction in `scale` and aspect ratio in `ratio`, resized to
+    `size` by `backend` (see `resize`)."""
 
     def __init__(self, size, scale=[0.08, 1.0], ratio=[0.75, 1.3333333333333333], interpolation="bilinear",
                  backend="pil"):
-        _backend(backend)
+        self.backend = _backend(backend)
         self.size = _size(size)
         self.scale = _range(scale, "scale", low=0.0)
         self.ratio = _range(ratio, "ratio", low=1e-6)
-        self.resample = _interpolation(interpolation)
+        self.interpolation = _interpolation(interpolation)
 
     def crop_box(self, width, height, rng):
         """(left, top, w, h) of the crop: 10 random tries, then the central crop closest to `ratio`."""
@@ -119,9 +149,9 @@ class RandCropImage:
             w = max(1, int(round(height * self.ratio[1])))
         return (width - w) // 2, (height - h) // 2, w, h
 
-    def __call__(self, img, rng):
-        left, top, w, h = self.crop_box(img.width, img.height, rng)
-        return img.resize((self.size[1], self.size[0]), self.resample, box=(left, top, left + w, top + h))
+    def __call__(self, pixels, rng):
+        box = self.crop_box(pixels.shape[1], pixels.shape[0], rng)
+        return resize(pixels, box, self.size, self.interpolation, self.backend)
 
     def output_size(self, size):
         return self.size
@@ -129,24 +159,27 @@ class RandCropImage:
 
 @TRANSFORMS.register(name="RandFlipImage")
 class RandFlipImage:
-    """Flip with probability p: flip_code 1 mirrors left-right, 0 flips top-bottom."""
+    """Flip with probability p: flip_code 1 mirrors left-right, 0 flips top-bottom (cv2.flip's codes)."""
 
     def __init__(self, flip_code=1, p=0.5):
         if flip_code not in (0, 1):
             raise ConfigError(f"flip_code: must be 1 (horizontal) or 0 (vertical), got {flip_code!r}")
-        self.method = Image.FLIP_LEFT_RIGHT if flip_code == 1 else Image.FLIP_TOP_BOTTOM
+        self.flip_code = flip_code
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
-        return img.transpose(self.method) if rng.random() < self.p else img
+    def __call__(self, pixels, rng):
+        return cv2.flip(pixels, self.flip_code) if rng.random() < self.p else pixels
 
 
 @TRANSFORMS.register(name="ColorJitter")
 class ColorJitter:
     """With probability p, jitter brightness, contrast, saturation and hue in a random order.
 
-    Factors are uniform in [max(0, 1 - x), 1 + x] (hue shift in [-hue, hue] of a full turn); the
-    adjustments are PIL's ImageEnhance ones, as torchvision uses for PIL images.
+    Factors are uniform in [max(0, 1 - x), 1 + x] (hue shift in [-hue, hue] of a full turn). The
+    adjustments are those of PIL's ImageEnhance, which torchvision uses for PIL images, written
+    with OpenCV: brightness blends with black, contrast with the image's mean luma, saturation
+    with each pixel's luma, and hue rotates H in HSV. Each result is 8-bit before the next
+    adjustment, as in torchvision.
     """
 
     def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, p=1.0):
@@ -156,26 +189,57 @@ class ColorJitter:
             raise ConfigError(f"hue: must lie in [0, 0.5], got {hue!r}")
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         if rng.random() >= self.p:
-            return img
+            return pixels
         for k in rng.permutation(4):
             x = self.strengths[k]
             if x == 0.0:
                 continue
             if k == 3:
-                img = shift_hue(img, rng.uniform(-x, x))
+                pixels = shift_hue(pixels, rng.uniform(-x, x))
             else:
-                enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[k]
-                img = enhancer(img).enhance(rng.uniform(max(0.0, 1.0 - x), 1.0 + x))
-        return img
+                adjust = (adjust_brightness, adjust_contrast, adjust_saturation)[k]
+                pixels = adjust(pixels, rng.uniform(max(0.0, 1.0 - x), 1.0 + x))
+        return pixels
 
 
-def shift_hue(img, shift):
-    """Rotate the H channel of HSV by `shift` turns (in [-0.5, 0.5]); H wraps around."""
-    h, s, v = img.convert("HSV").split()
-    hue = (np.asarray(h, dtype=np.int16) + int(round(shift * 255))) % 256
-    return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
+def luma(pixels):
+    """uint8 luma 0.299 R + 0.587 G + 0.114 B: PIL's "L" conversion to within one grey level."""
+    return cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+
+
+def _blend_table(base, factor):
+    """base + factor (v - base) for v = 0..255 as PIL's Image.blend computes it (float32, then
+    clipped and truncated), a table for cv2.LUT: one lookup per pixel gives PIL's result exactly."""
+    levels = np.arange(256, dtype=np.float32)
+    return np.clip(np.float32(base) + np.float32(factor) * (levels - np.float32(base)), 0, 255).astype(np.uint8)
+
+
+def adjust_brightness(pixels, factor):
+    """ImageEnhance.Brightness: a blend with black."""
+    return cv2.LUT(pixels, _blend_table(0, factor))
+
+
+def adjust_contrast(pixels, factor):
+    """ImageEnhance.Contrast: a blend with the mean luma, rounded to an integer as PIL does."""
+    return cv2.LUT(pixels, _blend_table(int(luma(pixels).mean() + 0.5), factor))
+
+
+def adjust_saturation(pixels, factor):
+    """ImageEnhance.Color: a blend with each pixel's luma. cv2.addWeighted rounds where PIL
+    truncates, so results are up to one grey level higher."""
+    gray = cv2.cvtColor(luma(pixels), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(pixels, factor, gray, 1.0 - factor, 0.0)
+
+
+def shift_hue(pixels, shift):
+    """Rotate the hue by `shift` turns (in [-0.5, 0.5]), wrapping around, in OpenCV's HSV_FULL,
+    whose H spans a turn in 0..255 like PIL's HSV; S and V stay."""
+    levels = np.arange(256)
+    table = np.stack([(levels + int(round(shift * 256))) % 256, levels, levels], axis=-1).astype(np.uint8)
+    hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV_FULL)
+    return cv2.cvtColor(cv2.LUT(hsv, table.reshape(256, 1, 3)), cv2.COLOR_HSV2RGB_FULL)
 
 
 @TRANSFORMS.register(name="RandomGrayscale")
@@ -185,22 +249,42 @@ class RandomGrayscale:
     def __init__(self, p=0.1):
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
-        return img.convert("L").convert("RGB") if rng.random() < self.p else img
+    def __call__(self, pixels, rng):
+        return cv2.cvtColor(luma(pixels), cv2.COLOR_GRAY2RGB) if rng.random() < self.p else pixels
 
 
 @TRANSFORMS.register(name="GaussianBlur")
 class GaussianBlur:
-    """With probability p, PIL Gaussian blur with radius sigma ~ U[sigma] (the MoCo v2 blur)."""
+    """With probability p, a Gaussian blur of standard deviation sigma ~ U[sigma] (the MoCo v2 blur).
+
+    MoCo v2 blurs with PIL's GaussianBlur(radius=sigma): three box blurs of a fractional radius
+    whose combined variance is sigma^2 (Gwosdek et al. 2011), each rounded to 8 bits, the edge
+    pixels repeated outwards. This is that algorithm run by OpenCV, within 3 grey levels of PIL.
+    A sampled Gaussian (cv2.GaussianBlur) would not do: below sigma ~0.7 it blurs far less than
+    its sigma says (at 0.3 its variance is a tenth of sigma^2).
+    """
 
     def __init__(self, sigma=[0.1, 2.0], p=0.5):
         self.sigma = _range(sigma, "sigma", low=0.0)
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         if rng.random() >= self.p:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.sigma)))
+            return pixels
+        kernel = box_kernel(rng.uniform(*self.sigma))
+        for _ in range(3):
+            pixels = cv2.sepFilter2D(pixels, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+        return pixels
+
+
+def box_kernel(sigma, passes=3):
+    """The 1-D box [a, 1, ..., 1, a] / sum of which `passes` passes have variance sigma^2: PIL's
+    _gaussian_blur_radius (libImaging/BoxBlur.c) gives the radius l + a of the box."""
+    variance = sigma * sigma / passes
+    length = math.sqrt(12.0 * variance + 1.0)
+    whole = math.floor((length - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
+    return (np.r_[frac, np.ones(2 * whole + 1), frac] / (2 * whole + 1 + 2 * frac)).astype(np.float32)
 
 
 @TRANSFORMS.register(name="RandomAffine")
@@ -218,61 +302,66 @@ class RandomAffine:
         self.shear = _non_negative(shear, "shear")
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         if rng.random() >= self.p:
-            return img
+            return pixels
+        height, width = pixels.shape[:2]
         angle = math.radians(rng.uniform(-self.degrees, self.degrees))
-        tx = round(rng.uniform(-1.0, 1.0) * self.translate[0] * img.width)
-        ty = round(rng.uniform(-1.0, 1.0) * self.translate[1] * img.height)
+        tx = round(rng.uniform(-1.0, 1.0) * self.translate[0] * width)
+        ty = round(rng.uniform(-1.0, 1.0) * self.translate[1] * height)
         scale = rng.uniform(*self.scale)
         shear = math.radians(rng.uniform(-self.shear, self.shear))
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         forward = scale * rotation @ np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
-        # PIL wants the output -> input map: input = centre + forward^-1 (output - centre - shift).
+        # The output -> input map, input = centre + forward^-1 (output - centre - shift), in
+        # coordinates where pixel i is centred on i (OpenCV's), so the centre is (size - 1) / 2.
         inverse = np.linalg.inv(forward)
-        centre = np.array([img.width * 0.5, img.height * 0.5])
+        centre = np.array([(width - 1) * 0.5, (height - 1) * 0.5])
         offset = centre - inverse @ (centre + np.array([tx, ty]))
-        coeffs = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
-        return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0)
+        return cv2.warpAffine(pixels, np.hstack([inverse, offset[:, None]]), (width, height),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
 
 
 @TRANSFORMS.register(name="GaussianNoise")
 class GaussianNoise:
     """With probability p, add N(0, std) noise in [0, 1] pixel units, clipped to [0, 1].
 
-    It acts on the PIL image (and rounds back to 8 bits, an error of at most 0.5/255) so that it
-    can sit anywhere among the pixel ops, before NormalizeImage.
+    It rounds back to 8-bit pixels (an error of at most 0.5/255) so that it can sit anywhere among
+    the pixel ops, before NormalizeImage.
     """
 
     def __init__(self, std=0.0, p=1.0):
         self.std = _non_negative(std, "std")
         self.p = _probability(p)
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         if rng.random() >= self.p or self.std == 0.0:
-            return img
-        pixels = np.asarray(img, dtype=np.float64) / 255.0
-        noisy = np.clip(pixels + rng.normal(0.0, self.std, pixels.shape), 0.0, 1.0)
-        return Image.fromarray(np.round(noisy * 255.0).astype(np.uint8), img.mode)
+            return pixels
+        unit = pixels / 255.0
+        noisy = np.clip(unit + rng.normal(0.0, self.std, unit.shape), 0.0, 1.0)
+        return np.round(noisy * 255.0).astype(np.uint8)
 
 
 @TRANSFORMS.register(name="ResizeImage")
 class ResizeImage:
-    """Resize the short side to `resize_short` (keeping the aspect ratio), or to exactly `size`."""
+    """Resize the short side to `resize_short` (keeping the aspect ratio), or to exactly `size`, by
+    `backend` (see `resize`)."""
 
     def __init__(self, resize_short=None, size=None, interpolation="bilinear", backend="pil"):
-        _backend(backend)
+        self.backend = _backend(backend)
         if (resize_short is None) == (size is None):
             raise ConfigError("resize_short: set exactly one of resize_short and size")
         if not (resize_short is None or _is_positive_int(resize_short)):
             raise ConfigError(f"resize_short: expected a positive int, got {resize_short!r}")
         self.resize_short = resize_short
         self.size = None if size is None else _size(size)
-        self.resample = _interpolation(interpolation)
+        self.interpolation = _interpolation(interpolation)
 
-    def __call__(self, img, rng):
-        h, w = self.output_size((img.height, img.width))
-        return img.resize((w, h), self.resample)
+    def __call__(self, pixels, rng):
+        height, width = pixels.shape[:2]
+        return resize(pixels, (0, 0, width, height), self.output_size((height, width)), self.interpolation,
+                      self.backend)
 
     def output_size(self, size):
         """(height, width) this op gives an image of `size` (None: unknown, then only `size` tells)."""
@@ -293,11 +382,14 @@ class CenterCropImage:
     def __init__(self, size):
         self.size = _size(size)
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         h, w = self.size
-        top = int(round((img.height - h) / 2.0))
-        left = int(round((img.width - w) / 2.0))
-        return img.crop((left, top, left + w, top + h))
+        top = int(round((pixels.shape[0] - h) / 2.0))
+        left = int(round((pixels.shape[1] - w) / 2.0))
+        margin = max(0, -top, -left, top + h - pixels.shape[0], left + w - pixels.shape[1])
+        if margin:
+            pixels = np.pad(pixels, ((margin, margin), (margin, margin), (0, 0)))
+        return pixels[top + margin:top + margin + h, left + margin:left + margin + w]
 
     def output_size(self, size):
         return self.size
@@ -341,15 +433,19 @@ class Lighting:
         if self.eigval.shape != (3,) or self.eigvec.shape != (3, 3):
             raise ConfigError(f"eigval, eigvec: expected 3 values and a 3 x 3 matrix, got {eigval!r}, {eigvec!r}")
 
-    def __call__(self, img, rng):
+    def __call__(self, pixels, rng):
         alpha = rng.normal(0.0, self.alphastd, 3)
         rgb = self.eigvec @ (alpha * self.eigval)
-        return (np.asarray(img, dtype=np.float32) + (255.0 * rgb).astype(np.float32)).astype(np.float32)
+        return (np.asarray(pixels, dtype=np.float32) + (255.0 * rgb).astype(np.float32)).astype(np.float32)
 
 
 @TRANSFORMS.register(name="NormalizeImage")
 class NormalizeImage:
-    """PIL RGB -> float32 HWC array (x * scale - mean) / std. scale None means 1/255."""
+    """RGB pixels -> float32 HWC array (x * scale - mean) / std. scale None means 1/255.
+
+    8-bit pixels go through a table of the 256 results per channel (cv2.LUT: one lookup per value,
+    the same float32 numbers as the arithmetic); Lighting's float pixels through the arithmetic.
+    """
 
     def __init__(self, scale=None, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], order=""):
         self.scale = np.float32(1.0 / 255.0 if scale is None else parse_scale(scale))
@@ -360,10 +456,16 @@ class NormalizeImage:
         if order not in ("", "hwc"):
             raise ConfigError(f"order: only '' (HWC) is supported, got {order!r}; "
                               "end the list with ToCHWImage to get CHW")
+        levels = np.repeat(np.arange(256, dtype=np.float32)[:, None], 3, axis=1)
+        self.table = self.normalize(levels).reshape(256, 1, 3)
 
-    def __call__(self, img, rng):
-        pixels = np.asarray(img, dtype=np.float32)
+    def normalize(self, pixels):
         return (pixels * self.scale - self.mean) / self.std
+
+    def __call__(self, pixels, rng):
+        if pixels.dtype == np.uint8:
+            return cv2.LUT(pixels, self.table)
+        return self.normalize(np.asarray(pixels, dtype=np.float32))
 
     def invert(self, normalized):
         """float32 HWC array this op produced -> uint8 RGB pixels (rounded, clipped), for pictures."""
@@ -380,12 +482,14 @@ class ToCHWImage:
 
 
 class Compose:
-    """Apply the ops in order, all drawing from one Generator: (PIL image, rng) -> float32 CHW."""
+    """Apply the ops in order, all drawing from one Generator: (RGB PIL image or uint8 HWC array,
+    rng) -> float32 CHW."""
 
     def __init__(self, ops):
         self.ops = list(ops)
 
     def __call__(self, img, rng):
+        img = np.asarray(img)
         for op in self.ops:
             img = op(img, rng)
         return img
