@@ -32,10 +32,18 @@ def pool_layers(maps, layers):
     return {layer: pooled.flatten(1).astype("float32") for layer, pooled in pool_stages(maps, layers).items()}
 
 
-def extract_layers(module, data, layers, name):
-    """{layer: [N, D], "labels": [N]} numpy arrays of the dataset in `data` (eval_loader's triple)."""
+def extract_layers(module, data, layers, name, inference=None):
+    """{layer: [N, D], "labels": [N]} numpy arrays of the dataset in `data` (eval_loader's triple); the
+    stages run and are pooled on `inference` (a StaticInference in a session) when given, else eagerly."""
+    def pooled(batch):
+        return pool_layers(module.extract_stages(batch[0]), layers)
+
+    if inference is not None:
+        # one predictor per set of layers: the memory bank and the evaluation set share it
+        pooled = inference.wrap(f"extract_stages {'+'.join(layers)}", pooled)
+
     def step(batch):
-        return dict(pool_layers(module.extract_stages(batch[0]), layers), labels=batch[-1])
+        return dict(pooled(batch), labels=batch[-1])
 
     with paddle.no_grad():
         return predict_dataset(step, *data, name=name)
@@ -69,7 +77,7 @@ def load_features(path):
         return {key: data[key] for key in data.files}
 
 
-def dataset_features(module, data, layers, name, cache_dir=None, weights=None, dataset_cfg=None):
+def dataset_features(module, data, layers, name, cache_dir=None, weights=None, dataset_cfg=None, inference=None):
     """extract_layers' arrays plus "paths"; read from / written to `cache_dir` when the weights'
     file `weights` is known (weights changing in memory, as during training, are never cached)."""
     path = None if cache_dir is None or weights is None else cache_path(cache_dir, weights, layers, dataset_cfg)
@@ -82,7 +90,7 @@ def dataset_features(module, data, layers, name, cache_dir=None, weights=None, d
             logger.info(f"{name}: using cached features {path}")
             return cached
         logger.info(f"{name}: the images changed since {path} was cached; extracting again")
-    features = dict(extract_layers(module, data, layers, name), paths=paths)
+    features = dict(extract_layers(module, data, layers, name, inference), paths=paths)
     if path is not None:
         if rank() == 0:
             save_features(path, features)
