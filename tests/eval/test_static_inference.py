@@ -11,13 +11,16 @@ import logging
 import numpy as np
 import paddle
 import pytest
+import test_protocols_with_oracles as oracles
 import torch
 import torch.nn.functional as TF
+from test_protocols_with_oracles import folders  # noqa: F401 - a fixture
 
 from ppmoco.engine import env as run_env
 from ppmoco.engine.env import RunEnv
 from ppmoco.errors import ConfigError
 from ppmoco.eval import static_inference
+from ppmoco.eval.evaluator import Evaluator
 from ppmoco.eval.features import pool_layers
 from ppmoco.eval.static_inference import StaticInference
 from ppmoco.modules.linear_eval import LinearEval
@@ -82,10 +85,11 @@ def torch_feature1(net, images):
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
 def test_features_and_logits_equal_eager_and_an_independent_classifier(arch):
-    # Catches (each shown by mutation): outputs handed back under each other's names (features as
-    # logits), training-mode BatchNorm in the program (batch statistics), a classifier bias or
-    # BatchNorm shift lost in the fold, and a predictor on stale weights (the second session, after the
-    # classifier changed, must give the new logits: a predictor kept across sessions gives the old).
+    # Catches (each shown by mutation): outputs handed back under each other's names, and a predictor
+    # on stale weights (the second session, after the classifier changed, must give the new logits: a
+    # predictor kept across sessions gives the old ones). The NumPy classifier also catches a wrong
+    # classifier that eager would share. (BatchNorm in training mode cannot happen here: Paddle
+    # Inference sets every is_test, measured by tracing a module in train mode.)
     net, images = probe(arch), batch()
     hooks = {"extract_features": lambda b: {"features": net.extract_features(b[0])},
              "validation_step": net.validation_step}
@@ -106,9 +110,9 @@ def test_features_and_logits_equal_eager_and_an_independent_classifier(arch):
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
 def test_pooled_stages_feature1_to_5_equal_eager_and_pytorch(arch):
-    # Catches: a stage map taken from the wrong place (the stem after the max-pool), mmselfsup's
-    # windows replaced by adaptive pooling, padding left out of the average, and pooled layers
-    # returned in the wrong order.
+    # The PyTorch stem and pooling catch what eager would share: a stem map taken after the max-pool,
+    # mmselfsup's windows replaced by adaptive pooling, the padding left out of the average; the
+    # comparison with eager catches pooled layers returned under each other's names.
     net, images = probe(arch), batch()
     hooks = {"stages": lambda b: pool_layers(net.extract_stages(b[0]), FEATURES)}
     got, _ = run_static(net, hooks, images)
@@ -229,3 +233,20 @@ def test_bfloat16_features_are_bfloat16_and_within_its_bound():
     want = eager(hooks["extract_features"], images)["features"]
     relative = np.abs(got["extract_features"]["features"] - want).max() / np.abs(want).max()
     assert 1e-4 < relative < static_inference.TOLERANCE["bfloat16"], relative
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear", "svm"])
+def test_the_evaluator_gives_the_eager_results_on_the_fast_path(folders, protocol, caplog):  # noqa: F811
+    # Catches (each shown by mutation for knn) a protocol whose hook the Evaluator does not wrap (no
+    # log line of its check) and a session that is not open around the protocol (the step raises).
+    tmp_path = folders[0]
+    results = {}
+    caplog.set_level(logging.INFO, logger="ppmoco")
+    for execution in ("eager", "auto"):
+        cfg = oracles.config(protocol, *oracles.datasets(tmp_path))
+        cfg["Engine"]["execution"] = execution
+        net = probe("resnet18", module=LinearEval)
+        results[execution] = Evaluator(cfg, net, ENV)()[protocol]
+    checked = [r.getMessage() for r in caplog.records if r.getMessage().startswith("static evaluation")]
+    assert len(checked) == 1 and "checked against eager" in checked[0], checked
+    assert results["auto"] == pytest.approx(results["eager"], abs=1e-6)
