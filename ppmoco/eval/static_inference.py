@@ -3,9 +3,9 @@
 Eager Paddle runs conv2d with plain CPU kernels. An evaluation hook (`extract_features`, the pooled
 `extract_stages`, `validation_step`) traced by paddle.jit.save and run by a Paddle Inference predictor
 with oneDNN and its CPU fusion passes (BatchNorm folded into the convolutions, convolution + ReLU /
-+ residual add fused) was 2.7x faster than eager for ResNet-50 features and 1.9x faster than a PIR
-program placed on oneDNN as the training fast path does (docs/performance.md, "Evaluation on the fast
-path"). Folding BatchNorm bakes the weights into the predictor, so it cannot read the live parameters:
++ residual add fused) was 1.8-2.7x faster than eager for ResNet-50 features and 1.2-1.9x faster than a
+PIR program placed on oneDNN as the training fast path does (docs/performance.md, "Evaluation on the
+fast path"). Folding BatchNorm bakes the weights into the predictor, so it cannot read the live parameters:
 a predictor is built per `session()` (one evaluation; the weights do not change within it, and they
 do between the kNN monitor's epochs) and dropped at its end. A build costs ~1.5 s for ResNet-18 and
 ~3-4 s for ResNet-50 at 224 px, next to one evaluation pass over the data.
@@ -103,8 +103,9 @@ class _Predictor:
         self.predictor, self.names, self.checked = predictor, names, set()
 
     def __call__(self, batch):
-        for name, tensor in zip(self.predictor.get_input_names(), (batch[0], batch[-1])):  # _Traced's order
-            value = tensor.numpy()
+        inputs = {"input_0": batch[0], "input_1": batch[-1]}  # _build's names for _Traced's arguments
+        for name in self.predictor.get_input_names():
+            value = inputs[name].numpy()
             handle = self.predictor.get_input_handle(name)
             handle.reshape(value.shape)
             handle.copy_from_cpu(value)
@@ -144,7 +145,7 @@ class StaticInference:
                                   "set Eval.precision=float32")
         self.failed = {}  # hook name -> why its predictor was dropped (it runs eagerly from then on)
         self.announced = set()  # hooks whose first check passed was logged (later ones log at debug level)
-        self.predictors = None  # hook name -> _Predictor while a session is open
+        self.predictors = None  # (hook name, image shape) -> _Predictor while a session is open
 
     @contextlib.contextmanager
     def session(self):
@@ -159,7 +160,7 @@ class StaticInference:
     def wrap(self, name, fn, reads_labels=False):
         """`fn(batch) -> {output: [B, ...] tensor}` as a step that runs on the checked predictor of hook
         `name` where it can, else eagerly. `fn` reads batch[0] (the images) and, if `reads_labels`,
-        batch[-1]; a program that reads nothing else runs on any batch of those."""
+        batch[-1], nothing else. One predictor serves every batch size of one image size."""
         if not self.enabled:
             return fn
 
@@ -168,7 +169,7 @@ class StaticInference:
                 raise RuntimeError("StaticInference.wrap: call the step inside a session()")
             if name in self.failed:
                 return fn(batch)
-            predictor = self.predictors.get(name)
+            predictor = self.predictors.get((name, tuple(batch[0].shape[1:])))
             shape = (tuple(batch[0].shape), tuple(batch[-1].shape))
             if predictor is not None and shape in predictor.checked:
                 return predictor(batch)
@@ -179,18 +180,23 @@ class StaticInference:
         """The first batch of a shape in a session: eager, then the predictor (built if need be)."""
         started = time.perf_counter()
         expected = fn(batch)
-        capture = NativeOutput()
-        try:
-            with capture:
-                predictor = self.predictors.get(name) or self._build(fn, batch, list(expected), reads_labels)
+        key, failure = (name, shape[0][1:]), None
+        # Paddle's passes print to stdout while building; a failure's native traceback stays there too,
+        # reported in the one line below
+        with NativeOutput():
+            try:
+                predictor = self.predictors.get(key) or self._build(fn, batch, list(expected), reads_labels)
                 got = predictor(batch)
+            except Exception as err:  # noqa: BLE001 - a native failure of the predictor is reported, not fatal
+                failure = err
+        if failure is None:
             problem = _disagreement(expected, got, TOLERANCE[self.precision])
-        except Exception as err:  # noqa: BLE001 - a native failure of the predictor is reported, not fatal
-            lines = str(err).strip().splitlines()
-            problem = f"the predictor failed ({type(err).__name__}: {lines[-1] if lines else 'no message'})"
+        else:
+            lines = str(failure).strip().splitlines()
+            problem = f"the predictor failed ({type(failure).__name__}: {lines[-1] if lines else 'no message'})"
         described = f"{name}, batch {'x'.join(map(str, shape[0]))}"
         if problem is None:
-            self.predictors[name] = predictor
+            self.predictors[key] = predictor
             predictor.checked.add(shape)
             log = logger.debug if name in self.announced else logger.info
             self.announced.add(name)
@@ -201,7 +207,7 @@ class StaticInference:
             raise ConfigError(f"Engine.execution: static: the evaluation predictor for {described}: {problem}; "
                               "set Engine.execution=auto (falls back by itself) or eager")
         self.failed[name] = problem
-        self.predictors.pop(name, None)
+        self.predictors = {k: v for k, v in self.predictors.items() if k[0] != name}
         logger.warning(f"static evaluation not used for {name}: {problem} (batch {'x'.join(map(str, shape[0]))}); "
                        "it runs eagerly (Engine.execution=eager skips this check)")
         return expected
