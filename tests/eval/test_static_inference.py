@@ -183,6 +183,20 @@ def test_a_predictor_that_disagrees_is_dropped_and_the_hook_runs_eagerly(monkeyp
     assert len(warnings) == 1 and warnings[0].startswith("static evaluation not used for validation_step: logits is")
 
 
+def test_each_image_size_gets_its_own_checked_predictor_and_batch_sizes_share_one():
+    # Catches a second image size fed to the first size's predictor (a failure that would send the
+    # hook eager for the rest of the run), and a predictor rebuilt for every batch size.
+    net = probe("resnet18")
+    inference = StaticInference(net, "static", "float32", OFF, ENV)
+    hook = {"extract_features": lambda b: {"f": net.extract_features(b[0])}}
+    with inference.session():
+        step = inference.wrap("extract_features", hook["extract_features"])
+        for images in (batch(2, px=32), batch(3, px=32), batch(2, px=40)):
+            assert_close(step(images)["f"].numpy(), eager(hook["extract_features"], images)["f"])
+        assert sorted(size for _, (_, size, _) in inference.predictors) == [32, 40]
+    assert not inference.failed
+
+
 def test_a_predictor_that_fails_natively_is_dropped(monkeypatch, caplog):
     # Catches a native failure (here: the predictor cannot be built) escaping as a crash of the
     # evaluation instead of the eager fallback with its reason.
