@@ -132,6 +132,10 @@ SCHEMA = {
     "Eval": {
         # linear: the module's classifier; knn, svm, lowshot_svm: backbone features
         "protocol": Choice(("linear", "knn", "svm", "lowshot_svm")),
+        # The arithmetic of the fast path's feature extraction (knn, svm, lowshot_svm): bfloat16 on a
+        # CPU with bfloat16 units is several times faster, its features ~1e-2 off float32's
+        # (docs/performance.md); the linear protocol's logits stay float32.
+        "precision": Choice(("float32", "bfloat16")),
         "knn": {
             "ks": [10, 20, 100, 200],
             "temperature": 0.07,
@@ -441,6 +445,13 @@ def _check_eval_sampler(evaluation):
                           "and drop_last: false")
 
 
+def _check_eval_precision(evaluation):
+    """bfloat16 is for the feature protocols: a linear probe's top-1 turns on small logit gaps."""
+    if evaluation["precision"] == "bfloat16" and evaluation["protocol"] == "linear":
+        raise ConfigError("Eval.precision: bfloat16 applies to the feature protocols (knn, svm, lowshot_svm); the "
+                          "linear protocol's logits stay float32, so set Eval.precision=float32")
+
+
 def load_config(path, overrides=()):
     """Read `path` (a file, or a shipped config's name: resolve_config_path) with its `_base_`
     chain, apply `-o` overrides, validate and fill defaults."""
@@ -453,6 +464,7 @@ def load_config(path, overrides=()):
     _check_supported(cfg)
     _check_batch_keys(cfg["Global"], cfg["Data"]["Train"]["sampler"]["batch_size"])
     _check_eval_sampler(cfg["Data"]["Eval"])
+    _check_eval_precision(cfg["Eval"])
     if not cfg["Model"]["module"]:
         raise ConfigError("Model.module: missing; name the method, e.g. MOCOModule or MOCOClsModule")
     return cfg

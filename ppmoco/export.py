@@ -8,16 +8,12 @@ batch as the backbone itself. Features must agree within TOLERANCE x max(1, larg
 Everything is written to a hidden folder beside the target and renamed into place only after every
 check passed, with export.json describing the export; a failed export leaves nothing behind.
 """
-import ctypes
 import glob
 import importlib
-import io
 import json
 import os
 import re
 import shutil
-import sys
-import tempfile
 
 import numpy as np
 import paddle
@@ -25,6 +21,7 @@ import paddle
 from ppmoco.data.transforms import build_transforms
 from ppmoco.errors import ConfigError, ExportError
 from ppmoco.fileio import replace_dir
+from ppmoco.inference import NativeOutput, cpu_predictor
 
 PREFIX = "model"  # paddle.jit.save writes PREFIX.json (the program) and PREFIX.pdiparams
 PROGRAM, PARAMS, ONNX_FILE = f"{PREFIX}.json", f"{PREFIX}.pdiparams", f"{PREFIX}.onnx"
@@ -130,7 +127,7 @@ def export_backbone(backbone, out_dir, image_size, onnx=None, manifest=None):
 
 def _export_into(folder, backbone, image_size, images, reference, onnx):
     spec = paddle.static.InputSpec([None, 3, *image_size], "float32", name=INPUT_NAME)
-    with _NativeOutput():  # PIR's warning about an `out` argument it ignores while tracing
+    with NativeOutput():  # PIR's warning about an `out` argument it ignores while tracing
         paddle.jit.save(backbone, os.path.join(folder, PREFIX), input_spec=[spec])
     features, output_name = _run_paddle_inference(folder, images)
     checks = {"Paddle Inference": _compare("Paddle inference model", features, reference)}
@@ -169,11 +166,8 @@ def _compare(what, features, reference):
 
 def _run_paddle_inference(folder, images):
     """The Paddle inference model's features for `images`, and the name of its output."""
-    config = paddle.inference.Config(os.path.join(folder, PROGRAM), os.path.join(folder, PARAMS))
-    config.disable_glog_info()
-    config.set_cpu_math_library_num_threads(os.cpu_count() or 1)
-    with _NativeOutput():  # the oneDNN passes print debug lines to stdout
-        predictor = paddle.inference.create_predictor(config)
+    with NativeOutput():  # the oneDNN passes print debug lines to stdout
+        predictor = cpu_predictor(os.path.join(folder, PREFIX), os.cpu_count() or 1)
         image = predictor.get_input_handle(predictor.get_input_names()[0])
         image.reshape(images.shape)
         image.copy_from_cpu(images)
@@ -189,7 +183,7 @@ def _convert_to_onnx(paddle2onnx, folder):
     run time. It logs a conversion error instead of raising it, and its logger then calls
     sys.exit(-1), so the reason is read from its output.
     """
-    with _NativeOutput() as output:
+    with NativeOutput() as output:
         try:
             model = paddle2onnx.export(os.path.join(folder, PROGRAM), os.path.join(folder, PARAMS), save_file=None,
                                        opset_version=ONNX_OPSET, verbose=False)
@@ -211,40 +205,6 @@ def _run_onnxruntime(onnxruntime, onnx_file, images):
     session = onnxruntime.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
     (image,), (features,) = session.get_inputs(), session.get_outputs()
     return session.run([features.name], {image.name: images})[0]
-
-
-_LIBC = ctypes.CDLL(None)  # the process's C library, to flush its stdio buffers
-
-
-class _NativeOutput:
-    """Keeps what is printed inside the block, by native code (Paddle's passes) or Python code
-    (paddle2onnx's logger), off the console and in `text`; a block that raises passes it on to
-    stderr as context. Python's sys.stdout/stderr are swapped too, as they need not write to the
-    process's file descriptors 1 and 2 (under pytest they do not)."""
-
-    def __enter__(self):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile()
-        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
-        for fd in self.saved:
-            os.dup2(self.file.fileno(), fd)
-        self.python = io.StringIO()
-        self.streams = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = self.python
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        sys.stdout, sys.stderr = self.streams
-        _LIBC.fflush(None)  # C stdio holds lines printed to a pipe until its buffer fills
-        for fd, saved in self.saved.items():
-            os.dup2(saved, fd)
-            os.close(saved)
-        self.file.seek(0)
-        self.text = self.file.read().decode(errors="replace") + self.python.getvalue()
-        self.file.close()
-        if exc_type is not None:
-            sys.stderr.write(self.text)
 
 
 def describe(report, out_dir):

@@ -8,10 +8,11 @@ equivalence tests (tests/engine/test_static_step.py, tests/engine/test_moco_refe
 Each entry says what it is for and which public alternative was tried:
 - `set_cpu_threads`: `paddle.base.core.set_num_threads`. The CPU wheel ignores OMP_NUM_THREADS and
   has no public setter; without it every kernel runs on one thread.
-- `batchnorm_statistics`: BatchNorm layers (`nn.layer.norm._BatchNormBase`, the common base of
+- `batchnorm_layers`, `batchnorm_statistics`: BatchNorm layers (`nn.layer.norm._BatchNormBase`, the common base of
   BatchNorm1D/2D/3D and SyncBatchNorm) and their `_mean`/`_variance`, which Paddle lists among
   `parameters()`. Public alternative: matching state-dict names ending in `_mean`/`_variance`, which
-  would also catch any user parameter so named.
+  would also catch any user parameter so named. The evaluation fast path gives the BatchNorms without
+  affine parameters a unit scale while it traces them (ppmoco/eval/static_inference.py).
 - `create_velocities`, `velocities`, `learning_rate_variable`: the Momentum optimizer's
   `_create_accumulators`, `_accumulators["velocity"]` and `_learning_rate_map`. The CPU fast path
   shares the eager optimizer's velocities with the static program's, and sets the program's
@@ -44,10 +45,15 @@ def set_cpu_threads(count):
     paddle.base.core.set_num_threads(count)
 
 
+def batchnorm_layers(layer):
+    """(BatchNorm, its number of channels) for every BatchNorm in `layer`."""
+    return [(sub, sub._mean.shape[0]) for sub in layer.sublayers(include_self=True)
+            if isinstance(sub, paddle.nn.layer.norm._BatchNormBase)]
+
+
 def batchnorm_statistics(layer):
     """ids of the running mean/variance tensors of every BatchNorm in `layer`."""
-    return {id(t) for sub in layer.sublayers(include_self=True)
-            if isinstance(sub, paddle.nn.layer.norm._BatchNormBase) for t in (sub._mean, sub._variance)}
+    return {id(t) for sub, _ in batchnorm_layers(layer) for t in (sub._mean, sub._variance)}
 
 
 def create_velocities(optimizer, parameters):

@@ -28,7 +28,7 @@ def main(argv=None):
         raise ConfigError("Data.Eval: not set; features are extracted under its transforms, so give it a dataset")
     from ppmoco.data import build_dataset
     from ppmoco.engine import setup_environment, setup_logger
-    from ppmoco.eval.evaluator import bank_dataset_cfg, eval_loader
+    from ppmoco.eval.evaluator import bank_dataset_cfg, eval_loader, inference_for
     from ppmoco.eval.features import dataset_features, save_features
     from ppmoco.modules import build_module
 
@@ -43,7 +43,10 @@ def main(argv=None):
         dataset_cfg, key = bank_dataset_cfg(data["Train"]["dataset"], dataset_cfg), "Data.Train.dataset"
     dataset = build_dataset(dataset_cfg, key, cfg["Global"]["seed"])
     loader = eval_loader(dataset, data["Eval"], env, cfg["Global"]["seed"])
-    features = dataset_features(module, loader, cfg["Eval"]["svm"]["layers"], f"{args.split} features")
+    inference = inference_for(cfg, module, env)
+    with inference.session():
+        features = dataset_features(module, loader, cfg["Eval"]["svm"]["layers"], f"{args.split} features",
+                                    inference=inference)
     if env.is_main:
         save_features(args.out, features)
         logger.info(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in features.items()))

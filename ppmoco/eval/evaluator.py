@@ -12,6 +12,7 @@ from ppmoco.errors import ConfigError
 from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
+from ppmoco.eval.static_inference import StaticInference
 from ppmoco.eval.svm import lowshot_scores, svm_scores
 
 logger = logging.getLogger("ppmoco")
@@ -38,6 +39,12 @@ def bank_dataset_cfg(train_cfg, eval_cfg):
     return dict(cfg, name=labelled_form(train_cfg, "Data.Train.dataset"), transform_ops=eval_cfg.get("transform_ops"))
 
 
+def inference_for(cfg, module, env):
+    """The StaticInference of `module` that Engine.execution, Eval.precision and `env` ask for."""
+    engine = cfg["Engine"]
+    return StaticInference(module, engine["execution"], cfg["Eval"]["precision"], engine["mix_precision"], env)
+
+
 class Evaluator:
     """Builds the evaluation data once; each call evaluates the module's current weights."""
 
@@ -53,6 +60,8 @@ class Evaluator:
         if self.protocol not in served:
             fix = f"use {' or '.join(served)}" if served else "it defines no evaluation hook (ppmoco/modules/base.py)"
             raise ConfigError(f"Eval.protocol: {type(module).__name__} does not support '{self.protocol}'; {fix}")
+        # Forward passes on checked oneDNN predictors where the training fast path would run.
+        self.inference = inference_for(cfg, module, env)
         eval_set = build_dataset(data["Eval"]["dataset"], "Data.Eval.dataset", seed)
         if eval_set.multi_label and self.protocol not in _MULTI_LABEL:
             raise ConfigError(f"Eval.protocol: '{self.protocol}' needs single-label data, and Data.Eval.dataset "
@@ -87,20 +96,25 @@ class Evaluator:
         self.module.eval()
         try:
             run = {"linear": self._linear, "knn": self._knn, "svm": self._svm, "lowshot_svm": self._lowshot}
-            return {self.protocol: run[self.protocol]()}
+            with self.inference.session():
+                return {self.protocol: run[self.protocol]()}
         finally:
             if was_training:
                 self.module.train()
 
     def _linear(self):
         """The module's own metrics over the exact evaluation set."""
-        out = predict_dataset(self.module.validation_step, *self.eval_data, name="eval linear")
+        step = self.inference.wrap("validation_step", self.module.validation_step, reads_labels=True)
+        out = predict_dataset(step, *self.eval_data, name="eval linear")
         return {k: float(v) for k, v in self.module.validation_end(out).items()}
 
     def _knn(self):
         """Weighted kNN of the evaluation images' features against the training images' features."""
+        extract = self.inference.wrap("extract_features",
+                                      lambda batch: {"features": self.module.extract_features(batch[0])})
+
         def features(batch):
-            return {"features": self.module.extract_features(batch[0]), "labels": batch[-1]}
+            return dict(extract(batch), labels=batch[-1])
 
         bank = predict_dataset(features, *self.bank_data, name="eval knn: training features")
         query = predict_dataset(features, *self.eval_data, name="eval knn: evaluation features")
@@ -113,7 +127,7 @@ class Evaluator:
 
     def _svm_features(self):
         """The pooled layers of Eval.svm.layers for (memory bank, evaluation set), cached when possible."""
-        options = dict(cache_dir=self.cache_dir, weights=self.weights)
+        options = dict(cache_dir=self.cache_dir, weights=self.weights, inference=self.inference)
         return [dataset_features(self.module, data, self.svm_cfg["layers"], f"eval {self.protocol}: {what} features",
                                  dataset_cfg=self.dataset_cfgs[split], **options)
                 for split, data, what in (("bank", self.bank_data, "training"), ("eval", self.eval_data, "evaluation"))]

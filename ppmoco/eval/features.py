@@ -5,8 +5,9 @@ mmselfsup's windows at 224 px, adaptive pooling to the same grids at other sizes
 
 Features are extracted in exact dataset order (predict_dataset) and, given the file the weights came
 from, cached as `.npz` keyed by that file's identity (path, size, modification time), the layers,
-the dataset with its transforms, and the version of the pooling (POOLING_VERSION): a second protocol
-on the same checkpoint reads them back.
+the dataset with its transforms, the version of the pooling (POOLING_VERSION) and, for bfloat16
+features, Eval.precision: a second protocol on the same checkpoint reads them back. On the evaluation
+fast path the stages are computed and pooled by a checked oneDNN predictor (static_inference.py).
 """
 import hashlib
 import io
@@ -32,10 +33,18 @@ def pool_layers(maps, layers):
     return {layer: pooled.flatten(1).astype("float32") for layer, pooled in pool_stages(maps, layers).items()}
 
 
-def extract_layers(module, data, layers, name):
-    """{layer: [N, D], "labels": [N]} numpy arrays of the dataset in `data` (eval_loader's triple)."""
+def extract_layers(module, data, layers, name, inference=None):
+    """{layer: [N, D], "labels": [N]} numpy arrays of the dataset in `data` (eval_loader's triple); the
+    stages run and are pooled on `inference` (a StaticInference in a session) when given, else eagerly."""
+    def pooled(batch):
+        return pool_layers(module.extract_stages(batch[0]), layers)
+
+    if inference is not None:
+        # one predictor per set of layers: the memory bank and the evaluation set share it
+        pooled = inference.wrap(f"extract_stages {'+'.join(layers)}", pooled)
+
     def step(batch):
-        return dict(pool_layers(module.extract_stages(batch[0]), layers), labels=batch[-1])
+        return dict(pooled(batch), labels=batch[-1])
 
     with paddle.no_grad():
         return predict_dataset(step, *data, name=name)
@@ -48,10 +57,12 @@ def weights_identity(path):
     return file, os.path.getsize(file), os.stat(file).st_mtime_ns
 
 
-def cache_path(cache_dir, weights, layers, dataset_cfg):
-    """The cache file of these weights' `layers` over the dataset `dataset_cfg` (source and transforms)."""
-    key = json.dumps([weights_identity(weights), sorted(layers), dataset_cfg, POOLING_VERSION], sort_keys=True,
-                     default=str)
+def cache_path(cache_dir, weights, layers, dataset_cfg, precision="float32"):
+    """The cache file of these weights' `layers` over the dataset `dataset_cfg` (source and transforms),
+    computed in `precision` (Eval.precision)."""
+    parts = [weights_identity(weights), sorted(layers), dataset_cfg, POOLING_VERSION]
+    # float32 keys stay as they were before Eval.precision existed, so caches written then stay valid
+    key = json.dumps(parts if precision == "float32" else [*parts, precision], sort_keys=True, default=str)
     return os.path.join(cache_dir, f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 
 
@@ -69,10 +80,12 @@ def load_features(path):
         return {key: data[key] for key in data.files}
 
 
-def dataset_features(module, data, layers, name, cache_dir=None, weights=None, dataset_cfg=None):
+def dataset_features(module, data, layers, name, cache_dir=None, weights=None, dataset_cfg=None, inference=None):
     """extract_layers' arrays plus "paths"; read from / written to `cache_dir` when the weights'
     file `weights` is known (weights changing in memory, as during training, are never cached)."""
-    path = None if cache_dir is None or weights is None else cache_path(cache_dir, weights, layers, dataset_cfg)
+    precision = "float32" if inference is None else inference.precision
+    path = None if cache_dir is None or weights is None else cache_path(cache_dir, weights, layers, dataset_cfg,
+                                                                         precision)
     paths = np.asarray([p for p, _ in data[2].samples], dtype=str)
     if path is not None and os.path.isfile(path):
         cached = load_features(path)
@@ -82,7 +95,7 @@ def dataset_features(module, data, layers, name, cache_dir=None, weights=None, d
             logger.info(f"{name}: using cached features {path}")
             return cached
         logger.info(f"{name}: the images changed since {path} was cached; extracting again")
-    features = dict(extract_layers(module, data, layers, name), paths=paths)
+    features = dict(extract_layers(module, data, layers, name, inference), paths=paths)
     if path is not None:
         if rank() == 0:
             save_features(path, features)

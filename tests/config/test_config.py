@@ -150,3 +150,14 @@ def test_eval_sampler_must_visit_every_sample_once_when_evaluating(tmp_path):
     # no evaluation images, no evaluator: the sampler is never used, as before
     path = write(tmp_path / "c.yaml", BASE)
     assert load_config(path, ["Data.Eval.sampler.shuffle=true"])["Data"]["Eval"]["sampler"]["shuffle"] is True
+
+
+def test_bfloat16_evaluation_is_refused_for_the_linear_protocol():
+    # Catches the check looking at the wrong key or protocol (the feature protocols must pass).
+    digits = os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml")
+    with pytest.raises(ConfigError, match=r"^Eval.precision: bfloat16 applies to the feature protocols \(knn, svm, "
+                                          r"lowshot_svm\); the linear protocol's logits stay float32"):
+        load_config(digits, ["Eval.precision=bfloat16", "Eval.protocol=linear"])
+    assert load_config(digits, ["Eval.precision=bfloat16", "Eval.protocol=knn"])["Eval"]["precision"] == "bfloat16"
+    with pytest.raises(ConfigError, match=r"^Eval.precision: "):
+        load_config(digits, ["Eval.precision=float16"])

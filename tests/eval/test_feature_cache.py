@@ -1,4 +1,5 @@
 """The SVM protocols' feature cache (ppmoco/eval/features.py): reused for the same weights file, not otherwise."""
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from test_protocols_with_oracles import ENV, ColourOracle, config, datasets, fol
 from ppmoco.errors import CheckpointError
 from ppmoco.eval.evaluator import Evaluator
 from ppmoco.eval.features import cache_path, dataset_features, weights_identity
+from ppmoco.models.pooling import POOLING_VERSION
 
 
 class Counting(ColourOracle):
@@ -75,6 +77,18 @@ def test_the_cache_file_holds_layers_labels_and_paths_in_dataset_order(folders):
         np.testing.assert_array_equal(saved["labels"], [label for _, label in evaluation])
     assert cache_path(str(tmp_path), str(weights), ["feat5"], cfg) != cache_path(str(tmp_path), str(weights),
                                                                                  ["gap"], cfg)
+
+
+def test_bfloat16_features_have_their_own_cache_and_float32_keys_are_unchanged(tmp_path):
+    # Catches features extracted in bfloat16 (Eval.precision) read back by a float32 run, and a float32
+    # key changed by the precision entry (every cache written before it would be extracted again).
+    weights = tmp_path / "w.pdparams"
+    weights.write_bytes(b"w")
+    cfg = {"name": "GeneralClsDataset", "root": "val"}
+    float32 = cache_path(str(tmp_path), str(weights), ["gap"], cfg)
+    assert cache_path(str(tmp_path), str(weights), ["gap"], cfg, "bfloat16") != float32
+    before = json.dumps([weights_identity(str(weights)), ["gap"], cfg, POOLING_VERSION], sort_keys=True, default=str)
+    assert os.path.basename(float32) == f"features-{hashlib.sha256(before.encode()).hexdigest()[:20]}.npz"
 
 
 def test_missing_weights_are_one_line(tmp_path):

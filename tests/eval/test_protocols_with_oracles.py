@@ -70,8 +70,10 @@ def solid_images(root, per_class, start=0):
 def config(protocol, train, evaluation):
     loader = {"num_workers": 0, "use_shared_memory": False}
     sampler = {"batch_size": 7, "shuffle": False, "drop_last": False}  # 7: batches end mid-class
-    return {"Global": {"seed": 0},
-            "Eval": {"protocol": protocol, "knn": {"ks": [1, 5, 20], "temperature": 0.07, "chunk_size": 3},
+    # eager: these test the protocols; the fast path has its own tests (test_static_inference.py)
+    return {"Global": {"seed": 0}, "Engine": {"execution": "eager", "mix_precision": {"enable": False}},
+            "Eval": {"protocol": protocol, "precision": "float32",
+                     "knn": {"ks": [1, 5, 20], "temperature": 0.07, "chunk_size": 3},
                      "svm": {"costs": [1.0, 10.0, 100.0], "cv_folds": 3, "layers": ["feat5", "gap"], "cache_dir": None},
                      "lowshot": {"ks": [1, 2, 8], "samples": 2, "seed": 0}},
             "Data": {"Train": {"dataset": train, "sampler": sampler, "loader": loader},
