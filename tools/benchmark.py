@@ -1,7 +1,8 @@
 """Measure ppmoco's pretraining step, data pipeline, end-to-end rate and memory, next to the PyTorch
 references; print a table and write JSON.
 
-    python tools/benchmark.py --preset r50_224 --compare-torch --end-to-end 4 --json output/bench/r50_224.json
+    python tools/benchmark.py --preset r50_224 --executions static eager --compare-torch --end-to-end 4 \
+        --extraction 3 --json output/bench/r50_224.json
     python tools/benchmark.py --preset r18c_32 --executions static eager --compare-torch
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
@@ -20,6 +21,9 @@ references; print a table and write JSON.
   sample photographs at ImageNet's typical 500x375.
 - End to end (--end-to-end STEPS): tools/train.py pretraining on those files with loader workers,
   its logged step times after the warm-up, against the synthetic-tensor rate of the same execution.
+- Evaluation (--extraction BATCHES): feature extraction by the config's ResNet depth (ImageNet
+  stem, standard widths) at its image size and batch, on the evaluation fast path, eager, and with
+  --compare-torch torchvision's ResNet (tools/benchmark_extraction.py).
 Numbers are measurements of this run only; the JSON records the CPU model and flags.
 """
 import argparse
@@ -73,12 +77,17 @@ def parse_args(argv):
     p.add_argument("--end-to-end", type=int, default=0, metavar="STEPS",
                    help="also pretrain STEPS steps (after --warmup) on the data with loader workers")
     p.add_argument("--workers", type=int, default=1, help="loader workers of the end-to-end run")
+    p.add_argument("--extraction", type=int, default=0, metavar="BATCHES",
+                   help="also measure evaluation feature extraction over BATCHES batches "
+                        "(tools/benchmark_extraction.py; torchvision's too with --compare-torch)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", choices=("step", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.data_samples < 1 or args.data_passes < 1 or args.end_to_end < 0:
         p.error("--steps, --data-samples and --data-passes must be >= 1, --warmup and --end-to-end >= 0")
+    if args.extraction < 0:
+        p.error("--extraction must be >= 0")
     if args.workers < 1:
         p.error("--workers must be >= 1")
     return args
@@ -369,9 +378,9 @@ def main(argv=None):
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
-        if len(executions) > 1 or args.compare_torch or args.end_to_end:
-            raise ConfigError("--executions with several values, --compare-torch and --end-to-end measure "
-                              "one process on the CPU; run them without paddle.distributed.launch")
+        if len(executions) > 1 or args.compare_torch or args.end_to_end or args.extraction:
+            raise ConfigError("--executions with several values, --compare-torch, --end-to-end and --extraction "
+                              "measure one process on the CPU; run them without paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
             step = bench_step(cfg, env, args.steps, args.warmup)
         step["peak_memory_mb"] = peak_memory_mb(env.device)
@@ -398,6 +407,15 @@ def main(argv=None):
             synthetic = result["steps"][executions[0]]
             e2e["execution"], e2e["synthetic_images_per_sec"] = synthetic["execution"], synthetic["images_per_sec"]
             result["ratios"]["end_to_end_vs_synthetic"] = e2e["images_per_sec"] / synthetic["images_per_sec"]
+    if args.extraction:
+        from benchmark_extraction import bench_extraction
+
+        h, _ = crop_size(cfg)
+        with contextlib.redirect_stdout(sys.stderr):
+            result["extraction"] = extraction = bench_extraction(
+                result["backbone"], h, cfg["Data"]["Train"]["sampler"]["batch_size"], args.extraction,
+                env.num_threads, torch=args.compare_torch)
+        result["ratios"].update({f"extraction_{name}": value for name, value in extraction["ratios"].items()})
     if env.is_main:
         print_table(result)
         if args.json:
@@ -422,6 +440,8 @@ def print_table(r):
         if name in data:
             rows.append((f"data: {name}", f"{data[name]['images_per_sec_per_worker']:.1f} images/s per worker "
                                           f"(decode + {data['views']} views)"))
+    for name, value in r.get("extraction", {}).get("images_per_sec", {}).items():
+        rows.append((f"extraction: {name}", f"{value:.1f} images/s"))
     if "end_to_end" in r:
         e = r["end_to_end"]
         rows.append(("end to end", f"{e['images_per_sec']:.2f} images/s with {e['workers']} loader worker(s) "

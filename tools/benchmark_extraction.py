@@ -22,17 +22,6 @@ from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 
 
-def import_torchvision():
-    """torchvision without its C extension, which this CPU build of torch cannot load: its Python
-    modules only need the two operator schemas the extension would have registered."""
-    import torch
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-    return torch, torchvision, lib  # the library must stay alive while torchvision is used
-
-
 def _nearest_neighbour_agreement(a, b):
     """Share of rows whose cosine nearest neighbour (itself excluded) is the same under features a and b."""
     import numpy as np
@@ -94,7 +83,10 @@ def bench_extraction(arch="resnet50", size=224, batch=32, batches=5, threads=Non
     contenders["ppmoco_eager"] = eager
     versions = {"paddlepaddle": paddle.__version__}
     if torch:
-        torch_module, torchvision, library = import_torchvision()
+        import torch as torch_module
+        from torch_reference import import_torchvision
+
+        torchvision = import_torchvision()
         torch_module.set_num_threads(threads)
         reference = getattr(torchvision.models, arch)(weights=None).eval()
         reference.fc = torch_module.nn.Identity()  # the pooled features, as ppmoco's backbone gives them

@@ -57,7 +57,8 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
     pytest.importorskip("torch")
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.bn_splits=1", "-o",
                                    "Model.model.base_encoder.widths=[64,128,256,512]", "--executions", "eager",
-                                   "--compare-torch", "--end-to-end", "2", "--data-passes", "1")
+                                   "--compare-torch", "--end-to-end", "2", "--data-passes", "1",
+                                   "--extraction", "1")
     ours, reference = result["steps"]["eager"], result["steps"]["pytorch"]
     assert reference["reference"] == {"arch": "resnet18", "cifar_stem": True, "dim": 64, "hidden_dim": 64,
                                       "K": 64, "m": 0.99, "T": 0.2}
@@ -73,7 +74,11 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
     assert e2e["steps"] == 2 and e2e["workers"] == 1 and e2e["synthetic_images_per_sec"] == ours["images_per_sec"]
     assert e2e["images_per_sec"] == pytest.approx(16 / (e2e["ms_per_step"] / 1000))
     assert ratios["end_to_end_vs_synthetic"] == pytest.approx(e2e["images_per_sec"] / ours["images_per_sec"])
-    assert "ratio: step_eager_vs_pytorch" in stdout
+    extraction = result["extraction"]
+    # Catches: extraction measured on another model or size than the config's, its ratios not carried over.
+    assert (extraction["arch"], extraction["size"], extraction["batch"]) == ("resnet18", 16, 16)
+    assert ratios["extraction_ppmoco_static_vs_torchvision"] == extraction["ratios"]["ppmoco_static_vs_torchvision"]
+    assert "ratio: step_eager_vs_pytorch" in stdout and "extraction: torchvision" in stdout
 
 
 def test_benchmark_refuses_a_model_the_reference_cannot_mirror():
