@@ -14,8 +14,10 @@ def cpu_predictor(prefix, threads, bfloat16=False):
     """A Paddle Inference predictor of the model paddle.jit.save wrote at `prefix` (PREFIX.json and
     PREFIX.pdiparams), on oneDNN with its CPU fusion passes; `bfloat16` runs the ops oneDNN has in
     bfloat16 in bfloat16 (needs AVX512-BF16 or AMX-BF16 to be fast)."""
+    # Not config.disable_glog_info(): it silences Paddle's warnings for the whole process, the line
+    # naming an op that fails in a later training program among them (callers capture the build's
+    # output instead: NativeOutput).
     config = paddle.inference.Config(f"{prefix}.json", f"{prefix}.pdiparams")
-    config.disable_glog_info()
     config.set_cpu_math_library_num_threads(threads)
     config.enable_onednn()
     if bfloat16:

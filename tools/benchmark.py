@@ -368,7 +368,7 @@ def main(argv=None):
     import paddle
 
     from ppmoco.engine import setup_environment
-    from ppmoco.engine.env import cpu_info
+    from ppmoco.fast_path import cpu_info
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     executions = args.executions or [cfg["Engine"]["execution"]]

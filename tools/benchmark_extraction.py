@@ -45,8 +45,9 @@ def bench_extraction(arch="resnet50", size=224, batch=32, batches=5, threads=Non
     import numpy as np
     import paddle
 
-    from ppmoco.engine.env import RunEnv, cpu_info, keep_freed_memory
+    from ppmoco.engine.env import RunEnv, keep_freed_memory
     from ppmoco.eval import static_inference
+    from ppmoco.fast_path import cpu_info, has_bfloat16_units
     from ppmoco.models import build_backbone
     from ppmoco.paddle_internals import set_cpu_threads
 
@@ -55,7 +56,7 @@ def bench_extraction(arch="resnet50", size=224, batch=32, batches=5, threads=Non
     set_cpu_threads(threads)
     cpu = cpu_info()
     if bfloat16 is None:
-        bfloat16 = any(flag in cpu["flags"] for flag in static_inference.BF16_UNITS)
+        bfloat16 = has_bfloat16_units(cpu)
     env = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=threads)
     paddle.seed(seed)
     net = build_backbone({"name": arch}, "--arch").eval()

@@ -37,7 +37,7 @@ def main(argv=None):
     import paddle.distributed as dist
 
     from ppmoco.distributed import all_reduce_mean
-    from ppmoco.engine.env import cpu_info
+    from ppmoco.fast_path import cpu_info
     from ppmoco.models import build_backbone
     from ppmoco.paddle_internals import set_cpu_threads
 

@@ -80,7 +80,7 @@ def measure(execution, steps, settle):
 
 def main(argv=None):
     args = parse(argv)
-    from ppmoco.engine.env import cpu_info
+    from ppmoco.fast_path import cpu_info
 
     result = {"steps": args.steps, "settle": args.settle, "config": "configs/mocov2_pt_digits_1n2c.yaml",
               "cpu": cpu_info(), "runs": [measure(e, args.steps, args.settle) for e in args.executions]}

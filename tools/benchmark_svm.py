@@ -33,8 +33,8 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     from ppmoco.config import SCHEMA
-    from ppmoco.engine.env import cpu_info
     from ppmoco.eval.svm import lowshot_scores, svm_scores
+    from ppmoco.fast_path import cpu_info
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(args.classes, args.dims))

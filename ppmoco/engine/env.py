@@ -32,29 +32,6 @@ class RunEnv:
         return self.rank == 0
 
 
-# Instruction-set flags that decide which oneDNN kernels run: recorded with every measurement.
-CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
-
-
-def cpu_info():
-    """The CPU model and the instruction-set flags that decide oneDNN's kernels (Linux)."""
-    info = {"model": None, "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["model"] is None:
-            info["model"] = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            info["flags"] = sorted(f for f in flags if f in CPU_FLAGS)
-            break
-    return info
-
-
 def _cpu_count():
     try:
         return len(os.sched_getaffinity(0))

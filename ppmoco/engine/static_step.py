@@ -395,16 +395,3 @@ class StaticTrainStep:
         with paddle.no_grad():
             self.module.after_step(state)
         return results
-
-
-def static_unsupported_reason(env, mix_precision):
-    """Why Engine.execution=static cannot run in this setting (a config error message), or None."""
-    if env.world_size > 1:
-        return ("Engine.execution: static runs one process (use its threads instead); "
-                f"{env.world_size} were launched; set Engine.execution=eager or auto")
-    if env.device != "cpu":
-        return "Engine.execution: static is the CPU fast path; on GPU set Engine.execution=eager or auto"
-    if mix_precision["enable"]:
-        return ("Engine.execution: static runs float32; set Engine.mix_precision.enable=false "
-                "or Engine.execution=eager")
-    return None

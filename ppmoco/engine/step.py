@@ -9,8 +9,9 @@ import logging
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.static_step import StaticTrainStep, static_unsupported_reason
+from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.errors import ConfigError
+from ppmoco.fast_path import static_unsupported_reason
 
 logger = logging.getLogger("ppmoco")
 

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import paddle
 
+from ppmoco import fast_path
 from ppmoco.errors import ConfigError
 from ppmoco.inference import NativeOutput, cpu_predictor
 from ppmoco.paddle_internals import batchnorm_layers, parameter_tables
@@ -39,7 +40,6 @@ logger = logging.getLogger("ppmoco")
 # of the size of the output). Integer outputs (labels, label ranks) must be equal.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 0.05}
 PREFIX = "model"
-BF16_UNITS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the bfloat16 units oneDNN uses
 
 
 class _Traced(paddle.nn.Layer):
@@ -122,12 +122,8 @@ class StaticInference:
     """
 
     def __init__(self, module, execution, precision, mix_precision, env):
-        # imported here: ppmoco.engine imports the Evaluator, which imports this module
-        from ppmoco.engine import env as run_env
-        from ppmoco.engine.static_step import static_unsupported_reason
-
         self.module, self.precision = module, precision
-        unsupported = static_unsupported_reason(env, mix_precision)
+        unsupported = fast_path.static_unsupported_reason(env, mix_precision)
         if execution == "static" and unsupported:
             raise ConfigError(unsupported)
         self.enabled = execution != "eager" and unsupported is None
@@ -138,8 +134,8 @@ class StaticInference:
                 raise ConfigError("Eval.precision: bfloat16 runs on the CPU fast path only (one CPU process, "
                                   f"Engine.execution auto or static; here: {unsupported or 'Engine.execution eager'}"
                                   "); set Eval.precision=float32")
-            cpu = run_env.cpu_info()
-            if not any(flag in cpu["flags"] for flag in BF16_UNITS):
+            cpu = fast_path.cpu_info()
+            if not fast_path.has_bfloat16_units(cpu):
                 raise ConfigError(f"Eval.precision: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 units, which "
                                   f"this one ({cpu['model']}) lacks (oneDNN would emulate it, slower than float32); "
                                   "set Eval.precision=float32")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 from test_protocols_with_oracles import folders  # noqa: F401 - a fixture
 
-from ppmoco.engine import env as run_env
+from ppmoco import fast_path
 from ppmoco.engine.env import RunEnv
 from ppmoco.errors import ConfigError
 from ppmoco.eval import static_inference
@@ -230,13 +230,13 @@ def test_bfloat16_is_refused_off_the_fast_path_and_on_a_cpu_without_bf16_units(m
     net = probe("resnet18")
     with pytest.raises(ConfigError, match=r"^Eval\.precision: bfloat16 runs on the CPU fast path only"):
         StaticInference(net, "eager", "bfloat16", OFF, ENV)
-    monkeypatch.setattr(run_env, "cpu_info", lambda: {"model": "Old CPU", "flags": ["avx2", "avx512f"]})
+    monkeypatch.setattr(fast_path, "cpu_info", lambda: {"model": "Old CPU", "flags": ["avx2", "avx512f"]})
     with pytest.raises(ConfigError, match=r"^Eval\.precision: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 "
                                           r"units, which this one \(Old CPU\) lacks"):
         StaticInference(net, "auto", "bfloat16", OFF, ENV)
 
 
-@pytest.mark.skipif(not any(flag in run_env.cpu_info()["flags"] for flag in static_inference.BF16_UNITS),
+@pytest.mark.skipif(not fast_path.has_bfloat16_units(fast_path.cpu_info()),
                     reason="this CPU has no bfloat16 units")
 def test_bfloat16_features_are_bfloat16_and_within_its_bound():
     # Catches Eval.precision: bfloat16 silently running float32 (errors of 1e-6, not bfloat16's
