@@ -12,6 +12,7 @@ from ppmoco.engine.env import RunEnv
 from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, place_on_onednn
 from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
+from ppmoco.inference import cpu_predictor
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.moco import MoCo
 from ppmoco.paddle_internals import velocities
@@ -190,7 +191,12 @@ def test_strict_static_execution_refuses_a_program_that_fails_its_check(monkeypa
         _standard_run(static=True, steps=1, strict=True)
 
 
-def test_a_native_failure_names_the_op_and_falls_back(monkeypatch, caplog):
+def test_a_native_failure_names_the_op_and_falls_back(monkeypatch, caplog, tmp_path):
+    # An evaluation's predictor first, as a kNN monitor builds one between epochs. Catches: a
+    # predictor setting (disable_glog_info) that silences Paddle's warnings for the whole process,
+    # the line naming the failing op among them.
+    paddle.jit.save(paddle.nn.Linear(2, 2), str(tmp_path / "m"), input_spec=[paddle.static.InputSpec([None, 2])])
+    cpu_predictor(str(tmp_path / "m"), 1)
     monkeypatch.delitem(PLAIN_CPU_OPS, "add_grad")  # oneDNN's add_grad raises dnnl::error at batch 1
     losses, _, step = _standard_run(static=True, batch=1, steps=1)
     assert "static fast path not used for batch 1x3x64x64: the program failed in onednn_op.add_grad" in caplog.text
