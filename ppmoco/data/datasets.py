@@ -43,10 +43,13 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def _read_rgb(path):
+def _read_rgb(path, decode_reduction=None):
     """Fully decode `path` into RGB, raising whatever PIL raises for a bad file.
 
     Truncated files always fail: PIL's global LOAD_TRUNCATED_IMAGES is switched off while decoding.
+    `decode_reduction(width, height)` (Compose.decode_reduction) lets a JPEG decode at a half,
+    quarter or eighth of its size (libjpeg's DCT scaling, Pillow's draft) where no view loses
+    resolution by it; the image's `info["source_size"]` is then the file's (width, height).
     """
     allow_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -60,8 +63,16 @@ def _read_rgb(path):
             if limit and img.width * img.height > limit:
                 raise OSError(f"{img.width}x{img.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS "
                               f"({limit}); a corrupt header or a decompression bomb")
+            source_size = img.size
+            if decode_reduction is not None and img.format == "JPEG":
+                factor = decode_reduction(*source_size)
+                if factor >= 2:
+                    img.draft("RGB", (-(-source_size[0] // factor), -(-source_size[1] // factor)))
             img.load()
-            return _to_rgb(img)
+            rgb = _to_rgb(img)
+            if rgb.size != source_size:
+                rgb.info["source_size"] = source_size
+            return rgb
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
 
@@ -232,9 +243,10 @@ class SeededDataset(paddle.io.Dataset):
     def __getitem__(self, index):
         img, label = self.load(index)
         pixels = np.asarray(img)  # once for all the views, which never write into it
+        source_size = getattr(img, "info", {}).get("source_size")
         rng = self.rng(index)
         label = np.int64(label) if np.ndim(label) == 0 else np.asarray(label, dtype=np.int64)
-        return (*(self.transform(pixels, rng) for _ in range(self.views)), label)
+        return (*(self.transform(pixels, rng, source_size) for _ in range(self.views)), label)
 
     def set_epoch(self, epoch):
         """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
@@ -257,7 +269,7 @@ class FileDataset(SeededDataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return _read_rgb(path), label
+                return _read_rgb(path, self.transform.decode_reduction), label
             except Exception as err:
                 if not self.skip_bad_images:
                     raise _decode_error(path, err, self.config_key) from None

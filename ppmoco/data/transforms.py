@@ -55,7 +55,8 @@ def _backend(name):
 
 
 def resize(pixels, box, size, interpolation, backend):
-    """The region `box` (left, top, width, height) of `pixels` resized to `size` (height, width).
+    """The region `box` (left, top, width, height; fractional where a reduced decode scaled it) of
+    `pixels` resized to `size` (height, width).
 
     backend pil: Pillow's resize, which widens its filter by the shrink factor (antialiasing) and
     is what torchvision runs on PIL images, so the pixels are torchvision's. backend cv2: cv2.resize
@@ -66,6 +67,7 @@ def resize(pixels, box, size, interpolation, backend):
     left, top, w, h = box
     pil_filter, cv2_flag = _INTERPOLATIONS[interpolation]
     if backend == "cv2":
+        left, top, w, h = (int(round(v)) for v in box)
         return cv2.resize(pixels[top:top + h, left:left + w], (size[1], size[0]), interpolation=cv2_flag)
     return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), pil_filter,
                                                      box=(left, top, left + w, top + h)))
@@ -149,9 +151,25 @@ class RandCropImage:
             w = max(1, int(round(height * self.ratio[1])))
         return (width - w) // 2, (height - h) // 2, w, h
 
-    def __call__(self, pixels, rng):
-        box = self.crop_box(pixels.shape[1], pixels.shape[0], rng)
-        return resize(pixels, box, self.size, self.interpolation, self.backend)
+    def __call__(self, pixels, rng, source_size=None):
+        """`source_size` (width, height): the file's size when `pixels` were decoded smaller (a
+        reduced JPEG decode, `decode_reduction`): the crop is drawn in the file's coordinates, as
+        from a full decode, and scaled to the pixels."""
+        height, width = pixels.shape[:2]
+        if source_size is None or source_size == (width, height):
+            return resize(pixels, self.crop_box(width, height, rng), self.size, self.interpolation, self.backend)
+        left, top, w, h = self.crop_box(*source_size, rng)
+        sx, sy = width / source_size[0], height / source_size[1]
+        return resize(pixels, (left * sx, top * sy, w * sx, h * sy), self.size, self.interpolation, self.backend)
+
+    def decode_reduction(self, width, height):
+        """The largest whole factor by which a width x height image may be decoded smaller with every
+        crop this op can draw still at least `size` in both directions: crops cover at least
+        scale[0] of the area at an aspect ratio within `ratio` (the fallback crop is larger)."""
+        area = self.scale[0] * width * height
+        smallest_w = math.sqrt(area * self.ratio[0]) - 0.5  # crop_box rounds to the nearest pixel
+        smallest_h = math.sqrt(area / self.ratio[1]) - 0.5
+        return max(1, int(min(smallest_w / self.size[1], smallest_h / self.size[0])))
 
     def output_size(self, size):
         return self.size
@@ -488,11 +506,19 @@ class Compose:
     def __init__(self, ops):
         self.ops = list(ops)
 
-    def __call__(self, img, rng):
+    def __call__(self, img, rng, source_size=None):
+        """`source_size`: see decode_reduction; only the first op sees it (it says where its crop
+        lies), later ops work on what the first made."""
         img = np.asarray(img)
-        for op in self.ops:
-            img = op(img, rng)
+        for i, op in enumerate(self.ops):
+            img = op(img, rng, source_size) if i == 0 and source_size is not None else op(img, rng)
         return img
+
+    def decode_reduction(self, width, height):
+        """By how much a width x height file may be decoded smaller without losing resolution in
+        any view: the first op's answer (RandCropImage's), else 1 (decode in full)."""
+        first = self.ops[0] if self.ops else None
+        return first.decode_reduction(width, height) if hasattr(first, "decode_reduction") else 1
 
     def output_size(self):
         """(height, width) of every array this pipeline returns, or None when that depends on the

@@ -334,3 +334,63 @@ def test_builtin_digits_is_built_on_first_use(tmp_path):
     assert listed.samples == ds.samples
     with pytest.raises(ConfigError, match=rf"^{KEY}\.builtin: 'digits' needs paths inside a folder named digits"):
         build_dataset({"name": "GeneralClsDataset", "root": str(tmp_path / "x"), "builtin": "digits"}, KEY, seed=0)
+
+
+# --- reduced JPEG decoding (RandCropImage.decode_reduction) ---
+
+MOCO_V2_OPS = [{"RandCropImage": {"size": 32, "scale": [0.2, 1.0]}},
+               {"ColorJitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p": 0.8}},
+               {"RandomGrayscale": {"p": 0.2}}, {"GaussianBlur": {"sigma": [0.1, 2.0], "p": 0.5}},
+               {"RandFlipImage": {"flip_code": 1}}, {"NormalizeImage": None}, {"ToCHWImage": None}]
+
+
+@pytest.mark.parametrize("size, scale, ratio", [(32, [0.2, 1.0], [3 / 4, 4 / 3]), (64, [0.08, 1.0], [3 / 4, 4 / 3]),
+                                                (32, [0.5, 1.0], [0.2, 5.0])])
+@pytest.mark.parametrize("width, height", [(500, 375), (333, 500), (1024, 683)])
+def test_a_reduced_decode_keeps_every_crop_at_full_resolution(size, scale, ratio, width, height):
+    # Catches: a reduction that ignores the aspect ratio or the crop's rounding (some crops would
+    # then be upsampled from fewer pixels than the output has), checked over many draws.
+    from ppmoco.data.transforms import RandCropImage
+
+    op = RandCropImage(size=size, scale=scale, ratio=ratio)
+    factor = op.decode_reduction(width, height)
+    rng = np.random.default_rng(0)
+    smallest = min(min(w, h) for _, _, w, h in (op.crop_box(width, height, rng) for _ in range(20000)))
+    assert smallest / factor >= size
+
+
+def _photo_jpegs(folder, count=4):
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir()
+    for i in range(count):
+        photo = Image.fromarray(load_sample_images().images[i % 2]).resize((500, 375), Image.BICUBIC)
+        photo.save(folder / f"{i}.jpg", quality=90)
+    return folder
+
+
+def test_a_reduced_decode_draws_the_crops_of_a_full_decode(tmp_path):
+    # Catches: the crop drawn in the reduced image's coordinates (other random crops), the box not
+    # scaled to the reduced pixels, and a decode that did not reduce at all.
+    root = _photo_jpegs(tmp_path / "photos")
+    dataset = ContrastiveLearningDataset(root=str(root), transform_ops=MOCO_V2_OPS)
+    assert dataset.transform.decode_reduction(500, 375) == 5
+    assert decode_image(str(root / "0.jpg")).size == (500, 375)
+    reduced = dataset.load(0)[0]
+    assert reduced.size == (125, 94) and reduced.info["source_size"] == (500, 375)  # libjpeg's 1/4
+    views = [dataset[i] for i in range(4)]
+    dataset.transform.decode_reduction = lambda width, height: 1  # the full decode, same draws
+    full = [dataset[i] for i in range(4)]
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+    for a, b in zip(views, full):
+        for view_a, view_b in zip(a[:2], b[:2]):
+            levels = np.abs((view_a - view_b) * std * 255.0)
+            assert levels.mean() < 4 and np.percentile(levels, 99) < 30
+
+
+def test_224_px_views_of_imagenet_sized_photos_decode_in_full(tmp_path):
+    root = _photo_jpegs(tmp_path / "photos", count=1)
+    ops = [{"RandCropImage": {"size": 224, "scale": [0.2, 1.0]}}, {"NormalizeImage": None}, {"ToCHWImage": None}]
+    dataset = ContrastiveLearningDataset(root=str(root), transform_ops=ops)
+    image = dataset.load(0)[0]
+    assert image.size == (500, 375) and "source_size" not in image.info
