@@ -279,12 +279,18 @@ def bench_torch_step(cfg, threads, steps, warmup):
             "image_size": [h, w], "steps": steps, "warmup": warmup}
 
 
+def config_overrides(args):
+    """The -o overrides this invocation measures: the preset's, then the command line's."""
+    return PRESETS.get(args.preset, []) + args.override
+
+
+def with_overrides(cmd, overrides):
+    return cmd + [arg for o in overrides for arg in ("-o", o)]
+
+
 def child_command(args, child, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "-c", args.config, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--child", child, *extra]
-    for o in PRESETS.get(args.preset, []) + args.override:
-        cmd += ["-o", o]
-    return cmd
+    return with_overrides([sys.executable, os.path.abspath(__file__), "-c", args.config, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--child", child, *extra], config_overrides(args))
 
 
 def run_measured(cmd, what):
@@ -314,13 +320,13 @@ def end_to_end(args, cfg, root, threads):
     """tools/train.py on `root` with --workers loader workers; the mean logged step after --warmup."""
     steps = args.warmup + args.end_to_end
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", args.config]
-        for o in (PRESETS.get(args.preset, []) + args.override
-                  + [f"Data.Train.dataset.root={root}", f"Data.Train.loader.num_workers={args.workers}",
-                     f"Engine.save_load.output_dir={out}", f"Engine.max_steps={steps}", "Engine.logging_freq=1",
-                     "Engine.eval_freq=-1", "Data.Eval=null", "Engine.save_load.save_epoch=0",
-                     f"Engine.num_train_epochs={steps}", f"Global.num_threads={threads}"]):
-            cmd += ["-o", o]
+        cmd = with_overrides([sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", args.config],
+                             config_overrides(args) + [
+                                 f"Data.Train.dataset.root={root}", f"Data.Train.loader.num_workers={args.workers}",
+                                 f"Engine.save_load.output_dir={out}", f"Engine.max_steps={steps}",
+                                 "Engine.logging_freq=1", "Engine.eval_freq=-1", "Data.Eval=null",
+                                 "Engine.save_load.save_epoch=0", f"Engine.num_train_epochs={steps}",
+                                 f"Global.num_threads={threads}"])
         _, peak_mb = run_measured(cmd, "the end-to-end run (tools/train.py)")
         with open(os.path.join(out, "train.log"), encoding="utf-8") as f:
             logged = re.findall(r"batch_cost: ([\d.]+) s, reader_cost: ([\d.]+) s", f.read())
@@ -359,7 +365,7 @@ def child_main(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = PRESETS.get(args.preset, []) + args.override
+    overrides = config_overrides(args)
     cfg = load_config(args.config, overrides)
     if args.child:
         return child_main(args, cfg)
