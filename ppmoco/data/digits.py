@@ -16,8 +16,6 @@ import tempfile
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from ppmoco.errors import ConfigError, DataError
 from ppmoco.progress import Progress
@@ -37,6 +35,11 @@ def _image_size(out_dir):
 
 
 def _write(out_dir, image_size):
+    # Imported here: scikit-learn takes ~1.7 s to import, which every training process (each rank of a
+    # launch) would pay for a dataset built once.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     labels = digits.target

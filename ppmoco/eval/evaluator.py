@@ -13,7 +13,6 @@ from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
 from ppmoco.eval.static_inference import StaticInference
-from ppmoco.eval.svm import lowshot_scores, svm_scores
 
 logger = logging.getLogger("ppmoco")
 
@@ -135,6 +134,10 @@ class Evaluator:
     def _svm(self):
         """Per layer, top-1 (single-label data) and mAP of cross-validated one-vs-rest SVMs; then those of
         the best layer (by mAP)."""
+        # Imported by the SVM protocols only: ppmoco/eval/svm.py's scikit-learn takes ~1.7 s to import,
+        # which every training process (the engine evaluates through this class) would pay.
+        from ppmoco.eval.svm import svm_scores
+
         bank, query = self._svm_features()
         per_layer = {layer: svm_scores(bank[layer], bank["labels"], query[layer], query["labels"], self.num_classes,
                                        self.svm_cfg["costs"], self.svm_cfg["cv_folds"], self.workers, self.class_names,
@@ -147,6 +150,8 @@ class Evaluator:
 
     def _lowshot(self):
         """Per layer and k, mean and std of top-1 (single-label data) and mAP over the seeded low-shot draws."""
+        from ppmoco.eval.svm import lowshot_scores  # (see _svm)
+
         bank, query = self._svm_features()
         low = self.lowshot_cfg
         return {f"{layer}_{name}": value for layer in self.svm_cfg["layers"]
