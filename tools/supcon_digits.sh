@@ -3,7 +3,7 @@
 # MoCo v2 and its In, Out and Suploss variants, each pretrained with the same recipe
 # (configs/mocov2*_pt_digits_1n2c.yaml, NPROC processes, default 2), then kNN and linear evaluation of
 # each pretrained backbone on the 360 held-out digits; prints the results table at the end.
-# About 7 minutes per method on 2 CPU cores. Extra arguments go to every pretraining run.
+# About 5 minutes per method on 2 CPU cores. Extra arguments go to every pretraining run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
