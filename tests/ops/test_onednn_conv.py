@@ -18,7 +18,10 @@ import numpy as np
 import paddle
 import pytest
 
-from ppmoco.ops import computes, conv, onednn_conv2d, onednn_convolutions
+from ppmoco.engine.env import RunEnv
+from ppmoco.engine.step import conv_implementation
+from ppmoco.errors import ConfigError
+from ppmoco.ops import OpBuildError, computes, conv, onednn_conv2d, onednn_convolutions
 
 CASES = {  # name: (x shape, weight shape, stride, padding), ResNet-50's and the CIFAR stem's
     "stem_7x7_s2_224px": ((2, 3, 224, 224), (64, 3, 7, 7), 2, 3),
@@ -77,3 +80,33 @@ def test_convolutions_of_a_module_run_on_the_operator_within_the_context_only(mo
     net(x)
     assert len(calls) == 1, "the operator ran after the context"
     assert list(net.state_dict()) == keys
+
+
+def test_a_missing_compiler_or_missing_headers_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(OpBuildError, match="needs a C[+][+] compiler .'no-such-compiler' not found.: install g[+][+]"):
+        conv.onednn_conv_module.__wrapped__()  # uncached: the process's loaded module stays
+    monkeypatch.setattr(conv, "_paddle_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(conv.sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr(conv.sys, "prefix", str(tmp_path))
+    with pytest.raises(OpBuildError, match="oneDNN's C[+][+] headers.*pip install --no-deps onednn-devel=="):
+        conv.onednn_include_dir()
+
+
+@pytest.mark.parametrize("setting,device,builds,expected", [
+    ("auto", "cpu", True, "onednn"), ("onednn", "cpu", True, "onednn"), ("paddle", "cpu", True, "paddle"),
+    ("auto", "cpu", False, "paddle"), ("onednn", "cpu", False, ConfigError),
+    ("auto", "gpu", True, "paddle"), ("onednn", "gpu", True, "paddle")])
+def test_engine_conv_setting(monkeypatch, setting, device, builds, expected):
+    """Engine.conv: auto falls back to Paddle's convolution where the operator cannot be built, onednn
+    makes that an error, and GPUs always run Paddle's."""
+    def module():
+        if not builds:
+            raise OpBuildError("no compiler")
+    monkeypatch.setattr("ppmoco.engine.step.onednn_conv_module", module)
+    env = RunEnv(device, 1, 0, 1, 1)
+    if expected is ConfigError:
+        with pytest.raises(ConfigError, match="Engine.conv: onednn: no compiler; or set Engine.conv: paddle"):
+            conv_implementation(setting, env)
+    else:
+        assert conv_implementation(setting, env) == expected
