@@ -77,10 +77,10 @@ def numpy_state(module):
 class PpmocoRunner:
     """ppmoco's module, optimizer and step, whose state can be set from a reference's."""
 
-    def __init__(self, setup, execution):
+    def __init__(self, setup, execution, conv="paddle"):
         self.module = setup.moco()
         self.optimizer = build_optimizer(OPT, self.module, setup.lr)
-        self.step_fn = TrainStep(self.module, self.optimizer, {"enable": False})
+        self.step_fn = TrainStep(self.module, self.optimizer, {"enable": False}, conv)
         if execution == "static":  # strict: a program that fails its check raises, never hides behind eager
             self.step_fn = StaticTrainStep(self.module, self.optimizer,
                                            lambda m: build_optimizer(OPT, m, setup.lr), self.step_fn, strict=True)
@@ -136,14 +136,15 @@ def reference_trajectory(setup):
     return _TRAJECTORIES[setup]
 
 
-def compare(setup, candidate):
+def compare(setup, candidate, conv="paddle"):
     """Per step: {loss, queue, queue_ptr, updates} of `candidate` ("eager", "static" or "float32")
-    against the float64 reference, each step from the reference's own state."""
+    against the float64 reference, each step from the reference's own state; ppmoco's steps with
+    `conv`'s convolutions (Engine.conv: "paddle" or "onednn")."""
     trajectory = reference_trajectory(setup)
     if candidate == "float32":
         runner = ReferenceRunner(setup, trajectory[0][0], [step[3] for step in trajectory])
     else:
-        runner = PpmocoRunner(setup, candidate)
+        runner = PpmocoRunner(setup, candidate, conv)
         paddle.seed(123)  # ppmoco draws the reference's permutations from here, one a step
     results = []
     for start, velocity, views, _, ref_loss, ref in trajectory:

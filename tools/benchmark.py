@@ -4,16 +4,18 @@ references; print a table and write JSON.
     python tools/benchmark.py --preset r50_224 --executions static eager --compare-torch --end-to-end 4 \
         --extraction 3 --json output/bench/r50_224.json
     python tools/benchmark.py --preset r18c_32 --executions static eager --compare-torch
+    python tools/benchmark.py --preset r50_224 --executions static eager --convs onednn paddle
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
 
 - Step: the one the Engine builds (build_train_step: eager, or the static CPU fast path per
-  Engine.execution) on synthetic tensors of the config's image size; phases are timed by wrapping
-  the module's own methods, so nothing here re-implements MoCo. On one process every execution in
-  --executions runs in a fresh process of its own, and so does, with --compare-torch, the official
-  MoCo step in PyTorch on the same shapes (tools/torch_reference.py): each reports the peak memory
-  (maximum resident set) of its own process. Under paddle.distributed.launch each rank measures in
+  Engine.execution, with Engine.conv's convolutions) on synthetic tensors of the config's image
+  size; phases are timed by wrapping the module's own methods, so nothing here re-implements MoCo.
+  On one process every execution in --executions, with each Engine.conv of --convs, runs in a fresh
+  process of its own, and so does, with --compare-torch, the official MoCo step in PyTorch on the
+  same shapes (tools/torch_reference.py): each reports the peak memory (maximum resident set) of
+  its own process. Under paddle.distributed.launch each rank measures in
   place. Warm-up steps are excluded.
 - Data: decode + two augmented views per image in this process (= one loader worker), over the
   same files for ppmoco and, with --compare-torch, the official torchvision MoCo v2 pipeline, passes
@@ -66,6 +68,9 @@ def parse_args(argv):
     p.add_argument("-o", "--override", action="append", default=[], help="key.path=value")
     p.add_argument("--executions", nargs="+", choices=("auto", "static", "eager"), default=None,
                    help="ppmoco executions to measure (default: the config's Engine.execution)")
+    p.add_argument("--convs", nargs="+", choices=("auto", "onednn", "paddle"), default=None,
+                   help="Engine.conv values to measure with each execution (default: the config's); "
+                        "with several, the steps are named execution/conv")
     p.add_argument("--compare-torch", action="store_true",
                    help="also measure the official MoCo step in PyTorch and the torchvision data pipeline")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -167,7 +172,7 @@ def bench_step(cfg, env, steps, warmup):
         ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
         ms["key_fwd"] = ms.pop("encode_keys")
         ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
-    return {"execution": step.execution, "images_per_sec": batch_size * env.world_size / per_step,
+    return {"execution": step.execution, "conv": step.conv, "images_per_sec": batch_size * env.world_size / per_step,
             "ms_per_step": 1000 * per_step,
             "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "phases_ms": ms,
             "batch_size": batch_size,
@@ -306,9 +311,10 @@ def run_measured(cmd, what):
         return out.read(), usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_in_child(args, child, execution=None, threads=None):
+def measure_in_child(args, child, execution=None, conv=None, threads=None):
     """A step measurement in a fresh process: its result with the peak memory of that process."""
     extra = [] if execution is None else ["-o", f"Engine.execution={execution}"]
+    extra += [] if conv is None else ["-o", f"Engine.conv={conv}"]
     extra += [] if threads is None else ["--threads", str(threads)]
     stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {execution or child} step")
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -378,29 +384,35 @@ def main(argv=None):
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     executions = args.executions or [cfg["Engine"]["execution"]]
+    convs = args.convs or [cfg["Engine"]["conv"]]
+    # (step name, execution, conv) of each measurement
+    steps = [(execution if len(convs) == 1 else f"{execution}/{conv}", execution, conv)
+             for execution in executions for conv in convs]
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
-        if len(executions) > 1 or args.compare_torch or args.end_to_end or args.extraction:
-            raise ConfigError("--executions with several values, --compare-torch, --end-to-end and --extraction "
-                              "measure one process on the CPU; run them without paddle.distributed.launch")
+        if len(steps) > 1 or args.compare_torch or args.end_to_end or args.extraction:
+            raise ConfigError("--executions or --convs with several values, --compare-torch, --end-to-end and "
+                              "--extraction measure one process on the CPU; run them without "
+                              "paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
             step = bench_step(cfg, env, args.steps, args.warmup)
         step["peak_memory_mb"] = peak_memory_mb(env.device)
-        result["steps"][executions[0]] = step
+        result["steps"][steps[0][0]] = step
     else:
-        for execution in executions:
-            result["steps"][execution] = measure_in_child(args, "step", execution=execution)
+        for name, execution, conv in steps:
+            result["steps"][name] = measure_in_child(args, "step", execution=execution,
+                                                     conv=conv if args.convs else None)
         if args.compare_torch:
             result["steps"]["pytorch"] = reference = measure_in_child(args, "torch", threads=env.num_threads)
-            for execution in executions:
-                ours = result["steps"][execution]
-                result["ratios"][f"step_{execution}_vs_pytorch"] = ours["images_per_sec"] / reference["images_per_sec"]
-                result["ratios"][f"peak_memory_{execution}_vs_pytorch"] = (ours["peak_memory_mb"]
-                                                                           / reference["peak_memory_mb"])
+            for name, _, _ in steps:
+                ours = result["steps"][name]
+                result["ratios"][f"step_{name}_vs_pytorch"] = ours["images_per_sec"] / reference["images_per_sec"]
+                result["ratios"][f"peak_memory_{name}_vs_pytorch"] = (ours["peak_memory_mb"]
+                                                                      / reference["peak_memory_mb"])
     with tempfile.TemporaryDirectory() as tmp:
         # The end-to-end run reads every step's batch from one epoch: an epoch boundary (the loader's
         # workers starting again) at every step would be measured as the pipeline's rate.
@@ -413,7 +425,7 @@ def main(argv=None):
             result["ratios"]["data_vs_torchvision"] = result["data"]["ratio_vs_torchvision"]
         if args.end_to_end:
             result["end_to_end"] = e2e = end_to_end(args, cfg, root, env.num_threads)
-            synthetic = result["steps"][executions[0]]
+            synthetic = result["steps"][steps[0][0]]
             e2e["execution"], e2e["synthetic_images_per_sec"] = synthetic["execution"], synthetic["images_per_sec"]
             result["ratios"]["end_to_end_vs_synthetic"] = e2e["images_per_sec"] / synthetic["images_per_sec"]
     if args.extraction:
@@ -442,7 +454,8 @@ def print_table(r):
     for name, s in r["steps"].items():
         rows += [(f"step: {name}", f"{s['images_per_sec']:.2f} images/s, {s['ms_per_step']:.1f} ms/step "
                                    f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
-                                   f"peak memory {s['peak_memory_mb']:.0f} MiB ({s['execution']})")]
+                                   f"peak memory {s['peak_memory_mb']:.0f} MiB ({s['execution']}"
+                                   + (f", {s['conv']} convolutions)" if "conv" in s else ")"))]
         rows += [(f"  {phase}", f"{ms:.1f} ms") for phase, ms in s.get("phases_ms", {}).items()]
     data = r["data"]
     for name in ("ppmoco", "torchvision"):

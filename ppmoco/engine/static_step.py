@@ -11,7 +11,9 @@ momentum update and enqueue) run eagerly on the shared tensors around each progr
 inside the program, their in-place updates were measured to race the step's reads.
 
 Paddle's oneDNN placement pass moves every op it can to oneDNN; the ops in PLAIN_CPU_OPS go back
-to Paddle's CPU kernels, each for the measured reason given there.
+to Paddle's CPU kernels, each for the measured reason given there. With `Engine.conv: onednn` the
+convolutions are ppmoco's own oneDNN operator (ppmoco/ops), which the pass leaves as it is: Paddle's
+convolution kernels cache reordered copies of their data for the life of the process.
 
 No program is trusted unchecked: the first batch of every shape runs the eager step and the
 program from the same state (weights, BN statistics, queue, velocities, random generator) and
@@ -295,6 +297,11 @@ class StaticTrainStep:
         self.programs = {}  # batch shapes -> _Compiled, or None where the eager step runs
 
     @property
+    def conv(self):
+        """The convolutions of the program and of its check: the eager step's ("onednn" or "paddle")."""
+        return self.eager_step.conv
+
+    @property
     def execution(self):
         """What runs the steps: the programs, or eager where a program failed its check."""
         if any(compiled is None for compiled in self.programs.values()):
@@ -304,7 +311,9 @@ class StaticTrainStep:
     def _build(self, batch):
         with _static_mode():
             main, startup = paddle.static.Program(), paddle.static.Program()
-            with paddle.static.program_guard(main, startup), _SwappedState(self.module) as values:
+            # Entered before the swap: which convolutions the operator computes is read from the eager weights.
+            with self.eager_step.convolutions(), paddle.static.program_guard(main, startup), \
+                    _SwappedState(self.module) as values:
                 inputs = [paddle.static.data(f"batch_{i}", t.shape, t.dtype) for i, t in enumerate(batch)]
                 out = dict(self.module.training_step(inputs))
                 state = out.pop("after_step", {})

@@ -12,6 +12,7 @@ from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.errors import ConfigError
 from ppmoco.fast_path import static_unsupported_reason
+from ppmoco.ops import OpBuildError, onednn_conv_module, onednn_convolutions
 
 logger = logging.getLogger("ppmoco")
 
@@ -25,9 +26,25 @@ def build_optimizer(opt_cfg, module, learning_rate):
                                      weight_decay=opt_cfg["weight_decay"])
 
 
+def conv_implementation(setting, env):
+    """"onednn" or "paddle": the convolutions `Engine.conv` (`setting`) gives on `env`'s device."""
+    if setting == "paddle" or env.device != "cpu":
+        return "paddle"
+    try:
+        onednn_conv_module()
+    except OpBuildError as err:
+        if setting == "onednn":
+            raise ConfigError(f"Engine.conv: onednn: {err}; or set Engine.conv: paddle") from err
+        logger.warning(f"Engine.conv: auto: Paddle's convolution is used: {err}")
+        return "paddle"
+    return "onednn"
+
+
 def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
-    """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager)."""
+    """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager),
+    with the convolutions `Engine.conv` asks for."""
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
+    conv = conv_implementation(engine_cfg.get("conv", "auto"), env)
     amp = engine_cfg["mix_precision"]
     mode = engine_cfg["execution"]
     unsupported = static_unsupported_reason(env, amp)
@@ -36,7 +53,7 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     if amp["enable"] and env.device == "cpu":
         logger.warning("Engine.mix_precision: Paddle applies automatic mixed precision on GPU only (its "
                        "autocast and O2 cast do nothing on CPU); this run computes in float32")
-    eager = TrainStep(module, optimizer, amp)
+    eager = TrainStep(module, optimizer, amp, conv)
     if mode == "eager" or unsupported:
         return eager
     return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
@@ -44,12 +61,13 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
 
 
 class TrainStep:
-    """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss."""
+    """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss; with
+    `conv` "onednn" the module's convolutions run on ppmoco's oneDNN operator."""
 
     execution = "eager"
 
-    def __init__(self, module, optimizer, amp_cfg):
-        self.amp = amp_cfg
+    def __init__(self, module, optimizer, amp_cfg, conv="paddle"):
+        self.amp, self.conv = amp_cfg, conv
         self.scaler = None
         if amp_cfg["enable"] and amp_cfg["dtype"] == "float16":
             self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp_cfg["scale_loss"])
@@ -67,11 +85,15 @@ class TrainStep:
                                     custom_white_list=self.amp["custom_white_list"],
                                     custom_black_list=self.amp["custom_black_list"])
 
+    def convolutions(self):
+        """Context in which the module computes its training step with this step's convolutions."""
+        return onednn_convolutions(self.module) if self.conv == "onednn" else contextlib.nullcontext()
+
     def __call__(self, batch):
         """Run one step on `batch`; return the module's metrics as tensors (no host sync)."""
         with paddle.no_grad():
             self.module.before_step()
-        with self._autocast():
+        with self._autocast(), self.convolutions():
             out = dict(self.module.training_step(batch))
         state = out.pop("after_step", {})
         loss = out["loss"]

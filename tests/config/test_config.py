@@ -62,6 +62,7 @@ def test_overrides_with_list_index_and_typing(tmp_path):
     ("Engine.num_train_epochs=1.5", r"Engine.num_train_epochs: expected int, got float"),
     ("Engine.save_load.auto_resume=1", r"Engine.save_load.auto_resume: expected true/false"),
     ("Global.device=tpu", r"Global.device: 'tpu' is not one of auto, cpu, gpu"),
+    ("Engine.conv=mkldnn", r"Engine.conv: 'mkldnn' is not one of auto, onednn, paddle"),
     # every schedule takes it, so it is checked once, here, not by the schedule
     ("Optimizer.lr.learning_rate=-1.0", r"Optimizer.lr.learning_rate: -1.0 must be a number > 0; "
                                         r"e\.g\. -o Optimizer.lr.learning_rate=0.03"),

@@ -33,6 +33,7 @@ def test_benchmark_measures_each_execution_in_its_own_process(tmp_path):
         phases = step["phases_ms"]
         # Catches: a child measuring the config's execution instead of the one it was given.
         assert set(phases) == PHASES[execution] and step["execution"].startswith(execution)
+        assert step["conv"] == "onednn"  # Engine.conv: auto, where the operator builds (as in CI)
         assert all(v >= 0 for v in phases.values())
         assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
         assert step["images_per_sec"] == pytest.approx(16 / (step["ms_per_step"] / 1000), rel=1e-9)

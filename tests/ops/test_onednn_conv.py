@@ -1,0 +1,112 @@
+"""The oneDNN convolution operator (ppmoco/ops) equals Paddle's conv2d, forward and both gradients,
+at the convolutions ResNets train with.
+
+The reference is Paddle's eager conv2d in float64 on the same (float32-representable) values; the
+operator computes in float32, so results are compared by relative error, within 1e-5 of the
+reference's norm (float32 rounding over at most 1152 products per output; the faults below give
+1e-2 and more, or an error). The output gradient is random, not ones, so a shifted or mirrored
+gradient cannot cancel out. Mutations of onednn_conv.cc that were run against these cases, and
+which cases failed:
+- the weights read as IOHW (forward or data gradient), d weight written as HWIO, d input and
+  d weight swapped, d weight computed from d input instead of X: every case;
+- padding 0 (forward, or the data gradient's): every padded case (stems, 3x3 stride 1 and 2);
+- the weight gradient with stride 1, or reading d out in the data gradient's layout without the
+  reorder it needs: the stride-2 cases (7x7 stem, 3x3/2, 1x1/2 downsample), where the two
+  gradients want different layouts.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from ppmoco.engine.env import RunEnv
+from ppmoco.engine.step import conv_implementation
+from ppmoco.errors import ConfigError
+from ppmoco.ops import OpBuildError, computes, conv, onednn_conv2d, onednn_convolutions
+
+CASES = {  # name: (x shape, weight shape, stride, padding), ResNet-50's and the CIFAR stem's
+    "stem_7x7_s2_224px": ((2, 3, 224, 224), (64, 3, 7, 7), 2, 3),
+    "1x1_64_to_256": ((2, 64, 56, 56), (256, 64, 1, 1), 1, 0),
+    "3x3_s1_128ch_28px": ((2, 128, 28, 28), (128, 128, 3, 3), 1, 1),
+    "3x3_s2_128ch_56px": ((2, 128, 56, 56), (128, 128, 3, 3), 2, 1),
+    "1x1_s2_downsample": ((2, 256, 56, 56), (512, 256, 1, 1), 2, 0),
+    "cifar_stem_3x3_32px": ((4, 3, 32, 32), (64, 3, 3, 3), 1, 1),
+}
+
+
+def _relative(got, want):
+    return float(np.linalg.norm(got.astype("float64") - want) / np.linalg.norm(want))
+
+
+def _forward_and_grads(fn, x, w, dout):
+    x, w = paddle.to_tensor(x, stop_gradient=False), paddle.to_tensor(w, stop_gradient=False)
+    out = fn(x, w)
+    dx, dw = paddle.grad(out, [x, w], grad_outputs=paddle.to_tensor(dout))
+    return out.numpy(), dx.numpy(), dw.numpy()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_equal_paddle_conv2d(name):
+    x_shape, w_shape, stride, padding = CASES[name]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype("float32")
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype("float32")
+    out_size = [(x_shape[i] + 2 * padding - w_shape[i]) // stride + 1 for i in (2, 3)]
+    dout = rng.standard_normal((x_shape[0], w_shape[0], *out_size)).astype("float32")
+
+    got = _forward_and_grads(lambda a, b: onednn_conv2d(a, b, [stride] * 2, [padding] * 2), x, w, dout)
+    want = _forward_and_grads(lambda a, b: paddle.nn.functional.conv2d(a, b, stride=stride, padding=padding),
+                              x.astype("float64"), w.astype("float64"), dout.astype("float64"))
+    for what, g, r in zip(("output", "d input", "d weight"), got, want):
+        assert g.shape == r.shape, f"{name}: {what} shape {g.shape}, expected {r.shape}"
+        assert g.dtype == np.float32
+        assert _relative(g, r) < 1e-5, f"{name}: {what} off by {_relative(g, r):.2g} (relative)"
+
+
+def test_convolutions_of_a_module_run_on_the_operator_within_the_context_only(monkeypatch):
+    """Eligible convolutions switch to the operator and back; the rest, and the state, stay Paddle's."""
+    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, stride=2, padding=1, bias_attr=False),
+                               paddle.nn.Conv2D(8, 8, 3, padding=1, groups=2, bias_attr=False),
+                               paddle.nn.Conv2D(8, 4, 1))
+    assert [computes(layer) for layer in net] == [True, False, False]
+    keys = list(net.state_dict())
+    x = paddle.randn([2, 3, 9, 9])
+    expected = net(x).numpy()
+    calls = []
+    monkeypatch.setattr(conv, "onednn_conv2d", lambda *args: calls.append(args) or onednn_conv2d(*args))
+    with onednn_convolutions(net):
+        got = net(x).numpy()
+    assert len(calls) == 1 and calls[0][2:] == ([2, 2], [1, 1])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    net(x)
+    assert len(calls) == 1, "the operator ran after the context"
+    assert list(net.state_dict()) == keys
+
+
+def test_a_missing_compiler_or_missing_headers_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(OpBuildError, match="needs a C[+][+] compiler .'no-such-compiler' not found.: install g[+][+]"):
+        conv.onednn_conv_module.__wrapped__()  # uncached: the process's loaded module stays
+    monkeypatch.setattr(conv, "_paddle_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(conv.sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr(conv.sys, "prefix", str(tmp_path))
+    with pytest.raises(OpBuildError, match="oneDNN's C[+][+] headers.*pip install --no-deps onednn-devel=="):
+        conv.onednn_include_dir()
+
+
+@pytest.mark.parametrize("setting,device,builds,expected", [
+    ("auto", "cpu", True, "onednn"), ("onednn", "cpu", True, "onednn"), ("paddle", "cpu", True, "paddle"),
+    ("auto", "cpu", False, "paddle"), ("onednn", "cpu", False, ConfigError),
+    ("auto", "gpu", True, "paddle"), ("onednn", "gpu", True, "paddle")])
+def test_engine_conv_setting(monkeypatch, setting, device, builds, expected):
+    """Engine.conv: auto falls back to Paddle's convolution where the operator cannot be built, onednn
+    makes that an error, and GPUs always run Paddle's."""
+    def module():
+        if not builds:
+            raise OpBuildError("no compiler")
+    monkeypatch.setattr("ppmoco.engine.step.onednn_conv_module", module)
+    env = RunEnv(device, 1, 0, 1, 1)
+    if expected is ConfigError:
+        with pytest.raises(ConfigError, match="Engine.conv: onednn: no compiler; or set Engine.conv: paddle"):
+            conv_implementation(setting, env)
+    else:
+        assert conv_implementation(setting, env) == expected
