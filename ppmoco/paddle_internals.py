@@ -33,8 +33,14 @@ Each entry says what it is for and which public alternative was tried:
   whose only serialisation is pickle's, and reading a pickle can run code).
 - `ONEDNN_PLACEMENT_PASS`: the PIR pass that moves ops to oneDNN (inference passes are its only
   documented users).
+- `load_custom_op_library`: `paddle.utils.cpp_extension.extension_utils`'s
+  `load_op_meta_info_and_register_op` and `_generate_python_module`, what
+  `paddle.utils.cpp_extension.load` ends with. The public `load` also reruns its setup machinery
+  on an unchanged build (3 s and a few log lines in every training process); ppmoco/ops loads the
+  library it built before with these two.
 """
 import importlib
+import os
 
 import paddle
 
@@ -115,3 +121,12 @@ def rng_state_from_tuples(tuples):
         state.__setstate__(tuple(values))
         states.append(state)
     return states
+
+
+def load_custom_op_library(module_name, folder):
+    """The Python module of the custom operators in `folder`/`module_name`.so, built before by
+    `paddle.utils.cpp_extension.load(name=module_name, ...)` (registered in Paddle, callable eagerly
+    and in static programs)."""
+    extension_utils = importlib.import_module("paddle.utils.cpp_extension.extension_utils")
+    op_names = extension_utils.load_op_meta_info_and_register_op(os.path.join(folder, module_name + ".so"))
+    return extension_utils._generate_python_module(module_name, op_names, folder)

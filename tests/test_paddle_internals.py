@@ -87,3 +87,16 @@ def test_rng_state_round_trips_through_plain_tuples():
     expected = paddle.rand([5]).numpy()
     paddle.set_rng_state(internals.rng_state_from_tuples(tuples))
     np.testing.assert_array_equal(paddle.rand([5]).numpy(), expected)
+
+
+def test_a_built_custom_operator_library_loads_without_the_build_machinery(tmp_path):
+    # Catches load_custom_op_library returning a module whose operator is missing or computes
+    # something else than the library ppmoco/ops built.
+    from ppmoco.ops import conv
+
+    conv.onednn_conv_module()  # builds the library into the cache if no earlier process did
+    built = os.path.join(conv.build_directory(conv.onednn_include_dir()), conv.MODULE)
+    module = internals.load_custom_op_library(conv.MODULE, built)
+    x, w = paddle.randn([2, 3, 9, 9]), paddle.randn([4, 3, 3, 3])
+    np.testing.assert_allclose(module.onednn_conv2d(x, w, [2, 2], [1, 1]).numpy(),
+                               paddle.nn.functional.conv2d(x, w, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ import time
 
 import paddle
 
+from ppmoco import paddle_internals as internals
 from ppmoco.errors import PpmocoError
 
 logger = logging.getLogger("ppmoco")
@@ -77,8 +78,10 @@ def onednn_conv_module():
     started = time.perf_counter()
     with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not os.path.isdir(os.path.join(folder, MODULE)):
-            logger.info(f"compiling the oneDNN convolution operator into {folder} (once)")
+        built = os.path.join(folder, MODULE)
+        if os.path.isfile(os.path.join(built, MODULE + ".so")):
+            return internals.load_custom_op_library(MODULE, built)
+        logger.info(f"compiling the oneDNN convolution operator into {folder} (once)")
         try:
             module = load(name=MODULE, sources=[SOURCE], extra_include_paths=[include_dir],
                           extra_cxx_cflags=["-O3"],
