@@ -4,6 +4,8 @@ Each check names the call, so after a Paddle upgrade the failure says which inte
 """
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -89,14 +91,21 @@ def test_rng_state_round_trips_through_plain_tuples():
     np.testing.assert_array_equal(paddle.rand([5]).numpy(), expected)
 
 
-def test_a_built_custom_operator_library_loads_without_the_build_machinery(tmp_path):
+def test_a_built_custom_operator_library_loads_without_the_build_machinery():
     # Catches load_custom_op_library returning a module whose operator is missing or computes
-    # something else than the library ppmoco/ops built.
+    # something else than the library ppmoco/ops built. In a process of its own: Paddle registers a
+    # library's operators once per process, as ppmoco/ops loads it.
     from ppmoco.ops import conv
 
     conv.onednn_conv_module()  # builds the library into the cache if no earlier process did
     built = os.path.join(conv.build_directory(conv.onednn_include_dir()), conv.MODULE)
-    module = internals.load_custom_op_library(conv.MODULE, built)
-    x, w = paddle.randn([2, 3, 9, 9]), paddle.randn([4, 3, 3, 3])
-    np.testing.assert_allclose(module.onednn_conv2d(x, w, [2, 2], [1, 1]).numpy(),
-                               paddle.nn.functional.conv2d(x, w, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)
+    code = ("import sys, numpy as np, paddle\n"
+            "from ppmoco import paddle_internals as internals\n"
+            "module = internals.load_custom_op_library(sys.argv[1], sys.argv[2])\n"
+            "x, w = paddle.randn([2, 3, 9, 9]), paddle.randn([4, 3, 3, 3])\n"
+            "np.testing.assert_allclose(module.onednn_conv2d(x, w, [2, 2], [1, 1]).numpy(),\n"
+            "    paddle.nn.functional.conv2d(x, w, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, conv.MODULE, built], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-3000:]
