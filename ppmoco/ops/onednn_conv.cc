@@ -6,6 +6,7 @@
 // reorder goes into a temporary that is freed when the call returns; what persists is oneDNN's
 // primitive cache (compiled kernels, no tensors). The gradient op takes the plain X and W again
 // and redoes the reorders it needs instead of keeping the forward's.
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -81,6 +82,19 @@ void store(memory computed, memory out) {
   }
 }
 
+// Runs `primitive` on `args` with a scratchpad of its own, writing its result (argument `result_arg`)
+// into the plain `result`: directly, or through a temporary in `result_layout`.
+void run(const dnnl::primitive& primitive, const memory::desc& scratchpad,
+         std::unordered_map<int, memory> args, int result_arg, const memory& result,
+         const memory::desc& result_layout) {
+  memory computed = output_in(result, result_layout);
+  args[result_arg] = computed;
+  args[DNNL_ARG_SCRATCHPAD] = memory(scratchpad, context().engine);
+  primitive.execute(context().stream, args);
+  store(computed, result);
+  context().stream.wait();
+}
+
 // Scratchpads are allocated per call too (oneDNN's default keeps a growing one per thread).
 dnnl::primitive_attr user_scratchpad() {
   dnnl::primitive_attr attr;
@@ -108,19 +122,12 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const paddle::Tenso
                                     const std::vector<int>& strides, const std::vector<int>& paddings) {
   const Geometry g = geometry(x, w, strides, paddings);
   auto out = paddle::empty(g.dst, paddle::DataType::FLOAT32, x.place());
-  Context& ctx = context();
   const auto pd = forward_desc(g);
   memory src = in_layout(plain(g.src, tag::nchw, x.data<float>()), pd.src_desc());
   memory weights = in_layout(plain(g.weights, tag::oihw, w.data<float>()), pd.weights_desc());
-  memory dst_plain = plain(g.dst, tag::nchw, out.data<float>());
-  memory dst = output_in(dst_plain, pd.dst_desc());
-  memory scratchpad(pd.scratchpad_desc(), ctx.engine);
-  dnnl::convolution_forward(pd).execute(ctx.stream, {{DNNL_ARG_SRC, src},
-                                                     {DNNL_ARG_WEIGHTS, weights},
-                                                     {DNNL_ARG_DST, dst},
-                                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-  store(dst, dst_plain);
-  ctx.stream.wait();
+  run(dnnl::convolution_forward(pd), pd.scratchpad_desc(),
+      {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}}, DNNL_ARG_DST,
+      plain(g.dst, tag::nchw, out.data<float>()), pd.dst_desc());
   return {out};
 }
 
@@ -143,29 +150,16 @@ std::vector<paddle::Tensor> backward(const paddle::Tensor& x, const paddle::Tens
 
   {  // d input = the transposed convolution of d out with the weights
     memory weights = in_layout(plain(g.weights, tag::oihw, w.data<float>()), data_pd.weights_desc());
-    memory dsrc_plain = plain(g.src, tag::nchw, dx.data<float>());
-    memory dsrc = output_in(dsrc_plain, data_pd.diff_src_desc());
-    memory scratchpad(data_pd.scratchpad_desc(), ctx.engine);
-    dnnl::convolution_backward_data(data_pd).execute(ctx.stream, {{DNNL_ARG_DIFF_DST, ddst},
-                                                                {DNNL_ARG_WEIGHTS, weights},
-                                                                {DNNL_ARG_DIFF_SRC, dsrc},
-                                                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    store(dsrc, dsrc_plain);
-    ctx.stream.wait();
+    run(dnnl::convolution_backward_data(data_pd), data_pd.scratchpad_desc(),
+        {{DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_WEIGHTS, weights}}, DNNL_ARG_DIFF_SRC,
+        plain(g.src, tag::nchw, dx.data<float>()), data_pd.diff_src_desc());
   }  // its temporaries are freed before the weight gradient allocates its own
   {  // d weight = the correlation of the input with d out
     memory src = in_layout(plain(g.src, tag::nchw, x.data<float>()), weights_pd.src_desc());
     ddst = in_layout(ddst, weights_pd.diff_dst_desc());
-    memory dweights_plain = plain(g.weights, tag::oihw, dw.data<float>());
-    memory dweights = output_in(dweights_plain, weights_pd.diff_weights_desc());
-    memory scratchpad(weights_pd.scratchpad_desc(), ctx.engine);
-    dnnl::convolution_backward_weights(weights_pd).execute(ctx.stream,
-                                                           {{DNNL_ARG_SRC, src},
-                                                            {DNNL_ARG_DIFF_DST, ddst},
-                                                            {DNNL_ARG_DIFF_WEIGHTS, dweights},
-                                                            {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    store(dweights, dweights_plain);
-    ctx.stream.wait();
+    run(dnnl::convolution_backward_weights(weights_pd), weights_pd.scratchpad_desc(),
+        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst}}, DNNL_ARG_DIFF_WEIGHTS,
+        plain(g.weights, tag::oihw, dw.data<float>()), weights_pd.diff_weights_desc());
   }
   return {dx, dw};
 }
