@@ -33,6 +33,10 @@ Each entry says what it is for and which public alternative was tried:
   whose only serialisation is pickle's, and reading a pickle can run code).
 - `ONEDNN_PLACEMENT_PASS`: the PIR pass that moves ops to oneDNN (inference passes are its only
   documented users).
+- `conv2d_settings`: an nn.Conv2D's `_stride`, `_updated_padding` (its padding as numbers),
+  `_groups`, `_dilation`, `_data_format`, `_padding_mode`, `_padding_algorithm`: which convolutions
+  ppmoco/ops computes, and with what window. Public alternative: none (the layer keeps its
+  constructor arguments only in these).
 - `load_custom_op_library`: `paddle.utils.cpp_extension.extension_utils`'s
   `load_op_meta_info_and_register_op` and `_generate_python_module`, what
   `paddle.utils.cpp_extension.load` ends with. The public `load` also reruns its setup machinery
@@ -130,3 +134,11 @@ def load_custom_op_library(module_name, folder):
     extension_utils = importlib.import_module("paddle.utils.cpp_extension.extension_utils")
     op_names = extension_utils.load_op_meta_info_and_register_op(os.path.join(folder, module_name + ".so"))
     return extension_utils._generate_python_module(module_name, op_names, folder)
+
+
+def conv2d_settings(layer):
+    """The window and options of an nn.Conv2D `layer`: stride, padding (as numbers, or Paddle's
+    other forms), groups, dilation, data_format, padding_mode, padding_algorithm."""
+    return dict(stride=list(layer._stride), padding=layer._updated_padding, groups=layer._groups,
+                dilation=list(layer._dilation), data_format=layer._data_format,
+                padding_mode=layer._padding_mode, padding_algorithm=layer._padding_algorithm)

@@ -109,3 +109,10 @@ def test_a_built_custom_operator_library_loads_without_the_build_machinery():
     proc = subprocess.run([sys.executable, "-c", code, conv.MODULE, built], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_conv2d_settings_are_the_layers_window_and_options():
+    # Catches a renamed private attribute (KeyError/AttributeError) or padding no longer kept as numbers.
+    settings = internals.conv2d_settings(paddle.nn.Conv2D(3, 4, 3, stride=2, padding=1, bias_attr=False))
+    assert settings == dict(stride=[2, 2], padding=[1, 1], groups=1, dilation=[1, 1], data_format="NCHW",
+                            padding_mode="zeros", padding_algorithm="EXPLICIT"), settings

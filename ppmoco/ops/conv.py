@@ -103,17 +103,19 @@ def onednn_conv2d(x, weight, stride, padding):
 def computes(layer):
     """Whether the operator computes what `layer` does: a float32, bias-free, ungrouped, undilated
     NCHW nn.Conv2D with zero padding given as numbers."""
-    return (isinstance(layer, paddle.nn.Conv2D) and layer.bias is None and layer._groups == 1
-            and list(layer._dilation) == [1, 1] and layer._data_format == "NCHW"
-            and layer._padding_mode == "zeros" and layer._padding_algorithm == "EXPLICIT"
-            and len(layer._updated_padding) == 2 and all(isinstance(p, int) for p in layer._updated_padding)
-            and layer.weight.dtype == paddle.float32)
+    if not isinstance(layer, paddle.nn.Conv2D):
+        return False
+    conv = internals.conv2d_settings(layer)
+    return (layer.bias is None and conv["groups"] == 1 and conv["dilation"] == [1, 1]
+            and conv["data_format"] == "NCHW" and conv["padding_mode"] == "zeros"
+            and conv["padding_algorithm"] == "EXPLICIT" and len(conv["padding"]) == 2
+            and all(isinstance(p, int) for p in conv["padding"]) and layer.weight.dtype == paddle.float32)
 
 
-def _forward(layer, x):
+def _forward(layer, stride, padding, x):
     if x.dtype != paddle.float32:  # e.g. under autocast: Paddle's kernels take the other types
         return type(layer).forward(layer, x)
-    return onednn_conv2d(x, layer.weight, layer._stride, layer._updated_padding)
+    return onednn_conv2d(x, layer.weight, stride, padding)
 
 
 @contextlib.contextmanager
@@ -123,7 +125,8 @@ def onednn_convolutions(module):
     onednn_conv_module()
     layers = [layer for layer in module.sublayers(include_self=True) if computes(layer)]
     for layer in layers:
-        layer.forward = functools.partial(_forward, layer)
+        conv = internals.conv2d_settings(layer)
+        layer.forward = functools.partial(_forward, layer, conv["stride"], conv["padding"])
     try:
         yield
     finally:
