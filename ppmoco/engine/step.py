@@ -44,7 +44,7 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager),
     with the convolutions `Engine.conv` asks for."""
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
-    conv = conv_implementation(engine_cfg.get("conv", "auto"), env)
+    conv = conv_implementation(engine_cfg["conv"], env)
     amp = engine_cfg["mix_precision"]
     mode = engine_cfg["execution"]
     unsupported = static_unsupported_reason(env, amp)

@@ -16,7 +16,7 @@ from ppmoco.paddle_internals import batchnorm_statistics, o2_cast
 
 ENCODER = {"name": "resnet18", "widths": [16, 32, 32, 64]}  # ImageNet stem: every kind of layer
 OPT = {"momentum": 0.9, "weight_decay": 1e-4}
-ENGINE = {"execution": "eager",
+ENGINE = {"execution": "eager", "conv": "auto",
           "mix_precision": {"enable": True, "dtype": "bfloat16", "level": "O2", "scale_loss": 1.0,
                             "custom_black_list": [], "custom_white_list": []}}
 

@@ -110,8 +110,8 @@ def env(world_size=1, device="cpu"):
     ({}, True, "float32"),
 ])
 def test_static_refuses_what_it_cannot_run(kwargs, amp, message):
-    engine_cfg = {"execution": "static", "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16",
-                                                           "scale_loss": 1.0}}
+    engine_cfg = {"execution": "static", "conv": "auto",
+                  "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16", "scale_loss": 1.0}}
     with pytest.raises(ConfigError, match=f"Engine.execution: .*{message}"):
         build_train_step(engine_cfg, OPT, make_moco(), 0.05, env(**kwargs))
 
@@ -121,8 +121,8 @@ def test_static_refuses_what_it_cannot_run(kwargs, amp, message):
     ("eager", 1, False, "eager"), ("static", 1, False, "static (oneDNN)"),
 ])
 def test_auto_picks_the_fast_path_only_where_it_runs(execution, world_size, amp, expected):
-    engine_cfg = {"execution": execution, "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16",
-                                                            "scale_loss": 1.0}}
+    engine_cfg = {"execution": execution, "conv": "auto",
+                  "mix_precision": {"enable": amp, "level": "O1", "dtype": "bfloat16", "scale_loss": 1.0}}
     step = build_train_step(engine_cfg, OPT, make_moco(), 0.05, env(world_size))
     assert step.execution == expected
 
