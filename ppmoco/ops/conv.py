@@ -73,15 +73,15 @@ def onednn_conv_module():
     include_dir = onednn_include_dir()
     folder = build_directory(include_dir)
     os.makedirs(folder, exist_ok=True)
-    from paddle.utils.cpp_extension import load
-
-    started = time.perf_counter()
     with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         built = os.path.join(folder, MODULE)
         if os.path.isfile(os.path.join(built, MODULE + ".so")):
             return internals.load_custom_op_library(MODULE, built)
+        from paddle.utils.cpp_extension import load
+
         logger.info(f"compiling the oneDNN convolution operator into {folder} (once)")
+        started = time.perf_counter()
         try:
             module = load(name=MODULE, sources=[SOURCE], extra_include_paths=[include_dir],
                           extra_cxx_cflags=["-O3"],
@@ -91,7 +91,7 @@ def onednn_conv_module():
         except Exception as err:  # noqa: BLE001 - a failed compile is reported in one line
             raise OpBuildError(f"building {SOURCE} in {folder} failed (the compiler's message is above): "
                                f"{err}") from err
-    logger.debug(f"oneDNN convolution operator loaded in {time.perf_counter() - started:.1f} s")
+    logger.debug(f"oneDNN convolution operator compiled and loaded in {time.perf_counter() - started:.1f} s")
     return module
 
 
