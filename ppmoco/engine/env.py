@@ -48,6 +48,14 @@ def pick_device(requested):
     return "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
 
 
+def _glibc():
+    """glibc's library, or None where libc is another (macOS, musl: nothing to tune)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory():
     """Stop glibc from handing large freed blocks back to the kernel.
 
@@ -56,12 +64,19 @@ def keep_freed_memory():
     the heap avoids that (docs/performance.md); the process keeps its peak memory instead of
     returning it between steps.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
+    libc = _glibc()
+    if libc is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
+
+
+def release_freed_memory():
+    """Hand the free pages of glibc's heap back to the kernel (malloc_trim), after a one-off peak
+    whose memory the steps after it would not reuse: keep_freed_memory otherwise keeps it for the
+    life of the process. Returns whether anything was released (False where libc is not glibc)."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 def seed_everything(seed):

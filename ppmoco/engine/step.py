@@ -104,7 +104,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.clear_grad()
+        self.optimizer.clear_grad(set_to_zero=False)  # no gradient buffers kept between steps
         with paddle.no_grad():
             self.module.after_step(state)
         return out

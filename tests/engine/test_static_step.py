@@ -9,7 +9,14 @@ import paddle
 import pytest
 
 from ppmoco.engine.env import RunEnv
-from ppmoco.engine.static_step import PLAIN_CPU_OPS, StaticTrainStep, place_on_onednn
+from ppmoco.engine.static_step import (
+    PLAIN_CPU_OPS,
+    StaticTrainStep,
+    _disagreement,
+    _Snapshot,
+    _update_norms,
+    place_on_onednn,
+)
 from ppmoco.engine.step import TrainStep, build_optimizer, build_train_step
 from ppmoco.errors import ConfigError
 from ppmoco.inference import cpu_predictor
@@ -214,3 +221,45 @@ def test_paddle_batchnorm_updates_the_running_variance_with_the_biased_batch_var
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype("float32")
     bn(paddle.to_tensor(x))
     np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * x.var(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_the_check_measures_each_update_against_eager_without_the_state_before_the_step():
+    # The check keeps two norms per tensor instead of the copies of the state before the step.
+    # Against the definition, ||d_static - d_eager|| / ||d_eager|| with d = after - before,
+    # recomputed here in float64 from all three states. Catches: the program's result taken from
+    # a snapshot instead of the live tensors, the norms of the wrong pair, the floor for a tensor
+    # the eager step leaves unchanged (a frozen BN statistic) dropped.
+    rng = np.random.default_rng(0)
+    before = {"w": rng.standard_normal(50).astype("float32"), "frozen": np.full(4, 1000.0, "float32"),
+              "count": np.arange(3, dtype="int64")}
+    d_eager = (1e-2 * rng.standard_normal(50)).astype("float32")
+    after_eager = dict(before, w=before["w"] + d_eager)
+    state = {k: paddle.to_tensor(v) for k, v in before.items()}
+    snapshot_before = _Snapshot(state)
+    for key, value in after_eager.items():
+        paddle.assign(value, output=state[key])
+    eager = _Snapshot(state)
+    norms = _update_norms(snapshot_before, eager)
+    assert set(norms) == {"w", "frozen"}
+
+    def verdict(static_values):
+        for key, value in static_values.items():
+            paddle.assign(value, output=state[key])
+        return _disagreement(eager, norms, state, {"loss": 1.0}, {"loss": 1.0}, ["w"])
+
+    def relative(static_w):
+        start = before["w"].astype("float64")
+        d_static, d_reference = static_w - start, after_eager["w"] - start
+        return np.linalg.norm(d_static - d_reference) / np.linalg.norm(d_reference)
+
+    close = after_eager["w"] + (0.01 * d_eager).astype("float32")
+    assert relative(close) < 0.05 and verdict(dict(after_eager, w=close)) is None
+    far = after_eager["w"] + (0.6 * d_eager).astype("float32")
+    assert verdict(dict(after_eager, w=far)) == f"the update of w is {relative(far):.2g} off eager's"
+    # A tensor eager leaves as it is is measured against 1e-6 of its own size (here 2e-3): float32
+    # rounding passes, a real move does not.
+    rounded = np.nextafter(before["frozen"], np.float32(2000.0))
+    assert verdict(dict(after_eager, frozen=rounded)) is None
+    moved = before["frozen"] + np.array([0, 0, 0, 1], "float32")
+    assert verdict(dict(after_eager, frozen=moved)) == "the update of frozen is 5e+02 off eager's"
+    assert verdict(dict(after_eager, count=np.array([0, 1, 3]))) == "count differs from eager"
