@@ -58,6 +58,10 @@ PRESETS = {  # the two configurations of the performance table in the README
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
 }
 PHASES = ("momentum_update", "encode_keys", "enqueue")
+# Environment variables that cap the instruction set the libraries use, e.g. ONEDNN_MAX_CPU_ISA=AVX2
+# with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 to measure an AVX-512 CPU's kernels
+# as on an AVX2-only one (the children inherit them); the JSON records those set.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 LR = 0.03  # the step's learning rate, ppmoco's and the reference's
 
 
@@ -391,6 +395,7 @@ def main(argv=None):
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
+              "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
@@ -450,7 +455,8 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
                                f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
-            ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})")]
+            ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"
+                    + "".join(f", {name}={value}" for name, value in r.get("isa_limits", {}).items()))]
     for name, s in r["steps"].items():
         rows += [(f"step: {name}", f"{s['images_per_sec']:.2f} images/s, {s['ms_per_step']:.1f} ms/step "
                                    f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
