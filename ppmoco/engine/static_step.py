@@ -20,7 +20,7 @@ program from the same state (weights, BN statistics, queue, velocities, random g
 compares the loss and the update of every tensor, the queue's included (CHECK_TOLERANCES). A program that
 disagrees, or fails natively, is dropped: that shape runs eagerly from then on and one log line says
 why; with `Engine.execution: static` it is a one-line error instead. The check costs one eager step
-and three host copies of the module state per batch shape (README "Performance").
+and two copies of the training state in a temporary file per batch shape (README "Performance").
 Equivalence with eager and with a PyTorch reference is tested in tests/engine/test_static_step.py
 and tests/engine/test_moco_reference.py.
 """
