@@ -62,6 +62,8 @@ PHASES = ("momentum_update", "encode_keys", "enqueue")
 # with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 to measure an AVX-512 CPU's kernels
 # as on an AVX2-only one (the children inherit them); the JSON records those set.
 ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+# The same for the memory allocator, e.g. LD_PRELOAD=libjemalloc.so.2 with MALLOC_CONF (README "Performance").
+ALLOCATOR = ("LD_PRELOAD", "MALLOC_CONF")
 LR = 0.03  # the step's learning rate, ppmoco's and the reference's
 
 
@@ -396,6 +398,7 @@ def main(argv=None):
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
               "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+              "allocator": {name: os.environ[name] for name in ALLOCATOR if name in os.environ},
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
@@ -455,6 +458,7 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
                                f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
+            ("allocator", ", ".join(f"{name}={value}" for name, value in r["allocator"].items()) or "the C library's"),
             ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"
                     + "".join(f", {name}={value}" for name, value in r.get("isa_limits", {}).items()))]
     for name, s in r["steps"].items():

@@ -26,11 +26,12 @@ def run_benchmark(tmp_path, *args, env=None):
 
 @pytest.mark.slow
 def test_benchmark_measures_each_execution_in_its_own_process(tmp_path):
-    # Measured as on an AVX2-only CPU: the cap is recorded and printed with the CPU.
+    # Measured as on an AVX2-only CPU and with an allocator setting: both recorded and printed.
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
                                    "--executions", "eager", "static", "--data-passes", "2",
-                                   env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+                                   env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CONF": "dirty_decay_ms:-1"})
     assert result["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and ", ONEDNN_MAX_CPU_ISA=AVX2" in stdout
+    assert result["allocator"] == {"MALLOC_CONF": "dirty_decay_ms:-1"} and "MALLOC_CONF=dirty_decay_ms:-1" in stdout
     assert list(result["steps"]) == ["eager", "static"]
     for execution, step in result["steps"].items():
         assert step["batch_size"] == 16 and step["image_size"] == [16, 16] and step["steps"] == 2
@@ -65,7 +66,7 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
                                    "--compare-torch", "--end-to-end", "1", "--data-passes", "1",
                                    "--extraction", "1")
     ours, reference = result["steps"]["eager"], result["steps"]["pytorch"]
-    assert result["isa_limits"] == {}  # none set: each library's full instruction set
+    assert result["isa_limits"] == {} and result["allocator"] == {}  # none set: the defaults
     assert reference["reference"] == {"arch": "resnet18", "cifar_stem": True, "dim": 64, "hidden_dim": 64,
                                       "K": 64, "m": 0.99, "T": 0.2}
     assert reference["threads"] == ours["threads"] and reference["image_size"] == [16, 16]
