@@ -203,14 +203,21 @@ class _Snapshot:
     in memory would add the size of the training state to the process's peak (0.35 GiB for ResNet-50)."""
 
     def __init__(self, tensors):
-        self.tensors = tensors
-        self.file = tempfile.TemporaryFile()
-        for tensor in tensors.values():
-            np.save(self.file, tensor.numpy(), allow_pickle=False)
+        self.tensors, self.file, self.copies = tensors, None, None
+        try:
+            self.file = tempfile.TemporaryFile(buffering=0)  # unbuffered: a failed write fails here, not at close
+            for tensor in tensors.values():
+                np.save(self.file, tensor.numpy(), allow_pickle=False)
+        except OSError:  # no room (or no temporary directory): the copies stay in memory
+            self.close()
+            self.copies = [tensor.numpy().copy() for tensor in tensors.values()]
         self.rng = paddle.get_rng_state()
 
     def values(self):
         """(name, host copy) of each tensor, in the order of `tensors`."""
+        if self.copies is not None:
+            yield from zip(self.tensors, self.copies)
+            return
         self.file.seek(0)
         for key in self.tensors:
             yield key, np.load(self.file, allow_pickle=False)
@@ -221,7 +228,9 @@ class _Snapshot:
         paddle.set_rng_state(self.rng)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class _StderrCapture:

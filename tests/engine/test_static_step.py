@@ -263,3 +263,32 @@ def test_the_check_measures_each_update_against_eager_without_the_state_before_t
     moved = before["frozen"] + np.array([0, 0, 0, 1], "float32")
     assert verdict(dict(after_eager, frozen=moved)) == "the update of frozen is 5e+02 off eager's"
     assert verdict(dict(after_eager, count=np.array([0, 1, 3]))) == "count differs from eager"
+
+
+class _FullDisk:
+    """A temporary file on a full disk: every write fails."""
+
+    def __init__(self, **options):
+        pass
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("failure", ["no temporary file", "disk full while writing"])
+def test_the_checks_copies_stay_in_memory_where_the_temporary_directory_has_no_room(monkeypatch, failure):
+    # Catches: a check that crashes the run (or restores garbage) on a full TMPDIR.
+    def no_file(**options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", no_file if failure == "no temporary file" else _FullDisk)
+    state = {"w": paddle.to_tensor(np.arange(6, dtype="float32")), "n": paddle.to_tensor(np.arange(3))}
+    snapshot = _Snapshot(state)
+    paddle.assign(np.zeros(6, "float32"), output=state["w"])
+    snapshot.restore()
+    np.testing.assert_array_equal(state["w"].numpy(), np.arange(6, dtype="float32"))
+    assert [key for key, _ in snapshot.values()] == ["w", "n"]
+    snapshot.close()
