@@ -67,6 +67,15 @@ ALLOCATOR = ("LD_PRELOAD", "MALLOC_CONF")
 LR = 0.03  # the step's learning rate, ppmoco's and the reference's
 
 
+def variables_set(names):
+    """{name: value} of the environment variables among `names` that are set."""
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def assignments(variables):
+    return ", ".join(f"{name}={value}" for name, value in variables.items())
+
+
 def parse_args(argv):
     p = tool_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a standard configuration (on top of -c)")
@@ -397,8 +406,7 @@ def main(argv=None):
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
-              "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
-              "allocator": {name: os.environ[name] for name in ALLOCATOR if name in os.environ},
+              "isa_limits": variables_set(ISA_LIMITS), "allocator": variables_set(ALLOCATOR),
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
@@ -458,9 +466,9 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
                                f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
-            ("allocator", ", ".join(f"{name}={value}" for name, value in r["allocator"].items()) or "the C library's"),
+            ("allocator", assignments(r["allocator"]) or "the C library's"),
             ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"
-                    + "".join(f", {name}={value}" for name, value in r.get("isa_limits", {}).items()))]
+                    + (f", {assignments(r['isa_limits'])}" if r["isa_limits"] else ""))]
     for name, s in r["steps"].items():
         rows += [(f"step: {name}", f"{s['images_per_sec']:.2f} images/s, {s['ms_per_step']:.1f} ms/step "
                                    f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
