@@ -228,9 +228,10 @@ class _Snapshot:
         paddle.set_rng_state(self.rng)
 
     def close(self):
+        """Drop the copies (file or memory), so that memory released after this has them back."""
         if self.file is not None:
             self.file.close()
-            self.file = None
+        self.file = self.copies = None
 
 
 class _StderrCapture:
