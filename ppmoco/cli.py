@@ -7,6 +7,7 @@ import sys
 import threading
 
 from ppmoco.errors import ConfigError, PpmocoError
+from ppmoco.host_allocator import restart_with_preferred_allocator
 
 # A user error raised in a helper thread (see _thread_hook), and who reports it: the main thread
 # when it can still exit normally (worker processes are stopped by the exit handlers), else the
@@ -107,12 +108,19 @@ def _thread_hook(debug, previous):
     return hook
 
 
-def run(main, argv=None):
-    """Call main(argv); a PpmocoError, from any thread, becomes one line on stderr and exit code 2."""
+def run(main, argv=None, preferred_allocator=False):
+    """Call main(argv); a PpmocoError, from any thread, becomes one line on stderr and exit code 2.
+
+    preferred_allocator: a tool whose memory is training's first restarts itself on jemalloc when
+    installed (ppmoco.host_allocator); only from the command line (argv None), never in a caller's
+    process.
+    """
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     previous = threading.excepthook
     threading.excepthook = _thread_hook(debug, previous)
     try:
+        if preferred_allocator and argv is None:
+            restart_with_preferred_allocator()
         return main(argv)
     except PpmocoError as e:
         if debug:

@@ -45,6 +45,7 @@ from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.config import load_config, resolve_config_path  # noqa: E402
 from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
+from ppmoco.host_allocator import loaded_allocator  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BASE = os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml")
@@ -381,6 +382,7 @@ def child_main(args, cfg):
         with contextlib.redirect_stdout(sys.stderr):
             result = bench_step(cfg, env, args.steps, args.warmup)
         result["threads"] = env.num_threads
+    result["malloc"] = loaded_allocator()
     print(json.dumps(result))
 
 
@@ -417,6 +419,7 @@ def main(argv=None):
         with contextlib.redirect_stdout(sys.stderr):
             step = bench_step(cfg, env, args.steps, args.warmup)
         step["peak_memory_mb"] = peak_memory_mb(env.device)
+        step["malloc"] = loaded_allocator()
         result["steps"][steps[0][0]] = step
     else:
         for name, execution, conv in steps:
@@ -466,14 +469,15 @@ def print_table(r):
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
                                f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
-            ("allocator", assignments(r["allocator"]) or "the C library's"),
+            ("allocator environment", assignments(r["allocator"]) or "none set"),
             ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"
                     + (f", {assignments(r['isa_limits'])}" if r["isa_limits"] else ""))]
     for name, s in r["steps"].items():
         rows += [(f"step: {name}", f"{s['images_per_sec']:.2f} images/s, {s['ms_per_step']:.1f} ms/step "
                                    f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
                                    f"peak memory {s['peak_memory_mb']:.0f} MiB ({s['execution']}"
-                                   + (f", {s['conv']} convolutions)" if "conv" in s else ")"))]
+                                   + (f", {s['conv']} convolutions" if "conv" in s else "")
+                                   + f"; malloc: {os.path.basename(s['malloc'])})")]
         rows += [(f"  {phase}", f"{ms:.1f} ms") for phase, ms in s.get("phases_ms", {}).items()]
     data = r["data"]
     for name in ("ppmoco", "torchvision"):
@@ -492,5 +496,13 @@ def print_table(r):
         print(f"{k.ljust(width)}  {v}")
 
 
+def measures_ppmoco_here(argv):
+    """Whether this process measures ppmoco's step itself (a step child, or each rank under the
+    launcher), and so runs on ppmoco's preferred allocator as tools/train.py does. The measuring
+    parent keeps the environment it was given, which the PyTorch child inherits."""
+    child = argv[argv.index("--child") + 1] if "--child" in argv[:-1] else None
+    return child == "step" or (child is None and int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1)
+
+
 if __name__ == "__main__":
-    run(main)
+    run(main, preferred_allocator=measures_ppmoco_here(sys.argv))

@@ -30,4 +30,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, preferred_allocator=True)

@@ -25,6 +25,7 @@ from ppmoco.engine.step import build_train_step
 from ppmoco.engine.watchdog import Watchdog
 from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
+from ppmoco.host_allocator import loaded_allocator
 from ppmoco.progress import format_eta
 
 logger = logging.getLogger("ppmoco")
@@ -164,6 +165,7 @@ class Engine:
                     f" on {self.env.device} ({self.env.num_threads} thread(s) each, "
                     f"{self.train_step.execution} execution, {self.train_step.conv} convolutions), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
+        logger.info(f"host memory allocator (malloc): {loaded_allocator()}")
         if self.env.is_main and global_step == 0:
             self._show_views(epoch)
         step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None

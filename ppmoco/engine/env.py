@@ -56,6 +56,9 @@ def _glibc():
         return None
 
 
+_JEMALLOC_ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL in jemalloc.h
+
+
 def keep_freed_memory():
     """Stop glibc from handing large freed blocks back to the kernel.
 
@@ -72,9 +75,13 @@ def keep_freed_memory():
 
 
 def release_freed_memory():
-    """Hand the free pages of glibc's heap back to the kernel (malloc_trim), after a one-off peak
-    whose memory the steps after it would not reuse: keep_freed_memory otherwise keeps it for the
-    life of the process. Returns whether anything was released (False where libc is not glibc)."""
+    """Hand the free pages of the heap back to the kernel after a one-off peak whose memory the steps
+    after it would not reuse: keep_freed_memory (or jemalloc's page keeping, ppmoco.host_allocator)
+    otherwise keeps it for the life of the process. glibc's malloc_trim, or jemalloc's purge of every
+    arena where jemalloc is preloaded. Returns whether anything was released."""
+    process = ctypes.CDLL(None)
+    if hasattr(process, "mallctl"):  # jemalloc's control interface: the preloaded library serves malloc
+        return process.mallctl(b"arena.%d.purge" % _JEMALLOC_ALL_ARENAS, None, None, None, 0) == 0
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
 

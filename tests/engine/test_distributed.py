@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+from ppmoco.host_allocator import find_jemalloc
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 pytestmark = pytest.mark.slow
 
@@ -56,5 +58,8 @@ def test_train_tool_under_launch_logs_finite_loss(tmp_path):
     losses = [float(line.split("loss: ")[1].split(",")[0]) for line in lines]
     assert all(np.isfinite(losses)) and "2 process(es) x batch 32" in logs
     assert "ips: " in lines[-1] and (out / "step_3" / "model.pdparams").is_file()
+    # A worker the launcher started restarts itself on jemalloc where installed and trains on.
+    malloc = find_jemalloc() or "the C library's"
+    assert f"host memory allocator (malloc): {malloc}" in logs
     # Paddle's table of non-default flags (printed by init_parallel_env on every rank) is held back.
     assert "Modified FLAGS detected" not in logs

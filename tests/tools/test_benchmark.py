@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from ppmoco.host_allocator import find_jemalloc
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
@@ -70,6 +72,9 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
     assert reference["reference"] == {"arch": "resnet18", "cifar_stem": True, "dim": 64, "hidden_dim": 64,
                                       "K": 64, "m": 0.99, "T": 0.2}
     assert reference["threads"] == ours["threads"] and reference["image_size"] == [16, 16]
+    # The step runs on ppmoco's allocator as tools/train.py does, the reference on the environment it
+    # was given. Catches: the step child not restarted on jemalloc, or the PyTorch child put on it too.
+    assert ours["malloc"] == (find_jemalloc() or "the C library's") and reference["malloc"] == "the C library's"
     ratios = result["ratios"]
     # Catches: ratios inverted or taken from another row.
     assert ratios["step_eager_vs_pytorch"] == pytest.approx(ours["images_per_sec"] / reference["images_per_sec"])

@@ -1,0 +1,140 @@
+"""The tools restart themselves on jemalloc where it is installed (ppmoco/host_allocator.py).
+
+The runs on jemalloc need it installed (apt install libjemalloc2); without it they skip, unless
+PPMOCO_REQUIRE_JEMALLOC=1 (set by CI) makes that a failure.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ppmoco.errors import ConfigError
+from ppmoco.host_allocator import (
+    CHOICE,
+    JEMALLOC_CONF,
+    PRELOADED,
+    find_jemalloc,
+    loaded_allocator,
+    preload_environment,
+    preload_wanted,
+)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+LIB = "/opt/lib/libjemalloc.so.2"
+
+
+def found():
+    return LIB
+
+
+def not_found():
+    return None
+
+
+@pytest.fixture(scope="module")
+def jemalloc():
+    path = find_jemalloc()
+    if path is None:
+        if os.environ.get("PPMOCO_REQUIRE_JEMALLOC") == "1":
+            pytest.fail("PPMOCO_REQUIRE_JEMALLOC=1 but no jemalloc library is installed: apt install libjemalloc2")
+        pytest.skip("jemalloc is not installed")
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_which_runs_restart_on_jemalloc():
+    assert preload_wanted({}, found) == LIB
+    assert preload_wanted({CHOICE: "jemalloc"}, found) == LIB
+    assert preload_wanted({}, not_found) is None  # auto: the C library's where jemalloc is missing
+    # Catches: the opt-out ignored; a restarted process restarting again (the mark unread); a
+    # preload of the user's own allocator replaced or doubled.
+    assert preload_wanted({CHOICE: "system"}, found) is None
+    assert preload_wanted({PRELOADED: LIB}, found) is None
+    assert preload_wanted({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, found) is None
+    assert preload_wanted({"LD_PRELOAD": "/opt/libfaketime.so"}, found) == LIB  # not an allocator
+    with pytest.raises(ConfigError, match="PPMOCO_ALLOCATOR=jemalloc: no jemalloc library in .*apt install"):
+        preload_wanted({CHOICE: "jemalloc"}, not_found)
+    with pytest.raises(ConfigError, match="PPMOCO_ALLOCATOR='tcmalloc': expected one of auto, jemalloc, system"):
+        preload_wanted({CHOICE: "tcmalloc"}, found)
+
+
+def test_the_restart_environment_keeps_what_the_user_set():
+    env = preload_environment({"PATH": "/bin"}, LIB)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": LIB, "MALLOC_CONF": JEMALLOC_CONF, PRELOADED: LIB}
+    # Catches: the user's preloads or jemalloc settings overwritten.
+    env = preload_environment({"LD_PRELOAD": "/opt/libfaketime.so", "MALLOC_CONF": "narenas:2"}, LIB)
+    assert env["LD_PRELOAD"] == f"{LIB} /opt/libfaketime.so" and env["MALLOC_CONF"] == "narenas:2"
+
+
+def test_find_jemalloc_takes_the_first_folder_that_has_it(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    assert find_jemalloc([str(first), str(second)]) is None
+    (second / "libjemalloc.so.2").write_bytes(b"")
+    (first / "libjemalloc.so").write_bytes(b"")
+    assert find_jemalloc([str(first), str(second)]) == str(first / "libjemalloc.so")
+
+
+def test_loaded_allocator_reads_the_process_map(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f02-7f03 rw-p 00000000 00:00 0 [heap]\n7f04-7f05 r--p 00000000 00:00 0\n")
+    assert loaded_allocator(str(maps)) == "the C library's"
+    maps.write_text(maps.read_text() + "7f06-7f07 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert loaded_allocator(str(maps)) == "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    assert loaded_allocator(str(tmp_path / "missing")) == "the C library's"
+
+
+def test_a_bad_choice_is_a_one_line_error_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c",
+                           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o",
+                           f"Engine.save_load.output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, **{CHOICE: "tcmalloc"}))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: environment variable PPMOCO_ALLOCATOR='tcmalloc': expected one of auto, jemalloc, system"]
+    assert not (tmp_path / "out").exists()
+
+
+def _train(out, allocator):
+    env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "MALLOC_CONF", PRELOADED)}
+    env[CHOICE] = allocator
+    proc = subprocess.run([sys.executable, "-u", os.path.join(ROOT, "tools", "train.py"), "-c",
+                           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o",
+                           f"Engine.save_load.output_dir={out}", "Engine.max_steps=3", "Engine.num_train_epochs=1",
+                           "Engine.eval_freq=-1", "Data.Eval=null", "Engine.logging_freq=1",
+                           "Data.Train.sampler.batch_size=32", "Model.model.K=256"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "train.log"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_training_restarts_on_jemalloc_with_the_same_results(tmp_path, jemalloc):
+    # The static fast path and its check against eager, on each allocator. Catches: the restart not
+    # happening (or happening without the arguments: another run), the opt-out ignored, and any
+    # result that depends on where memory lies (a read of uninitialised memory differs between them).
+    log = _train(tmp_path / "jemalloc", "auto")
+    assert f"host memory allocator (malloc): {jemalloc}" in log
+    assert "static fast path checked against the eager step" in log
+    log = _train(tmp_path / "system", "system")
+    assert "host memory allocator (malloc): the C library's" in log
+    for name in ("model.pdparams", "optimizer.pdopt"):
+        on_jemalloc, on_glibc = (tmp_path / run / "step_3" / name for run in ("jemalloc", "system"))
+        assert on_jemalloc.read_bytes() == on_glibc.read_bytes()
+
+
+def test_release_freed_memory_purges_jemalloc(jemalloc):
+    # Under jemalloc with its pages kept a freed 400 MB array stays resident until purged. Catches:
+    # the release going to glibc's (unused) heap instead of the allocator that serves malloc.
+    script = ("import numpy as np\nfrom ppmoco.engine.env import release_freed_memory\n"
+              "def rss():\n    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024\n"
+              "block = np.ones(100 * 2 ** 20, 'float32')\ndel block\nkept = rss()\n"
+              "print(release_freed_memory(), kept - rss())\n")
+    env = dict(os.environ, LD_PRELOAD=jemalloc, MALLOC_CONF=JEMALLOC_CONF, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    released, freed_mb = proc.stdout.split()
+    assert released == "True" and float(freed_mb) > 300
