@@ -38,7 +38,7 @@ def static_unsupported_reason(env, mix_precision):
                 f"{env.world_size} were launched; set Engine.execution=eager or auto")
     if env.device != "cpu":
         return "Engine.execution: static is the CPU fast path; on GPU set Engine.execution=eager or auto"
-    if mix_precision["enable"]:
-        return ("Engine.execution: static runs float32; set Engine.mix_precision.enable=false "
-                "or Engine.execution=eager")
+    if mix_precision["enable"] and mix_precision["dtype"] != "bfloat16":
+        return ("Engine.execution: static runs float32, or bfloat16 convolutions (Engine.mix_precision.dtype "
+                "bfloat16); set Engine.mix_precision.enable=false or Engine.execution=eager")
     return None

@@ -5,6 +5,7 @@ references; print a table and write JSON.
         --extraction 3 --json output/bench/r50_224.json
     python tools/benchmark.py --preset r18c_32 --executions static eager --compare-torch
     python tools/benchmark.py --preset r50_224 --executions static eager --convs onednn paddle
+    python tools/benchmark.py --preset r50_224 --executions static --precisions float32 bfloat16
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
@@ -58,6 +59,9 @@ PRESETS = {  # the two configurations of the performance table in the README
                 "Model.model.projector.hidden_dim=512", "Model.model.T=0.2",
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
 }
+# --precisions: the overrides that make the convolutions compute in each.
+PRECISIONS = {"float32": ["Engine.mix_precision.enable=false"],
+              "bfloat16": ["Engine.mix_precision.enable=true", "Engine.mix_precision.dtype=bfloat16"]}
 PHASES = ("momentum_update", "encode_keys", "enqueue")
 # Environment variables that cap the instruction set the libraries use, e.g. ONEDNN_MAX_CPU_ISA=AVX2
 # with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 to measure an AVX-512 CPU's kernels
@@ -87,6 +91,10 @@ def parse_args(argv):
     p.add_argument("--convs", nargs="+", choices=("auto", "onednn", "paddle"), default=None,
                    help="Engine.conv values to measure with each execution (default: the config's); "
                         "with several, the steps are named execution/conv")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="what the convolutions compute in, with each execution and conv (float32; bfloat16: "
+                        "Engine.mix_precision bfloat16, CPUs with bfloat16 units); with several, the step "
+                        "names end in /precision")
     p.add_argument("--compare-torch", action="store_true",
                    help="also measure the official MoCo step in PyTorch and the torchvision data pipeline")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -188,7 +196,8 @@ def bench_step(cfg, env, steps, warmup):
         ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
         ms["key_fwd"] = ms.pop("encode_keys")
         ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
-    return {"execution": step.execution, "conv": step.conv, "images_per_sec": batch_size * env.world_size / per_step,
+    return {"execution": step.execution, "conv": step.conv, "conv_dtype": step.conv_dtype,
+            "images_per_sec": batch_size * env.world_size / per_step,
             "ms_per_step": 1000 * per_step,
             "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "phases_ms": ms,
             "batch_size": batch_size,
@@ -327,10 +336,11 @@ def run_measured(cmd, what):
         return out.read(), usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_in_child(args, child, execution=None, conv=None, threads=None):
+def measure_in_child(args, child, execution=None, conv=None, precision=None, threads=None):
     """A step measurement in a fresh process: its result with the peak memory of that process."""
     extra = [] if execution is None else ["-o", f"Engine.execution={execution}"]
     extra += [] if conv is None else ["-o", f"Engine.conv={conv}"]
+    extra += [arg for o in PRECISIONS.get(precision, []) for arg in ("-o", o)]
     extra += [] if threads is None else ["--threads", str(threads)]
     stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {execution or child} step")
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -402,9 +412,11 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     executions = args.executions or [cfg["Engine"]["execution"]]
     convs = args.convs or [cfg["Engine"]["conv"]]
-    # (step name, execution, conv) of each measurement
-    steps = [(execution if len(convs) == 1 else f"{execution}/{conv}", execution, conv)
-             for execution in executions for conv in convs]
+    precisions = args.precisions or [None]
+    # (step name, execution, conv, precision) of each measurement
+    steps = [("/".join([execution] + [conv] * (len(convs) > 1) + [precision] * (len(precisions) > 1)),
+              execution, conv, precision)
+             for execution in executions for conv in convs for precision in precisions]
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
@@ -413,7 +425,8 @@ def main(argv=None):
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
         if len(steps) > 1 or args.compare_torch or args.end_to_end or args.extraction:
-            raise ConfigError("--executions or --convs with several values, --compare-torch, --end-to-end and "
+            raise ConfigError("--executions, --convs or --precisions with several values, --compare-torch, "
+                              "--end-to-end and "
                               "--extraction measure one process on the CPU; run them without "
                               "paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
@@ -422,12 +435,12 @@ def main(argv=None):
         step["malloc"] = loaded_allocator()
         result["steps"][steps[0][0]] = step
     else:
-        for name, execution, conv in steps:
+        for name, execution, conv, precision in steps:
             result["steps"][name] = measure_in_child(args, "step", execution=execution,
-                                                     conv=conv if args.convs else None)
+                                                     conv=conv if args.convs else None, precision=precision)
         if args.compare_torch:
             result["steps"]["pytorch"] = reference = measure_in_child(args, "torch", threads=env.num_threads)
-            for name, _, _ in steps:
+            for name, *_ in steps:
                 ours = result["steps"][name]
                 result["ratios"][f"step_{name}_vs_pytorch"] = ours["images_per_sec"] / reference["images_per_sec"]
                 result["ratios"][f"peak_memory_{name}_vs_pytorch"] = (ours["peak_memory_mb"]
@@ -477,6 +490,7 @@ def print_table(r):
                                    f"(min {s['ms_per_step_min']:.1f}), first step {s['first_step_s']:.1f} s, "
                                    f"peak memory {s['peak_memory_mb']:.0f} MiB ({s['execution']}"
                                    + (f", {s['conv']} convolutions" if "conv" in s else "")
+                                   + (" in bfloat16" if s.get("conv_dtype") == "bfloat16" else "")
                                    + f"; malloc: {os.path.basename(s['malloc'])})")]
         rows += [(f"  {phase}", f"{ms:.1f} ms") for phase, ms in s.get("phases_ms", {}).items()]
     data = r["data"]

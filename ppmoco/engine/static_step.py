@@ -336,6 +336,11 @@ class StaticTrainStep:
         return self.eager_step.conv
 
     @property
+    def conv_dtype(self):
+        """What they compute in ("float32" or "bfloat16"): the eager step's."""
+        return self.eager_step.conv_dtype
+
+    @property
     def execution(self):
         """What runs the steps: the programs, or eager where a program failed its check."""
         if any(compiled is None for compiled in self.programs.values()):

@@ -11,7 +11,7 @@ import paddle
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.errors import ConfigError
-from ppmoco.fast_path import static_unsupported_reason
+from ppmoco.fast_path import cpu_info, has_bfloat16_units, static_unsupported_reason
 from ppmoco.ops import OpBuildError, onednn_conv_module, onednn_convolutions
 
 logger = logging.getLogger("ppmoco")
@@ -40,9 +40,25 @@ def conv_implementation(setting, env):
     return "onednn"
 
 
+def conv_precision(amp, env, conv):
+    """What the convolutions compute in: "bfloat16" where Engine.mix_precision (`amp`) asks for it on
+    CPU, on ppmoco's operator (`conv` "onednn") and bfloat16 units; else "float32"."""
+    if not (amp["enable"] and amp["dtype"] == "bfloat16" and env.device == "cpu"):
+        return "float32"
+    if conv != "onednn":
+        raise ConfigError("Engine.mix_precision: bfloat16 on CPU computes the convolutions on ppmoco's oneDNN "
+                          "operator, which this run does not use; set Engine.conv=auto or onednn (README "
+                          "\"Performance\") or Engine.mix_precision.enable=false")
+    cpu = cpu_info()
+    if not has_bfloat16_units(cpu):
+        raise ConfigError(f"Engine.mix_precision: bfloat16 on CPU needs AVX512-BF16 or AMX-BF16 units, which this "
+                          f"CPU ({cpu['model']}) lacks; set Engine.mix_precision.enable=false")
+    return "bfloat16"
+
+
 def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager),
-    with the convolutions `Engine.conv` asks for."""
+    with the convolutions `Engine.conv` and, on CPU, `Engine.mix_precision` ask for."""
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
     conv = conv_implementation(engine_cfg["conv"], env)
     amp = engine_cfg["mix_precision"]
@@ -50,10 +66,14 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
     unsupported = static_unsupported_reason(env, amp)
     if mode == "static" and unsupported:
         raise ConfigError(unsupported)
+    conv_dtype = conv_precision(amp, env, conv)
     if amp["enable"] and env.device == "cpu":
-        logger.warning("Engine.mix_precision: Paddle applies automatic mixed precision on GPU only (its "
-                       "autocast and O2 cast do nothing on CPU); this run computes in float32")
-    eager = TrainStep(module, optimizer, amp, conv)
+        if conv_dtype == "float32":
+            logger.warning("Engine.mix_precision: float16 is GPU-only in Paddle (its autocast and O2 cast do "
+                           "nothing on CPU); this run computes in float32 (dtype bfloat16 gives bfloat16 "
+                           "convolutions on CPUs with bfloat16 units)")
+        amp = dict(amp, enable=False)  # bfloat16 is the operator's; every other op stays float32
+    eager = TrainStep(module, optimizer, amp, conv, conv_dtype)
     if mode == "eager" or unsupported:
         return eager
     return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
@@ -62,12 +82,13 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
 
 class TrainStep:
     """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss; with
-    `conv` "onednn" the module's convolutions run on ppmoco's oneDNN operator."""
+    `conv` "onednn" the module's convolutions run on ppmoco's oneDNN operator, computing in
+    `conv_dtype`."""
 
     execution = "eager"
 
-    def __init__(self, module, optimizer, amp_cfg, conv="paddle"):
-        self.amp, self.conv = amp_cfg, conv
+    def __init__(self, module, optimizer, amp_cfg, conv="paddle", conv_dtype="float32"):
+        self.amp, self.conv, self.conv_dtype = amp_cfg, conv, conv_dtype
         self.scaler = None
         if amp_cfg["enable"] and amp_cfg["dtype"] == "float16":
             self.scaler = paddle.amp.GradScaler(init_loss_scaling=amp_cfg["scale_loss"])
@@ -87,7 +108,9 @@ class TrainStep:
 
     def convolutions(self):
         """Context in which the module computes its training step with this step's convolutions."""
-        return onednn_convolutions(self.module) if self.conv == "onednn" else contextlib.nullcontext()
+        if self.conv != "onednn":
+            return contextlib.nullcontext()
+        return onednn_convolutions(self.module, bfloat16=self.conv_dtype == "bfloat16")
 
     def __call__(self, batch):
         """Run one step on `batch`; return the module's metrics as tensors (no host sync)."""

@@ -95,9 +95,11 @@ def onednn_conv_module():
     return module
 
 
-def onednn_conv2d(x, weight, stride, padding):
-    """Convolution of NCHW float32 `x` with OIHW `weight` (no bias, groups 1, dilation 1)."""
-    return onednn_conv_module().onednn_conv2d(x, weight, list(stride), list(padding))
+def onednn_conv2d(x, weight, stride, padding, bfloat16=False):
+    """Convolution of NCHW float32 `x` with OIHW `weight` (no bias, groups 1, dilation 1); with
+    `bfloat16` the inputs (and, for the gradients, d out) are rounded to bfloat16 and the products
+    accumulated in float32 on the CPU's bfloat16 units; results are float32 either way."""
+    return onednn_conv_module().onednn_conv2d(x, weight, list(stride), list(padding), bfloat16)
 
 
 def computes(layer):
@@ -112,21 +114,22 @@ def computes(layer):
             and all(isinstance(p, int) for p in conv["padding"]) and layer.weight.dtype == paddle.float32)
 
 
-def _forward(layer, stride, padding, x):
+def _forward(layer, stride, padding, bfloat16, x):
     if x.dtype != paddle.float32:  # e.g. under autocast: Paddle's kernels take the other types
         return type(layer).forward(layer, x)
-    return onednn_conv2d(x, layer.weight, stride, padding)
+    return onednn_conv2d(x, layer.weight, stride, padding, bfloat16)
 
 
 @contextlib.contextmanager
-def onednn_convolutions(module):
-    """Within: every convolution of `module` the operator `computes` runs on it, eagerly or while a
-    static program is traced (the weight is read at each call, so swapped parameters are seen)."""
+def onednn_convolutions(module, bfloat16=False):
+    """Within: every convolution of `module` the operator `computes` runs on it (computing in
+    bfloat16 with `bfloat16`), eagerly or while a static program is traced (the weight is read at
+    each call, so swapped parameters are seen)."""
     onednn_conv_module()
     layers = [layer for layer in module.sublayers(include_self=True) if computes(layer)]
     for layer in layers:
         conv = internals.conv2d_settings(layer)
-        layer.forward = functools.partial(_forward, layer, conv["stride"], conv["padding"])
+        layer.forward = functools.partial(_forward, layer, conv["stride"], conv["padding"], bfloat16)
     try:
         yield
     finally:

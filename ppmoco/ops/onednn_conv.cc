@@ -1,11 +1,16 @@
 // 2-D convolution (NCHW float32, groups 1, dilation 1, no bias) and its gradient on oneDNN, as a
-// Paddle custom operator that keeps no data between calls.
+// Paddle custom operator that keeps no data between calls; with `bf16` it computes in bfloat16.
 //
 // Paddle's own oneDNN conv2d / conv2d_grad kernels cache the blocked-layout copies of their
 // inputs and outputs per op for the life of the thread (docs/performance.md, "Memory"). Here every
 // reorder goes into a temporary that is freed when the call returns; what persists is oneDNN's
 // primitive cache (compiled kernels, no tensors). The gradient op takes the plain X and W again
 // and redoes the reorders it needs instead of keeping the forward's.
+//
+// bf16: the tensors stay float32; the reorders into oneDNN's layouts, which run anyway, round the
+// convolution's inputs (x, w and d out) to bfloat16, and the results (out, d x, d w) come back in
+// float32, accumulated in float32 by the bfloat16 units (AMX, AVX512-BF16). Nothing else in the
+// network changes precision: Paddle's CPU BatchNorm takes no bfloat16.
 #include <unordered_map>
 #include <vector>
 
@@ -17,6 +22,7 @@ namespace {
 using dnnl::memory;
 using tag = memory::format_tag;
 constexpr auto f32 = memory::data_type::f32;
+constexpr auto bf16 = memory::data_type::bf16;
 
 // One CPU engine and stream per thread: oneDNN streams are not thread-safe.
 struct Context {
@@ -56,7 +62,9 @@ Geometry geometry(const paddle::Tensor& x, const paddle::Tensor& w,
   return g;
 }
 
-memory::desc any(const memory::dims& dims) { return memory::desc(dims, f32, tag::any); }
+memory::desc any(const memory::dims& dims, memory::data_type type = f32) {
+  return memory::desc(dims, type, tag::any);
+}
 
 memory plain(const memory::dims& dims, tag layout, const float* data) {
   return memory(memory::desc(dims, f32, layout), context().engine, const_cast<float*>(data));
@@ -102,10 +110,14 @@ dnnl::primitive_attr user_scratchpad() {
   return attr;
 }
 
-dnnl::convolution_forward::primitive_desc forward_desc(const Geometry& g) {
+// The data type the convolution reads its inputs in.
+memory::data_type input_type(bool in_bf16) { return in_bf16 ? bf16 : f32; }
+
+dnnl::convolution_forward::primitive_desc forward_desc(const Geometry& g, bool in_bf16) {
+  const auto in = input_type(in_bf16);
   return dnnl::convolution_forward::primitive_desc(
       context().engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      any(g.src), any(g.weights), any(g.dst), g.strides, g.padding, g.padding, user_scratchpad());
+      any(g.src, in), any(g.weights, in), any(g.dst), g.strides, g.padding, g.padding, user_scratchpad());
 }
 
 // A dnnl::error escaping a kernel would end the process; Paddle reports its own exceptions.
@@ -119,10 +131,11 @@ std::vector<paddle::Tensor> reporting_onednn_errors(Body body) {
 }
 
 std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                    const std::vector<int>& strides, const std::vector<int>& paddings) {
+                                    const std::vector<int>& strides, const std::vector<int>& paddings,
+                                    bool in_bf16) {
   const Geometry g = geometry(x, w, strides, paddings);
   auto out = paddle::empty(g.dst, paddle::DataType::FLOAT32, x.place());
-  const auto pd = forward_desc(g);
+  const auto pd = forward_desc(g, in_bf16);
   memory src = in_layout(plain(g.src, tag::nchw, x.data<float>()), pd.src_desc());
   memory weights = in_layout(plain(g.weights, tag::oihw, w.data<float>()), pd.weights_desc());
   run(dnnl::convolution_forward(pd), pd.scratchpad_desc(),
@@ -133,17 +146,18 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const paddle::Tenso
 
 std::vector<paddle::Tensor> backward(const paddle::Tensor& x, const paddle::Tensor& w,
                                      const paddle::Tensor& dout, const std::vector<int>& strides,
-                                     const std::vector<int>& paddings) {
+                                     const std::vector<int>& paddings, bool in_bf16) {
   const Geometry g = geometry(x, w, strides, paddings);
   auto dx = paddle::empty(g.src, paddle::DataType::FLOAT32, x.place());
   auto dw = paddle::empty(g.weights, paddle::DataType::FLOAT32, w.place());
   Context& ctx = context();
-  const auto hint = forward_desc(g);
+  const auto in = input_type(in_bf16);
+  const auto hint = forward_desc(g, in_bf16);
   const dnnl::convolution_backward_data::primitive_desc data_pd(
-      ctx.engine, dnnl::algorithm::convolution_direct, any(g.src), any(g.weights), any(g.dst),
+      ctx.engine, dnnl::algorithm::convolution_direct, any(g.src), any(g.weights, in), any(g.dst, in),
       g.strides, g.padding, g.padding, hint, user_scratchpad());
   const dnnl::convolution_backward_weights::primitive_desc weights_pd(
-      ctx.engine, dnnl::algorithm::convolution_direct, any(g.src), any(g.weights), any(g.dst),
+      ctx.engine, dnnl::algorithm::convolution_direct, any(g.src, in), any(g.weights), any(g.dst, in),
       g.strides, g.padding, g.padding, hint, user_scratchpad());
   // d out in the data gradient's layout, reused by the weight gradient when it wants the same.
   memory ddst = in_layout(plain(g.dst, tag::nchw, dout.data<float>()), data_pd.diff_dst_desc());
@@ -168,21 +182,21 @@ std::vector<paddle::Tensor> backward(const paddle::Tensor& x, const paddle::Tens
 
 std::vector<paddle::Tensor> OnednnConv2d(const paddle::Tensor& x, const paddle::Tensor& w,
                                          const std::vector<int>& strides,
-                                         const std::vector<int>& paddings) {
-  return reporting_onednn_errors([&] { return forward(x, w, strides, paddings); });
+                                         const std::vector<int>& paddings, bool in_bf16) {
+  return reporting_onednn_errors([&] { return forward(x, w, strides, paddings, in_bf16); });
 }
 
 std::vector<paddle::Tensor> OnednnConv2dGrad(const paddle::Tensor& x, const paddle::Tensor& w,
                                              const paddle::Tensor& dout,
                                              const std::vector<int>& strides,
-                                             const std::vector<int>& paddings) {
-  return reporting_onednn_errors([&] { return backward(x, w, dout, strides, paddings); });
+                                             const std::vector<int>& paddings, bool in_bf16) {
+  return reporting_onednn_errors([&] { return backward(x, w, dout, strides, paddings, in_bf16); });
 }
 
 std::vector<std::vector<int64_t>> OnednnConv2dShape(const std::vector<int64_t>& x,
                                                     const std::vector<int64_t>& w,
                                                     const std::vector<int>& strides,
-                                                    const std::vector<int>& paddings) {
+                                                    const std::vector<int>& paddings, bool in_bf16) {
   std::vector<int64_t> out = {x[0], w[0], -1, -1};
   for (int i = 0; i < 2; ++i) {
     if (x[2 + i] >= 0) out[2 + i] = (x[2 + i] + 2 * paddings[i] - w[2 + i]) / strides[i] + 1;
@@ -197,7 +211,7 @@ std::vector<paddle::DataType> OnednnConv2dDtype(const paddle::DataType& x, const
 PD_BUILD_OP(onednn_conv2d)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(OnednnConv2d))
     .SetInferShapeFn(PD_INFER_SHAPE(OnednnConv2dShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(OnednnConv2dDtype));
@@ -205,5 +219,5 @@ PD_BUILD_OP(onednn_conv2d)
 PD_BUILD_GRAD_OP(onednn_conv2d)
     .Inputs({"X", "W", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("W")})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(OnednnConv2dGrad));

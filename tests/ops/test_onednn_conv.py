@@ -19,8 +19,9 @@ import paddle
 import pytest
 
 from ppmoco.engine.env import RunEnv
-from ppmoco.engine.step import conv_implementation
+from ppmoco.engine.step import conv_implementation, conv_precision
 from ppmoco.errors import ConfigError
+from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.ops import OpBuildError, computes, conv, onednn_conv2d, onednn_convolutions
 
 CASES = {  # name: (x shape, weight shape, stride, padding), ResNet-50's and the CIFAR stem's
@@ -62,6 +63,43 @@ def test_forward_and_gradients_equal_paddle_conv2d(name):
         assert _relative(g, r) < 1e-5, f"{name}: {what} off by {_relative(g, r):.2g} (relative)"
 
 
+def to_bfloat16(a):
+    """float32 `a` rounded to the nearest bfloat16 (ties to even), as oneDNN's reorders round, in float64."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32).astype("float64")
+
+
+BF16_UNITS = has_bfloat16_units(cpu_info())
+
+
+@pytest.mark.skipif(not BF16_UNITS, reason="the CPU has no bfloat16 units (AVX512-BF16, AMX-BF16)")
+@pytest.mark.parametrize("name", list(CASES))
+def test_bfloat16_forward_and_gradients_equal_float64_on_the_rounded_inputs(name):
+    # With bf16 the operator rounds x, w and d out to bfloat16 and accumulates in float32: it must
+    # equal float64 arithmetic on the rounded values to float32 accumulation, 1e-5, while the
+    # unrounded values give results ~1e-3 away. Catches: the attribute ignored (float32 compute),
+    # or a result, d input or d weight, rounded to bfloat16 too (~1e-3 off).
+    x_shape, w_shape, stride, padding = CASES[name]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype("float32")
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype("float32")
+    out_size = [(x_shape[i] + 2 * padding - w_shape[i]) // stride + 1 for i in (2, 3)]
+    dout = rng.standard_normal((x_shape[0], w_shape[0], *out_size)).astype("float32")
+
+    def conv64(a, b):
+        return paddle.nn.functional.conv2d(a, b, stride=stride, padding=padding)
+
+    got = _forward_and_grads(lambda a, b: onednn_conv2d(a, b, [stride] * 2, [padding] * 2, bfloat16=True),
+                             x, w, dout)
+    want = _forward_and_grads(conv64, to_bfloat16(x), to_bfloat16(w), to_bfloat16(dout))
+    unrounded = _forward_and_grads(conv64, x.astype("float64"), w.astype("float64"), dout.astype("float64"))
+    for what, g, r, u in zip(("output", "d input", "d weight"), got, want, unrounded):
+        assert g.shape == r.shape and g.dtype == np.float32
+        assert _relative(g, r) < 1e-5, f"{name}: {what} off by {_relative(g, r):.2g} (relative)"
+        assert _relative(g, u) > 1e-4, f"{name}: {what} is float32's, not bfloat16's"
+
+
 def test_convolutions_of_a_module_run_on_the_operator_within_the_context_only(monkeypatch):
     """Eligible convolutions switch to the operator and back; the rest, and the state, stay Paddle's."""
     net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, stride=2, padding=1, bias_attr=False),
@@ -75,10 +113,13 @@ def test_convolutions_of_a_module_run_on_the_operator_within_the_context_only(mo
     monkeypatch.setattr(conv, "onednn_conv2d", lambda *args: calls.append(args) or onednn_conv2d(*args))
     with onednn_convolutions(net):
         got = net(x).numpy()
-    assert len(calls) == 1 and calls[0][2:] == ([2, 2], [1, 1])
+    assert len(calls) == 1 and calls[0][2:] == ([2, 2], [1, 1], False)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     net(x)
     assert len(calls) == 1, "the operator ran after the context"
+    with onednn_convolutions(net, bfloat16=True):
+        net(x)
+    assert len(calls) == 2 and calls[1][2:] == ([2, 2], [1, 1], True)
     assert list(net.state_dict()) == keys
 
 
@@ -110,3 +151,23 @@ def test_engine_conv_setting(monkeypatch, setting, device, builds, expected):
             conv_implementation(setting, env)
     else:
         assert conv_implementation(setting, env) == expected
+
+
+@pytest.mark.parametrize("enable, dtype, device, impl, flags, expected", [
+    (False, "bfloat16", "cpu", "onednn", ["amx_bf16"], "float32"),
+    (True, "float16", "cpu", "onednn", ["amx_bf16"], "float32"),
+    (True, "bfloat16", "gpu", "paddle", [], "float32"),  # autocast's, on GPU
+    (True, "bfloat16", "cpu", "onednn", ["avx512_bf16"], "bfloat16"),
+    (True, "bfloat16", "cpu", "onednn", ["avx2", "avx512f"], "AVX512-BF16 or AMX-BF16 units, which this CPU"),
+    (True, "bfloat16", "cpu", "paddle", ["amx_bf16"], "set Engine.conv=auto or onednn"),
+])
+def test_bfloat16_on_cpu_means_the_operators_convolutions(monkeypatch, enable, dtype, device, impl, flags, expected):
+    """Engine.mix_precision bfloat16 on CPU computes the convolutions in bfloat16, where they run on
+    the operator and the CPU has bfloat16 units; elsewhere a one-line error."""
+    monkeypatch.setattr("ppmoco.engine.step.cpu_info", lambda: {"model": "Test CPU", "flags": flags})
+    amp = {"enable": enable, "dtype": dtype, "level": "O1"}
+    if expected in ("float32", "bfloat16"):
+        assert conv_precision(amp, RunEnv(device, 1, 0, 1, 1), impl) == expected
+    else:
+        with pytest.raises(ConfigError, match=f"Engine.mix_precision: bfloat16 on CPU .*{expected}"):
+            conv_precision(amp, RunEnv(device, 1, 0, 1, 1), impl)

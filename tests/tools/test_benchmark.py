@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.host_allocator import find_jemalloc
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -91,6 +92,17 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
     assert (extraction["arch"], extraction["size"], extraction["batch"]) == ("resnet18", 16, 16)
     assert ratios["extraction_ppmoco_static_vs_torchvision"] == extraction["ratios"]["ppmoco_static_vs_torchvision"]
     assert "ratio: step_eager_vs_pytorch" in stdout and "extraction: torchvision" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_bfloat16_units(cpu_info()), reason="the CPU has no bfloat16 units")
+def test_benchmark_measures_each_precision_in_its_own_process(tmp_path):
+    result, stdout = run_benchmark(tmp_path, "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
+                                   "--executions", "static", "--precisions", "float32", "bfloat16")
+    # Catches: a child measuring the config's precision instead of the one it was given.
+    assert {name: step["conv_dtype"] for name, step in result["steps"].items()} == {
+        "static/float32": "float32", "static/bfloat16": "bfloat16"}
+    assert "onednn convolutions in bfloat16" in stdout
 
 
 def test_benchmark_refuses_a_model_the_reference_cannot_mirror():
