@@ -103,7 +103,7 @@ def test_a_built_custom_operator_library_loads_without_the_build_machinery():
             "from ppmoco import paddle_internals as internals\n"
             "module = internals.load_custom_op_library(sys.argv[1], sys.argv[2])\n"
             "x, w = paddle.randn([2, 3, 9, 9]), paddle.randn([4, 3, 3, 3])\n"
-            "np.testing.assert_allclose(module.onednn_conv2d(x, w, [2, 2], [1, 1]).numpy(),\n"
+            "np.testing.assert_allclose(module.onednn_conv2d(x, w, [2, 2], [1, 1], False).numpy(),\n"
             "    paddle.nn.functional.conv2d(x, w, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code, conv.MODULE, built], capture_output=True, text=True,

@@ -77,10 +77,11 @@ def test_the_momentum_update_moves_the_float32_key_encoder_every_step_under_o2()
             assert np.abs(k.numpy() - k_old).max() > 0
 
 
-# Catches: the step computing outside autocast, or dropping the configured dtype, level or op lists
-# (on GPU they decide which ops run in low precision; on CPU Paddle's autocast does nothing, so
-# what the step hands it is what can be checked here).
-def test_the_step_runs_the_method_inside_the_configured_autocast(monkeypatch):
+# Catches: the GPU step computing outside autocast, or dropping the configured dtype, level or op
+# lists (they decide which ops run in low precision; without a GPU what the step hands autocast is
+# what can be checked), and the CPU step entering autocast (which does nothing there; bfloat16 on
+# CPU is the convolution operator's, tests/engine/test_static_step.py).
+def test_the_gpu_step_runs_the_method_inside_the_configured_autocast(monkeypatch):
     entered, inside = [], []
 
     class Spy:
@@ -101,10 +102,15 @@ def test_the_step_runs_the_method_inside_the_configured_autocast(monkeypatch):
     monkeypatch.setattr(moco, "training_step", lambda batch: calls.append(bool(inside)) or original(batch))
     monkeypatch.setattr(paddle.amp, "auto_cast", Spy)
     amp = dict(ENGINE["mix_precision"], level="O1", custom_black_list=["reduce_sum"], custom_white_list=["matmul"])
-    env = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=1)
+    env = RunEnv(device="gpu", world_size=1, rank=0, local_size=1, num_threads=1)
     step = build_train_step(dict(ENGINE, mix_precision=amp), OPT, moco, 0.03, env)
     views = [paddle.randn([4, 3, 32, 32]) for _ in range(2)]
     step(views)
     assert entered == [{"level": "O1", "dtype": "bfloat16", "custom_white_list": ["matmul"],
                         "custom_black_list": ["reduce_sum"]}]
     assert calls == [True]  # training_step ran while the autocast context was open
+    cpu = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=1)
+    step = build_train_step(dict(ENGINE, mix_precision=dict(amp, dtype="float16"), execution="eager"), OPT, moco,
+                            0.03, cpu)
+    step(views)
+    assert len(entered) == 1 and calls == [True, False]
