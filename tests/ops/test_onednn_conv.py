@@ -45,14 +45,20 @@ def _forward_and_grads(fn, x, w, dout):
     return out.numpy(), dx.numpy(), dw.numpy()
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_gradients_equal_paddle_conv2d(name):
+def _case(name, seed):
+    """Random float32 x, w (scaled as ResNets initialise) and d out for case `name`, its stride and padding."""
     x_shape, w_shape, stride, padding = CASES[name]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype("float32")
     w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype("float32")
     out_size = [(x_shape[i] + 2 * padding - w_shape[i]) // stride + 1 for i in (2, 3)]
     dout = rng.standard_normal((x_shape[0], w_shape[0], *out_size)).astype("float32")
+    return x, w, dout, stride, padding
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_equal_paddle_conv2d(name):
+    x, w, dout, stride, padding = _case(name, seed=0)
 
     got = _forward_and_grads(lambda a, b: onednn_conv2d(a, b, [stride] * 2, [padding] * 2), x, w, dout)
     want = _forward_and_grads(lambda a, b: paddle.nn.functional.conv2d(a, b, stride=stride, padding=padding),
@@ -80,12 +86,7 @@ def test_bfloat16_forward_and_gradients_equal_float64_on_the_rounded_inputs(name
     # equal float64 arithmetic on the rounded values to float32 accumulation, 1e-5, while the
     # unrounded values give results ~1e-3 away. Catches: the attribute ignored (float32 compute),
     # or a result, d input or d weight, rounded to bfloat16 too (~1e-3 off).
-    x_shape, w_shape, stride, padding = CASES[name]
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal(x_shape).astype("float32")
-    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype("float32")
-    out_size = [(x_shape[i] + 2 * padding - w_shape[i]) // stride + 1 for i in (2, 3)]
-    dout = rng.standard_normal((x_shape[0], w_shape[0], *out_size)).astype("float32")
+    x, w, dout, stride, padding = _case(name, seed=1)
 
     def conv64(a, b):
         return paddle.nn.functional.conv2d(a, b, stride=stride, padding=padding)
