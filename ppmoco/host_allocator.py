@@ -3,10 +3,10 @@
 Paddle's CPU tensors come straight from malloc. Under glibc's malloc a training step's activations,
 freed and allocated again in another order every step, fragment the heap: the resident set climbs
 well past what the step has in use over the first steps. jemalloc, with its freed pages kept, holds
-it flat at what the step uses, at the same speed (docs/performance.md, "Host allocator"). A process cannot
-change its malloc once it runs, so a tool that wants jemalloc starts itself again with it preloaded
-(LD_PRELOAD), once, before it imports Paddle; as PyTorch's CPU launcher (torch.backends.xeon.run_cpu)
-preloads tcmalloc or jemalloc when it finds one.
+it flat at what the step uses, at the same speed (docs/performance.md, "The tools restart themselves
+on jemalloc"). A process cannot change its malloc once it runs, so a tool that wants jemalloc starts
+itself again with it preloaded (LD_PRELOAD), once, before it imports Paddle; as PyTorch's CPU
+launcher (torch.backends.xeon.run_cpu) preloads tcmalloc or jemalloc when it finds one.
 
 PPMOCO_ALLOCATOR chooses: `auto` (the default: jemalloc when found, else the C library's), `jemalloc`
 (an error when it is not found), `system` (the C library's malloc; what a preload set by the user
