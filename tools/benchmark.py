@@ -338,10 +338,9 @@ def run_measured(cmd, what):
 
 def measure_in_child(args, child, execution=None, conv=None, precision=None, threads=None):
     """A step measurement in a fresh process: its result with the peak memory of that process."""
-    extra = [] if execution is None else ["-o", f"Engine.execution={execution}"]
-    extra += [] if conv is None else ["-o", f"Engine.conv={conv}"]
-    extra += [arg for o in PRECISIONS.get(precision, []) for arg in ("-o", o)]
-    extra += [] if threads is None else ["--threads", str(threads)]
+    overrides = ([] if execution is None else [f"Engine.execution={execution}"]) \
+        + ([] if conv is None else [f"Engine.conv={conv}"]) + PRECISIONS.get(precision, [])
+    extra = with_overrides([] if threads is None else ["--threads", str(threads)], overrides)
     stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {execution or child} step")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_memory_mb"] = peak_mb
@@ -426,8 +425,7 @@ def main(argv=None):
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
         if len(steps) > 1 or args.compare_torch or args.end_to_end or args.extraction:
             raise ConfigError("--executions, --convs or --precisions with several values, --compare-torch, "
-                              "--end-to-end and "
-                              "--extraction measure one process on the CPU; run them without "
+                              "--end-to-end and --extraction measure one process on the CPU; run them without "
                               "paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
             step = bench_step(cfg, env, args.steps, args.warmup)
