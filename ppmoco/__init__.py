@@ -2,6 +2,8 @@
 import os
 import warnings
 
+__version__ = "0.9.0"
+
 # Start-up chatter of Paddle's that says nothing to a ppmoco user, kept off the console: its C++
 # INFO log lines (its warnings and errors still show, and a GLOG_minloglevel the user set wins),
 # the ccache notice of its C++-extension helper, and BatchNorm's note on global statistics. Set

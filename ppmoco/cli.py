@@ -8,6 +8,7 @@ import threading
 
 from ppmoco.errors import ConfigError, PpmocoError
 from ppmoco.host_allocator import restart_with_preferred_allocator
+from ppmoco.versions import check_paddle
 
 # A user error raised in a helper thread (see _thread_hook), and who reports it: the main thread
 # when it can still exit normally (worker processes are stopped by the exit handlers), else the
@@ -109,7 +110,8 @@ def _thread_hook(debug, previous):
 
 
 def run(main, argv=None, preferred_allocator=False):
-    """Call main(argv); a PpmocoError, from any thread, becomes one line on stderr and exit code 2.
+    """Call main(argv) on a Paddle ppmoco is tested on; a PpmocoError, from any thread, becomes one
+    line on stderr and exit code 2.
 
     preferred_allocator: a tool whose memory is training's first restarts itself on jemalloc when
     installed (ppmoco.host_allocator); only from the command line (argv None), never in a caller's
@@ -121,6 +123,7 @@ def run(main, argv=None, preferred_allocator=False):
     try:
         if preferred_allocator and argv is None:
             restart_with_preferred_allocator()
+        check_paddle()
         return main(argv)
     except PpmocoError as e:
         if debug:

@@ -18,10 +18,12 @@ import shutil
 import numpy as np
 import paddle
 
+from ppmoco import __version__
 from ppmoco.data.transforms import build_transforms
 from ppmoco.errors import ConfigError, ExportError
 from ppmoco.fileio import replace_dir
 from ppmoco.inference import NativeOutput, cpu_predictor
+from ppmoco.versions import install_command
 
 PREFIX = "model"  # paddle.jit.save writes PREFIX.json (the program) and PREFIX.pdiparams
 PROGRAM, PARAMS, ONNX_FILE = f"{PREFIX}.json", f"{PREFIX}.pdiparams", f"{PREFIX}.onnx"
@@ -34,7 +36,6 @@ TOLERANCE = 1e-4
 CHECK_BATCH = 2
 CHECK_SEED = 0
 EXPORT_PACKAGES = ("paddle2onnx", "onnxruntime")
-REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements-export.txt")
 
 
 def parse_image_size(text):
@@ -81,7 +82,7 @@ def onnx_tools():
             missing.append(name)
     if missing:
         raise ExportError(f"--onnx needs {' and '.join(missing)}, not installed here; "
-                          f"pip install -r {REQUIREMENTS}")
+                          f"{install_command('export')}")
     return tuple(modules)
 
 
@@ -131,7 +132,7 @@ def _export_into(folder, backbone, image_size, images, reference, onnx):
         paddle.jit.save(backbone, os.path.join(folder, PREFIX), input_spec=[spec])
     features, output_name = _run_paddle_inference(folder, images)
     checks = {"Paddle Inference": _compare("Paddle inference model", features, reference)}
-    versions = {"paddlepaddle": paddle.__version__}
+    versions = {"ppmoco": __version__, "paddlepaddle": paddle.__version__}
     if onnx is not None:
         paddle2onnx, onnxruntime = onnx
         _convert_to_onnx(paddle2onnx, folder)
@@ -158,8 +159,8 @@ def _compare(what, features, reference):
     if not diff <= bound:  # also refuses NaN
         raise ExportError(f"the exported {what} does not reproduce the backbone: max |difference| {diff:.3g} > "
                           f"{bound:.3g} on a batch of {len(reference)} (shape {list(features.shape)}, expected "
-                          f"{list(reference.shape)}); nothing was written (check the versions pinned in "
-                          "requirements.txt and requirements-export.txt)")
+                          f"{list(reference.shape)}); nothing was written (check the Paddle and export package "
+                          f"versions: {install_command('export')})")
     return {"batch": len(reference), "max_abs_diff": diff, "max_rel_diff": diff / max(scale, 1e-30),
             "max_abs_feature": scale, "bound": bound}
 
@@ -194,7 +195,7 @@ def _convert_to_onnx(paddle2onnx, folder):
         found = re.findall(r"Failed to convert PaddlePaddle model: (.*)", log)
         reason = found[-1].strip() if found else "no model and no reason given"
         raise ExportError(f"paddle2onnx {paddle2onnx.__version__} could not convert the Paddle inference model: "
-                          f"{reason}; install the versions pinned in {REQUIREMENTS}")
+                          f"{reason}; install the pinned versions: {install_command('export')}")
     with open(os.path.join(folder, ONNX_FILE), "wb") as f:
         f.write(model)
 

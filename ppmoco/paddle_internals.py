@@ -1,8 +1,8 @@
 """Every private or undocumented Paddle API ppmoco uses, in one place.
 
 A Paddle upgrade that renames one of these breaks this module only, and
-tests/test_paddle_internals.py names the call that broke. The tested Paddle range is pinned in
-requirements.txt; moving it is a deliberate change that runs that test and the fast-path
+tests/test_paddle_internals.py names the call that broke. The tested Paddle range is
+ppmoco/versions.py's TESTED_PADDLE; moving it is a deliberate change that runs that test and the fast-path
 equivalence tests (tests/engine/test_static_step.py, tests/engine/test_moco_reference.py).
 
 Each entry says what it is for and which public alternative was tried:

@@ -11,13 +11,16 @@ ppmoco's own initial weights, so the two frameworks compute the same function fr
 groups do; every chunk updates the running statistics in turn.
 
 One framework convention is Paddle's, not PyTorch's: BatchNorm's running variance is updated with
-the biased batch variance (PyTorch uses the unbiased one, n/(n-1) larger; README "Where ppmoco
-differs"). `BatchNorm2d` below does that, so every other difference stays visible.
+the biased batch variance (PyTorch uses the unbiased one, n/(n-1) larger;
+docs/differences.md). `BatchNorm2d` below does that, so every other difference stays visible.
 """
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+from optional_deps import torch_or_skip
+
+torch = torch_or_skip()
+F = torch.nn.functional
+nn = torch.nn
 
 
 class BatchNorm2d(nn.BatchNorm2d):

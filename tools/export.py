@@ -2,7 +2,7 @@
 
 The backbone of Model.model.base_encoder, with the weights its `pretrained` key names, in eval mode
 (BatchNorm running statistics) and giving pooled features [N, C], becomes a Paddle inference model
-(model.json + model.pdiparams) and, with --onnx, model.onnx (pip install -r requirements-export.txt),
+(model.json + model.pdiparams) and, with --onnx, model.onnx (the `export` extra: pip install -e ".[export]"),
 for images [N, 3, H, W] of any batch size N. The image size is --image-size, else the size the
 config's Data.Eval transforms give. Each exported model is run on a batch and compared with the
 backbone; the export is written to --out (default Inference.model_dir) only when every check passes,

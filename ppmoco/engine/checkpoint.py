@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import paddle
 
-from ppmoco import safe_pickle
+from ppmoco import __version__, safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.fileio import replace_dir, write_text_atomic
 from ppmoco.paddle_internals import rng_state_from_tuples, rng_state_tuples
@@ -119,6 +119,7 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump(_state_to_json(state), f, indent=1, default=_plain_number)
         meta = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
+        meta["ppmoco_version"] = __version__
         meta["files"] = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
                                 "sha256": _sha256(os.path.join(tmp, name))} for name in FILES if name != "meta.json"}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:

@@ -27,6 +27,7 @@ from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 from ppmoco.host_allocator import loaded_allocator
 from ppmoco.progress import format_eta
+from ppmoco.versions import describe_runtime
 
 logger = logging.getLogger("ppmoco")
 EMBEDDING_POINTS = 2000  # evaluation images per embedding in VisualDL (a log, not a dataset copy)
@@ -166,6 +167,7 @@ class Engine:
                     f"{self.train_step.execution} execution, {self.train_step.conv} convolutions"
                     f"{' in bfloat16' if self.train_step.conv_dtype == 'bfloat16' else ''}), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
+        logger.info(describe_runtime())
         logger.info(f"host memory allocator (malloc): {loaded_allocator()}")
         if self.env.is_main and global_step == 0:
             self._show_views(epoch)

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import numpy as np
+import paddle
 import pytest
 
+import ppmoco
 from ppmoco.host_allocator import find_jemalloc
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -61,5 +63,7 @@ def test_train_tool_under_launch_logs_finite_loss(tmp_path):
     # A worker the launcher started restarts itself on jemalloc where installed and trains on.
     malloc = find_jemalloc() or "the C library's"
     assert f"host memory allocator (malloc): {malloc}" in logs
+    # The run names ppmoco's version and the Paddle it ran on.
+    assert f"ppmoco {ppmoco.__version__} on PaddlePaddle {paddle.__version__} (paddlepaddle, CPU build" in logs
     # Paddle's table of non-default flags (printed by init_parallel_env on every rank) is held back.
     assert "Modified FLAGS detected" not in logs

@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
+import ppmoco
 from ppmoco.engine.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ppmoco.engine.lr import build_schedule
 from ppmoco.errors import CheckpointError, ConfigError
@@ -106,6 +107,7 @@ def test_trainer_state_is_json_and_old_pickled_ones_still_load(tmp_path):
     folder = tmp_path / "step_9"
     assert not (folder / "trainer_state.pkl").exists()
     saved = json.loads((folder / "trainer_state.json").read_text())
+    assert json.loads((folder / "meta.json").read_text())["ppmoco_version"] == ppmoco.__version__
     assert {k: saved[k] for k in ("epoch", "next_batch", "global_step", "best", "skipped_steps")} == \
         {"epoch": 2, "next_batch": 3, "global_step": 9, "best": 41.5, "skipped_steps": 1}
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from moco_equivalence import Setup, compare
+from optional_deps import torch_or_skip
 
-pytest.importorskip("torch")
+torch_or_skip()
 
 SETUPS = {
     # The urgent issue's setup: ImageNet stem at 64 px (2x2 maps in the last stage), v2 head 512-256-128.

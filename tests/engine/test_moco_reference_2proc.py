@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from moco_equivalence import Setup, compare, reference_trajectory, update_errors
+from optional_deps import torch_or_skip
 
-pytest.importorskip("torch")
+torch_or_skip()
 pytestmark = pytest.mark.slow
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SETUP = Setup(bn_splits=2)  # ResNet-18, ImageNet stem, 64 px, v2 head 512-256-128, batch 8

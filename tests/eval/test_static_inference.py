@@ -12,8 +12,6 @@ import numpy as np
 import paddle
 import pytest
 import test_protocols_with_oracles as oracles
-import torch
-import torch.nn.functional as TF
 from test_protocols_with_oracles import folders  # noqa: F401 - a fixture
 
 from ppmoco import fast_path
@@ -25,6 +23,8 @@ from ppmoco.eval.features import pool_layers
 from ppmoco.eval.static_inference import StaticInference
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
+
+from optional_deps import torch_or_skip
 
 ENV = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=2)
 OFF = {"enable": False}  # Engine.mix_precision
@@ -76,6 +76,8 @@ def run_static(module, hooks, images, execution="static", precision="float32", i
 def torch_feature1(net, images):
     """feature1 computed by PyTorch from the Paddle weights: conv1, eval-mode BN, ReLU, then mmselfsup's
     10x10/10 average with padding 4 counted in (the stem map is 112 px at 224)."""
+    torch = torch_or_skip()
+    TF = torch.nn.functional
     state = {k: torch.from_numpy(v.numpy()) for k, v in net.backbone.state_dict().items()}
     x = TF.conv2d(torch.from_numpy(images[0].numpy()), state["conv1.weight"], stride=2, padding=3)
     x = TF.batch_norm(x, state["bn1._mean"], state["bn1._variance"], state["bn1.weight"], state["bn1.bias"],

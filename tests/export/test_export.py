@@ -1,8 +1,8 @@
 """tools/export.py: the exported Paddle inference model and ONNX model give the backbone's features.
 
 Every exported model is compared with an independent reference: the dygraph backbone, loaded from
-the same weights file in eval mode, on images the tool never saw, under the README's criterion
-max |difference| <= 1e-4 x max(1, largest |feature|). The ONNX tests need requirements-export.txt;
+the same weights file in eval mode, on images the tool never saw, under the export's criterion (docs/transfer_export.md)
+max |difference| <= 1e-4 x max(1, largest |feature|). The ONNX tests need the `export` extra;
 without it they skip, unless PPMOCO_REQUIRE_EXPORT_DEPS=1 (set by CI) makes that a failure.
 """
 import importlib.util
@@ -16,8 +16,10 @@ import numpy as np
 import paddle
 import pytest
 
+import ppmoco
 from ppmoco.cli import run
 from ppmoco.models import build_backbone
+from ppmoco.versions import install_command
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TOOL = os.path.join(ROOT, "tools", "export.py")
@@ -34,13 +36,13 @@ def onnx_deps_missing():
         except ImportError:
             if os.environ.get("PPMOCO_REQUIRE_EXPORT_DEPS") == "1":
                 pytest.fail(f"PPMOCO_REQUIRE_EXPORT_DEPS=1 but {name} cannot be imported: "
-                            "pip install -r requirements-export.txt")
+                            "bash tools/install.sh --test")
             return name
     return None
 
 
 def assert_same_features(features, reference):
-    """The README's criterion: 1e-4 absolute up to features of 1, relative to the largest beyond."""
+    """The export's criterion: 1e-4 absolute up to features of 1, relative to the largest beyond."""
     assert features.shape == reference.shape
     bound = 1e-4 * max(1.0, float(np.abs(reference).max()))
     assert float(np.abs(features - reference).max()) <= bound
@@ -157,7 +159,7 @@ def test_onnx_model_in_onnxruntime_gives_the_backbone_features_at_any_batch_size
     # catches: an ONNX model converted from a train-mode program, with other weights, or with a
     # fixed batch dimension; a missing model.onnx
     if onnx_deps_missing():
-        pytest.skip("paddle2onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
+        pytest.skip("paddle2onnx/onnxruntime not installed (bash tools/install.sh --test installs them)")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(os.path.join(resnet50["out"], "model.onnx"),
@@ -179,6 +181,8 @@ def test_the_cli_reports_what_it_wrote_and_measured(resnet50):
     assert sorted(os.listdir(os.path.dirname(out))) == ["export", "weights.pdparams"]
     assert manifest["input"]["shape"] == [None, 3, 224, 224] and manifest["output"]["shape"] == [None, 2048]
     assert manifest["backbone"] == {"name": "resnet50"}
+    assert manifest["versions"]["ppmoco"] == ppmoco.__version__
+    assert manifest["versions"]["paddlepaddle"] == paddle.__version__
     stdout = resnet50["proc"].stdout
     assert "input image: shape [None, 3, 224, 224] float32" in stdout
     assert f"output {manifest['output']['name']}: shape [None, 2048] float32" in stdout
@@ -247,7 +251,7 @@ def test_missing_export_package_is_a_one_line_error(tmp_path, capsys, monkeypatc
                                        "--onnx", "--out", str(tmp_path / "export"))
     assert code == 2 and out == ""
     (line,) = err.strip().splitlines()
-    install = re.escape(f"pip install -r {os.path.join(ROOT, 'requirements-export.txt')}")
+    install = re.escape(install_command("export"))
     assert re.fullmatch(rf"error: --onnx needs (\w+ and )?\w+, not installed here; {install}", line)
     assert hidden in line
     assert sorted(os.listdir(tmp_path)) == ["digits.pdparams"]
@@ -302,7 +306,7 @@ def test_a_conversion_error_paddle2onnx_only_logs_is_an_error_with_its_reason(tm
     # catches: taking paddle2onnx's silence for success (it logs a failed conversion and returns
     # nothing), which would publish an export without a usable model.onnx
     if onnx_deps_missing():
-        pytest.skip("paddle2onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
+        pytest.skip("paddle2onnx/onnxruntime not installed (bash tools/install.sh --test installs them)")
     import paddle2onnx
 
     import ppmoco.export

@@ -1,10 +1,11 @@
 import numpy as np
 import paddle
-import pytest
 
 from ppmoco.feature_layers import LAYERS
 from ppmoco.models import pool_stages
 from ppmoco.models.pooling import MMSELFSUP_WINDOWS
+
+from optional_deps import torch_or_skip
 
 
 def numpy_adaptive_average(x, grid):
@@ -63,7 +64,7 @@ def test_maps_of_224_px_use_mmselfsups_windows():
 
 # Catches: windows that differ from torch's AvgPool2d with mmselfsup's parameters (needs torch).
 def test_windows_equal_torch_avgpool2d():
-    torch = pytest.importorskip("torch")
+    torch = torch_or_skip()
     maps = maps_at((112, 56, 28, 14, 7), np.random.default_rng(2))
     pooled = pool_stages([paddle.to_tensor(m) for m in maps], list(MMSELFSUP_WINDOWS))
     for layer, (_, kernel, stride, padding) in MMSELFSUP_WINDOWS.items():

@@ -11,6 +11,8 @@ from ppmoco.models.pretrained import BackboneWeights, infer_architecture
 from ppmoco.models.resnet import ARCHS, Architecture
 from ppmoco.modules.moco import MoCo
 
+from optional_deps import torch_or_skip
+
 TINY = {"name": "resnet18", "widths": [4, 8, 8, 8], "cifar_stem": True}
 KEY = "Model.model.base_encoder.pretrained"
 
@@ -110,7 +112,7 @@ def torch_names(state):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_official_pytorch_moco_checkpoint(tmp_path, source, caplog, legacy):
-    torch = pytest.importorskip("torch")
+    torch = torch_or_skip()
     state = {f"module.encoder_q.{k}": v for k, v in torch_names(numpy_state(source)).items()}
     state.update({f"module.encoder_k.{k}": v for k, v in torch_names(numpy_state(tiny(5))).items()})
     state.update({"module.encoder_q.fc.0.weight": np.zeros([16, 8], "float32"),
@@ -127,7 +129,7 @@ def test_official_pytorch_moco_checkpoint(tmp_path, source, caplog, legacy):
 
 
 def test_torchvision_state_dict(tmp_path, source):
-    torch = pytest.importorskip("torch")
+    torch = torch_or_skip()
     state = dict(torch_names(numpy_state(source)), **{"fc.weight": np.zeros([10, 8], "float32")})
     torch.save({k: torch.tensor(v) for k, v in state.items()}, str(tmp_path / "r18.pth"))
     assert_loaded(source, str(tmp_path / "r18.pth"))

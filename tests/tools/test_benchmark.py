@@ -9,6 +9,8 @@ import pytest
 from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.host_allocator import find_jemalloc
 
+from optional_deps import torch_or_skip
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
@@ -63,7 +65,7 @@ def test_benchmark_measures_each_execution_in_its_own_process(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
-    pytest.importorskip("torch")
+    torch_or_skip()
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.bn_splits=1", "-o",
                                    "Model.model.base_encoder.widths=[64,128,256,512]", "--executions", "eager",
                                    "--compare-torch", "--end-to-end", "1", "--data-passes", "1",

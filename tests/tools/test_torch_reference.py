@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from moco_equivalence import Setup, numpy_state
+from optional_deps import torch_or_skip
 
-torch = pytest.importorskip("torch")
+torch = torch_or_skip()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from torch_reference import TorchMoCo, torch_moco_step  # noqa: E402
 

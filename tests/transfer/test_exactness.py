@@ -14,6 +14,7 @@ import pytest
 from ppmoco.models.pretrained import read_backbone
 from ppmoco.transfer import convert
 
+from optional_deps import torch_or_skip
 from transfer_helpers import reference_keys, shapes, without_classifier
 
 FEATURE_TOLERANCE = 1e-4  # float32 features of two frameworks' kernels (measured: see the test)
@@ -31,7 +32,7 @@ def assert_bit_identical(tensors, expected):
 
 @pytest.fixture(scope="module")
 def torchvision_file(r50, tmp_path_factory):
-    pytest.importorskip("torch")
+    torch_or_skip()
     path = str(tmp_path_factory.mktemp("tv") / "r50.pth")
     convert(r50.checkpoint, path, "torchvision")
     return path
