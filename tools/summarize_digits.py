@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ppmoco.cli import run  # noqa: E402
+from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.errors import DataError  # noqa: E402
 from ppmoco.fileio import write_bytes_atomic, write_text_atomic  # noqa: E402
 
@@ -79,13 +79,14 @@ def write_digits_report(out_dir):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--table" in argv:
-        at = argv.index("--table")
-        runs = argv[at + 1:]
-        print("\n".join(results_table(argv[0] if at else "output", [(name, name) for name in runs])))
+    parser = tool_parser(__doc__)
+    parser.add_argument("output", nargs="?", default="output", help="the folder of the demo's runs (default: output)")
+    parser.add_argument("--table", nargs="+", metavar="RUN", help="only print the results table of these runs")
+    args = parser.parse_args(argv)
+    if args.table:
+        print("\n".join(results_table(args.output, [(name, name) for name in args.table])))
         return None
-    path, table = write_digits_report(argv[0] if argv else "output")
+    path, table = write_digits_report(args.output)
     print("\n".join(table))
     print(f"wrote {path}")
     return path
