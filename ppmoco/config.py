@@ -71,13 +71,13 @@ SCHEMA = {
         "logging_freq": 10,
         "eval_freq": -1,           # validate every N epochs; -1 never
         # How a training step runs. static: one compiled program on oneDNN kernels, the CPU fast
-        # path (one process, float32; README "Performance"). eager: Paddle's dynamic mode (GPU,
+        # path (one process, float32; docs/training.md "The CPU fast path"). eager: Paddle's dynamic mode (GPU,
         # several processes, AMP). auto: static on a single CPU process in float32, else eager.
         "execution": Choice(("auto", "eager", "static")),
         # The training step's convolutions on CPU. onednn: ppmoco's oneDNN operator (ppmoco/ops,
         # compiled at first use; needs g++ and oneDNN's headers), which keeps no buffers between
         # calls: the static step peaks at 0.4x the memory of Paddle's oneDNN convolution, and eager
-        # steps run faster (README "Performance"). paddle: Paddle's own. auto: onednn where it can
+        # steps run faster (docs/performance.md). paddle: Paddle's own. auto: onednn where it can
         # be built, else paddle with a warning. GPUs always run Paddle's; checkpoints are the same.
         "conv": Choice(("auto", "onednn", "paddle")),
         "run_mode": Choice(("epoch", "step")),  # FleetX's; ppmoco runs epochs (NOT_SUPPORTED)

@@ -50,7 +50,7 @@ from ppmoco.host_allocator import loaded_allocator  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BASE = os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml")
-PRESETS = {  # the two configurations of the performance table in the README
+PRESETS = {  # the two configurations of docs/performance.md's tables
     "r50_224": ["Model.model.base_encoder.name=resnet50", "Data.Train.sampler.batch_size=32",
                 "Model.model.K=65536", "Model.model.projector.hidden_dim=2048", "Model.model.T=0.2",
                 "Data.Train.dataset.transform_ops.0.RandCropImage.size=224"],
@@ -67,7 +67,7 @@ PHASES = ("momentum_update", "encode_keys", "enqueue")
 # with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 to measure an AVX-512 CPU's kernels
 # as on an AVX2-only one (the children inherit them); the JSON records those set.
 ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-# The same for the memory allocator, e.g. LD_PRELOAD=libjemalloc.so.2 with MALLOC_CONF (README "Performance").
+# The same for the memory allocator, e.g. LD_PRELOAD=libjemalloc.so.2 with MALLOC_CONF (docs/performance.md).
 ALLOCATOR = ("LD_PRELOAD", "MALLOC_CONF")
 LR = 0.03  # the step's learning rate, ppmoco's and the reference's
 

@@ -1,5 +1,5 @@
 """The SVM benchmarks' cost on synthetic features, measured: `svm` and `lowshot_svm` (ppmoco/eval/svm.py)
-with the default grid of Eval.svm.costs, the default low-shot ks and draws, at the size the README quotes.
+with the default grid of Eval.svm.costs, the default low-shot ks and draws, at the size docs/evaluation.md quotes.
 
     python tools/benchmark_svm.py --train 1440 --test 360 --dims 512 --classes 10 --json output/bench_svm.json
 

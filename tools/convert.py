@@ -11,7 +11,7 @@ FORMAT:
   paddle-vision  .pdparams for paddle.vision.models.resnet18/34/50/101
   paddleclas     .pdparams with PaddleClas ResNet names (Global.pretrained_model)
   paddledet      .pdparams with PaddleDetection ResNet names (pretrain_weights; ResNet-50/101)
-The config lines each framework needs are in configs/transfer/ (README: Use the backbone elsewhere).
+The config lines each framework needs are in configs/transfer/ (docs/transfer_export.md).
 """
 import os
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The supervised-contrastive benchmark on the embedded digits data (README "Supervised-contrastive MoCo"):
+# The supervised-contrastive benchmark on the embedded digits data (docs/supervised_contrastive.md):
 # MoCo v2 and its In, Out and Suploss variants, each pretrained with the same recipe
 # (configs/mocov2*_pt_digits_1n2c.yaml, NPROC processes, default 2), then kNN and linear evaluation of
 # each pretrained backbone on the 360 held-out digits; prints the results table at the end.

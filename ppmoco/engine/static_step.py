@@ -1,7 +1,7 @@
 """The training step compiled into one static program and run on oneDNN kernels (the CPU fast path).
 
 Eager Paddle runs conv2d on CPU with plain kernels; the same step as a static program whose
-convolutions run on oneDNN is several times faster (README "Performance", docs/performance.md). Nothing of
+convolutions run on oneDNN is several times faster (docs/performance.md). Nothing of
 the method is written twice: the program is built by calling the Module's own `training_step` once
 on static inputs while every parameter and buffer of the module is temporarily replaced by a static
 value of the same name. Those static variables then share memory with the eager tensors, and so do
@@ -20,7 +20,7 @@ program from the same state (weights, BN statistics, queue, velocities, random g
 compares the loss and the update of every tensor, the queue's included (CHECK_TOLERANCES). A program that
 disagrees, or fails natively, is dropped: that shape runs eagerly from then on and one log line says
 why; with `Engine.execution: static` it is a one-line error instead. The check costs one eager step
-and two copies of the training state in a temporary file per batch shape (README "Performance").
+and two copies of the training state in a temporary file per batch shape (docs/training.md "The CPU fast path").
 Equivalence with eager and with a PyTorch reference is tested in tests/engine/test_static_step.py
 and tests/engine/test_moco_reference.py.
 """

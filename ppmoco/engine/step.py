@@ -47,8 +47,8 @@ def conv_precision(amp, env, conv):
         return "float32"
     if conv != "onednn":
         raise ConfigError("Engine.mix_precision: bfloat16 on CPU computes the convolutions on ppmoco's oneDNN "
-                          "operator, which this run does not use; set Engine.conv=auto or onednn (README "
-                          "\"Performance\") or Engine.mix_precision.enable=false")
+                          "operator, which this run does not use; set Engine.conv=auto or onednn "
+                          "(docs/training.md) or Engine.mix_precision.enable=false")
     cpu = cpu_info()
     if not has_bfloat16_units(cpu):
         raise ConfigError(f"Engine.mix_precision: bfloat16 on CPU needs AVX512-BF16 or AMX-BF16 units, which this "

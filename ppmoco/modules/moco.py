@@ -3,7 +3,7 @@
 v1 and v2 differ only by configuration: the projection head (linear vs 2-layer MLP), the
 temperature, the augmentation and the lr schedule.
 
-Deliberate choices (see README, "Where ppmoco differs"):
+Deliberate choices (see docs/differences.md):
 - The momentum update averages parameters only. Paddle lists BatchNorm's running statistics among
   `parameters()`; they are excluded, so the key encoder keeps its own statistics as in PyTorch.
 - Shuffle BN runs the same code for any number of processes; `bn_splits` > 1 additionally splits

@@ -1,5 +1,5 @@
-"""A pretrained backbone written for other frameworks: one key map per target (README "Use the
-backbone elsewhere"), used by tools/convert.py.
+"""A pretrained backbone written for other frameworks: one key map per target
+(docs/transfer_export.md, "Use the backbone elsewhere"), used by tools/convert.py.
 
 Reading is ppmoco's own (`ppmoco.models.pretrained.read_backbone`: anything
 `Model.model.base_encoder.pretrained` accepts, heads and key encoder dropped), and so is the

@@ -217,7 +217,7 @@ def test_batch_of_one_trains_on_the_fast_path():
 
 
 def test_paddle_batchnorm_updates_the_running_variance_with_the_biased_batch_variance():
-    """The one convention in which ppmoco's BN differs from PyTorch's (README "Where ppmoco differs")."""
+    """The one convention in which ppmoco's BN differs from PyTorch's (docs/differences.md)."""
     bn = paddle.nn.BatchNorm2D(3, momentum=0.9)
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype("float32")
     bn(paddle.to_tensor(x))

@@ -1,5 +1,5 @@
 """`from ppmoco import load_backbone`: a network ready to fine-tune, its weights all or nothing, and
-README's fine-tuning snippet as written."""
+docs/transfer_export.md's fine-tuning snippet as written."""
 import os
 import re
 import subprocess
@@ -76,8 +76,8 @@ def test_import_ppmoco_does_not_import_paddle():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_readme_fine_tuning_snippet_runs_and_trains(r50, tmp_path, monkeypatch):
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_docs_fine_tuning_snippet_runs_and_trains(r50, tmp_path, monkeypatch):
+    with open(os.path.join(ROOT, "docs", "transfer_export.md"), encoding="utf-8") as f:
         snippets = [code for code in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "load_backbone" in code]
     assert len(snippets) == 1
     folder = tmp_path / "output" / "mocov2_pt_in1k_1n8c" / "epoch_200"  # the path the snippet names
@@ -91,7 +91,7 @@ def test_readme_fine_tuning_snippet_runs_and_trains(r50, tmp_path, monkeypatch):
         yield paddle.to_tensor(r50.images[:, :, :64, :64]), paddle.to_tensor([[3], [7]])
 
     namespace["loader"] = loader()
-    exec(compile(snippets[0], "README.md", "exec"), namespace)
+    exec(compile(snippets[0], "docs/transfer_export.md", "exec"), namespace)
     # catches: a snippet that does not run, loads nothing, or whose optimizer does not reach the backbone
     assert type(namespace["backbone"]) is pvm.ResNet
     conv1 = namespace["backbone"].state_dict()["conv1.weight"].numpy()
