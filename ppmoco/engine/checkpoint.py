@@ -39,9 +39,30 @@ def _rename_optimizer_state(state, names):
     """
     out = {}
     for key, value in state.items():
+        if isinstance(value, dict):  # O2's {parameter name: float32 master weight}
+            out[key] = {names.get(name, name): tensor for name, tensor in value.items()}
+            continue
         owner = max((n for n in names if key.startswith(n + "_")), key=len, default=None)
         out[names[owner] + key[len(owner):] if owner else key] = value
     return out
+
+
+LOW_PRECISION = (paddle.float16, paddle.bfloat16)
+
+
+def full_precision_weights(module, optimizer):
+    """The module's state dict with every parameter O2 mixed precision cast to float16/bfloat16 as
+    its float32 master weight (the optimizer's; a float32 cast where the optimizer made none yet),
+    so model.pdparams holds float32 whatever the AMP mode, for resuming and for every consumer."""
+    masters = optimizer.state_dict().get("master_weights", {})
+    internal = {n: p.name for n, p in module.named_parameters()}
+    state = {}
+    for key, tensor in module.state_dict().items():
+        if tensor.dtype in LOW_PRECISION:
+            master = masters.get(internal.get(key))
+            tensor = master if master is not None else tensor.astype("float32")
+        state[key] = tensor
+    return state
 
 
 def _read_meta(path):
@@ -112,7 +133,7 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
     tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
     try:
         os.makedirs(tmp)
-        paddle.save(module.state_dict(), os.path.join(tmp, "model.pdparams"))
+        paddle.save(full_precision_weights(module, optimizer), os.path.join(tmp, "model.pdparams"))
         structured = {p.name: n for n, p in module.named_parameters()}
         paddle.save(_rename_optimizer_state(optimizer.state_dict(), structured),
                     os.path.join(tmp, "optimizer.pdopt"))
@@ -142,7 +163,11 @@ def save_checkpoint(output_dir, name, module, optimizer, state, keep_last=0, reg
                            "checkpoints are kept")
             return final
         for old in [p for p in list_checkpoints(output_dir) if os.path.basename(p) != "best"][:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first: a stop in the middle of the delete leaves a hidden .tmp- folder (removed by
+            # the next save), never a checkpoint name holding part of a checkpoint.
+            aside = os.path.join(output_dir, f".tmp-rotated-{os.path.basename(old)}-{os.getpid()}")
+            os.rename(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -205,7 +230,10 @@ def load_module_weights(path, module):
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch {wrong[:3]}"
         raise CheckpointError(f"{path}/model.pdparams does not fit this model ({detail}); "
                               "resume with the config that wrote it")
-    module.set_state_dict(weights)
+    # Into the module's dtypes: float32 weights into an O2-cast encoder, and the float16 weights of
+    # checkpoints written before model.pdparams held float32 into a float32 one.
+    module.set_state_dict({k: v.astype(expected[k].dtype) if k in expected and v.dtype != expected[k].dtype
+                           and paddle.is_floating_point(v) else v for k, v in weights.items()})
 
 
 def load_checkpoint(path, module, optimizer):

@@ -5,12 +5,14 @@ import os
 import time
 
 import paddle
+import paddle.distributed as dist
 
 from ppmoco.config import dump_config
 from ppmoco.data import build_dataloader, build_dataset, require_labels
 from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import (
+    damage,
     find_resume_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -21,6 +23,7 @@ from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.preemption import Preempted, StopSignals
 from ppmoco.engine.profiler import StepProfiler
+from ppmoco.engine.rng import capture_random_state, restore_random_state
 from ppmoco.engine.step import build_train_step
 from ppmoco.engine.watchdog import Watchdog
 from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
@@ -90,7 +93,8 @@ class Engine:
 
     def _trainer_state(self, epoch, next_batch, global_step):
         return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
-                "best": self.best, "rng_state": paddle.get_rng_state(),
+                "best": self.best, "rng_state": capture_random_state(self.env.device),
+                "loss_scaler": self.train_step.scaler_state(),
                 "skipped_steps": self.guard.skipped, "processes": self.env.world_size,
                 "batch_size": self.batch_size}
 
@@ -140,12 +144,15 @@ class Engine:
         self.writer.image("train/views", view_grid(self.train_set, indices, size=64), 0)
 
     def _resume(self):
-        path = find_resume_checkpoint(self.save_load)
+        path = agreed_resume_checkpoint(self.save_load, self.env.world_size)
         if path is None:
             return 0, 0, 0
         check_geometry(load_trainer_state(path), path, self.env.world_size, self.batch_size)
         state = load_checkpoint(path, self.module, self.optimizer)
-        paddle.set_rng_state(state["rng_state"])
+        lost = restore_random_state(state["rng_state"], self.env.device)
+        if lost:
+            logger.warning(f"{path}: {lost} could not be restored, so random draws differ from an uninterrupted run")
+        self.train_step.load_scaler_state(state.get("loss_scaler"), path)
         self.best = state.get("best")
         self.guard.skipped = state.get("skipped_steps", 0)
         logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
@@ -251,6 +258,38 @@ class Engine:
         self.writer.add("train/ips", ips, global_step)
 
 
+def agreed_resume_checkpoint(save_load, processes):
+    """find_resume_checkpoint's answer as rank 0 finds it, the same on every rank.
+
+    Only rank 0 writes checkpoints, so a rank on a node that does not share Engine.save_load.output_dir
+    would find none (and start afresh) or an older one (and diverge). Rank 0 decides and sends its
+    answer, or its error, to every rank; each rank checks it can read that checkpoint intact, and all
+    fail alike when one cannot, so none waits in a collective for a rank that stopped.
+    """
+    if processes == 1:
+        return find_resume_checkpoint(save_load)
+    decision = [None, None]  # [path, error message]
+    if dist.get_rank() == 0:
+        try:
+            decision[0] = find_resume_checkpoint(save_load)
+        except CheckpointError as err:
+            decision[1] = str(err)
+    dist.broadcast_object_list(decision, src=0)
+    path, error = decision
+    if error is not None:
+        raise CheckpointError(error)
+    readable = path is None or (os.path.isdir(path) and damage(path) is None)
+    everyone = []
+    dist.all_gather_object(everyone, readable)
+    blind = [rank for rank, ok in enumerate(everyone) if not ok]
+    if blind:
+        raise CheckpointError(
+            f"rank(s) {', '.join(map(str, blind))} cannot read {path} intact, the checkpoint rank 0 resumes from: "
+            "only rank 0 writes checkpoints, so Engine.save_load.output_dir must be a folder every node reads "
+            "(shared storage), or copy that checkpoint to the same path on every node")
+    return path
+
+
 def check_geometry(state, path, processes, batch_size):
     """Resume another number of processes only at the same global batch (module docstring of
     ppmoco/data/sampler.py: global batch k is then the same images), saying what changes; else a
@@ -284,6 +323,9 @@ def monitored_value(results, monitor):
 
 class NonFiniteError(PpmocoError):
     """Training diverged: the loss, or the weights and buffers, became NaN or Inf."""
+
+
+MASTER_WEIGHTS = "master_weights/"  # _tensors' prefix of O2's float32 parameter copies
 
 
 def _tensors(state, prefix=""):
@@ -339,9 +381,16 @@ class _FiniteGuard:
         if not _on_any_rank(paddle.logical_not(paddle.stack(finite).all()))[()]:
             return out
         self.module.set_state_dict(module_state)
+        by_name = {p.name: p for p in self.params}
         for key, tensor in _tensors(self.optimizer.state_dict()):
-            # State the bad step created (Momentum's velocity on the first step) starts at zero.
-            tensor.set_value(optimizer_state[key] if key in optimizer_state else paddle.zeros_like(tensor))
+            if key in optimizer_state:
+                tensor.set_value(optimizer_state[key])
+            elif key.startswith(MASTER_WEIGHTS):
+                # O2's float32 copy of a parameter, made by the bad step itself (Paddle makes it before
+                # it checks for overflow): the restored parameter, as a fresh run would make it.
+                tensor.set_value(by_name[key[len(MASTER_WEIGHTS):]].astype(tensor.dtype))
+            else:  # state the bad step created (Momentum's velocity on the first step) starts at zero
+                tensor.set_value(paddle.zeros_like(tensor))
         self.skipped += 1
         logger.warning(f"step {step}: loss or update not finite; skipped it and restored the weights, "
                        f"buffers and optimizer state ({self.skipped} step(s) skipped so far)")

@@ -340,6 +340,12 @@ class StaticTrainStep:
         """What they compute in ("float32" or "bfloat16"): the eager step's."""
         return self.eager_step.conv_dtype
 
+    def scaler_state(self):
+        return self.eager_step.scaler_state()
+
+    def load_scaler_state(self, state, path):
+        self.eager_step.load_scaler_state(state, path)
+
     @property
     def execution(self):
         """What runs the steps: the programs, or eager where a program failed its check."""

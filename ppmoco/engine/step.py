@@ -6,6 +6,7 @@ shared by the Engine's loop and tools/benchmark.py, so the benchmark measures th
 import contextlib
 import logging
 
+import numpy as np
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
@@ -98,6 +99,23 @@ class TrainStep:
             _, optimizer = paddle.amp.decorate(module.low_precision_layers(), optimizer, level="O2",
                                                dtype=amp_cfg["dtype"])
         self.module, self.optimizer = module, optimizer
+
+    def scaler_state(self):
+        """The float16 loss scaler's state as JSON values, for checkpoints ({} without a scaler)."""
+        if self.scaler is None:
+            return {}
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in self.scaler.state_dict().items()}
+
+    def load_scaler_state(self, state, path):
+        """Continue the loss scaling of checkpoint `path` (`state` is its scaler_state(), None when it
+        had no scaler): an exact resume under float16 needs the scale and its counters."""
+        if self.scaler is None:
+            return
+        if not state:
+            logger.info(f"{path} holds no loss-scaler state (written without float16): the loss scale starts at "
+                        f"Engine.mix_precision.scale_loss")
+            return
+        self.scaler.load_state_dict(dict(state, scale=np.asarray(state["scale"], dtype="float32")))
 
     def _autocast(self):
         if not self.amp["enable"]:

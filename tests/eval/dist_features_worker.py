@@ -1,7 +1,8 @@
 """Under `paddle.distributed.launch --nproc_per_node 2`: cached per-layer features of 7 samples on 2 ranks.
 
-Called twice: the first call extracts (rank 0 writes the cache), the second must read it on both
-ranks without either waiting for a gather the other skips. Each rank writes what both calls returned.
+Called three times: the first call extracts (rank 0 writes the cache), the second must read it on both
+ranks without either waiting for a gather the other skips, the third gives rank 1 a cache folder of its
+own (nodes that do not share it), where both must extract. Each rank writes what the calls returned.
 """
 import json
 import os
@@ -50,10 +51,11 @@ def main(out_dir):
     dataset = Maps()
     loader, sampler = build_dataloader(dataset, 2, 2, dist.get_rank(), False, False, 0)
     runs = []
-    for _ in range(2):
+    # Twice in one cache folder, then as on nodes that do not share it: rank 1's folder has no copy.
+    for cache in ("cache", "cache", "cache" if dist.get_rank() == 0 else "cache_of_rank1"):
         Stages.calls = 0
         out = dataset_features(Stages(), (loader, sampler, dataset), ["gap", "feat5"], "test",
-                               os.path.join(out_dir, "cache"), weights, {"name": "Maps"})
+                               os.path.join(out_dir, cache), weights, {"name": "Maps"})
         runs.append({"gap": out["gap"].tolist(), "feat5": out["feat5"].tolist(), "labels": out["labels"].tolist(),
                      "paths": out["paths"].tolist(), "calls": Stages.calls})
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:

@@ -115,3 +115,26 @@ def test_train_resumes_past_a_damaged_latest_and_refuses_a_named_one(tmp_path):
     flip_bit(out / "step_3" / "optimizer.pdopt")
     proc = run_train(out, "Engine.max_steps=4", f"Engine.save_load.ckpt_dir={out / 'step_3'}", expect=2)
     assert_user_error(proc, f"checkpoint {out / 'step_3'} is damaged: optimizer.pdopt's SHA-256 differs")
+
+
+def test_a_stop_in_the_middle_of_rotation_leaves_only_whole_checkpoints(tmp_path, monkeypatch):
+    # catches: rotation deleting an old checkpoint under its own name, which a second Ctrl-C (or a
+    # kill) in the middle of the delete leaves half there, listed and `damaged`
+    save_steps(tmp_path, [1, 2], keep_last=2)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def interrupted_rmtree(path, ignore_errors=False):
+        if "step_1" not in os.path.basename(path):  # another delete (a save's own temporary folders)
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        os.remove(os.path.join(path, "model.pdparams"))  # part of the delete is done when the stop comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save_steps(tmp_path, [3], keep_last=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    listed = checkpoint.list_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in listed] == ["step_2", "step_3"]
+    assert all(damage(p) is None for p in listed)
+    save_steps(tmp_path, [4], keep_last=2)  # the next save removes what the stop left behind
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_3", "step_4"]
