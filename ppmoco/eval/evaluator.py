@@ -4,6 +4,9 @@ SVM benchmarks `svm` and `lowshot_svm` (ppmoco/eval/svm.py, features from ppmoco
 kNN follows mmselfsup: global-average-pooled backbone features of the training images (memory bank,
 built with the evaluation transforms: no augmentation) vote for each evaluation image. The SVMs
 train on the same memory bank.
+
+A module whose layers O2 mixed precision cast to float16/bfloat16 (on GPU) has its hooks run under the
+run's autocast and their outputs evaluated in float32 (ppmoco/eval/precision.py).
 """
 import logging
 
@@ -12,6 +15,7 @@ from ppmoco.errors import ConfigError
 from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
+from ppmoco.eval.precision import HookPrecision
 from ppmoco.eval.static_inference import StaticInference
 
 logger = logging.getLogger("ppmoco")
@@ -50,6 +54,10 @@ class Evaluator:
     def __init__(self, cfg, module, env):
         self.module, self.protocol, self.knn_cfg = module, cfg["Eval"]["protocol"], cfg["Eval"]["knn"]
         self.svm_cfg, self.lowshot_cfg = cfg["Eval"]["svm"], cfg["Eval"]["lowshot"]
+        # Engine.mix_precision: the autocast of a module its O2 cast left in float16/bfloat16 (precision.py)
+        self.amp = cfg.get("Engine", {}).get("mix_precision")
+        self.hook_precision = None  # the HookPrecision of the evaluation running
+        self.announced_autocast = False
         self.weights = self.cache_dir = None  # see cache_features
         # (features, labels) of the evaluation images from the last call, where the protocol
         # computes features (kNN): for pictures of the embedding.
@@ -93,24 +101,33 @@ class Evaluator:
         """
         was_training = self.module.training
         self.module.eval()
+        # Decided now, not when the Evaluator was built: the Engine's step casts the module after that.
+        self.hook_precision = HookPrecision(self.module, self.amp)
+        dtype = self.hook_precision.dtype
+        if self.hook_precision.autocast is not None and not self.announced_autocast:
+            logger.info(f"eval: the module's layers are {dtype} (O2 mixed precision): its hooks run under "
+                        f"autocast O2 {dtype}, their outputs are evaluated in float32")
+            self.announced_autocast = True
         try:
             run = {"linear": self._linear, "knn": self._knn, "svm": self._svm, "lowshot_svm": self._lowshot}
             with self.inference.session():
                 return {self.protocol: run[self.protocol]()}
         finally:
+            self.hook_precision = None
             if was_training:
                 self.module.train()
 
     def _linear(self):
         """The module's own metrics over the exact evaluation set."""
-        step = self.inference.wrap("validation_step", self.module.validation_step, reads_labels=True)
+        step = self.inference.wrap("validation_step", self.hook_precision.wrap(self.module.validation_step),
+                                   reads_labels=True)
         out = predict_dataset(step, *self.eval_data, name="eval linear")
         return {k: float(v) for k, v in self.module.validation_end(out).items()}
 
     def _knn(self):
         """Weighted kNN of the evaluation images' features against the training images' features."""
-        extract = self.inference.wrap("extract_features",
-                                      lambda batch: {"features": self.module.extract_features(batch[0])})
+        extract = self.inference.wrap("extract_features", self.hook_precision.wrap(
+            lambda batch: {"features": self.module.extract_features(batch[0])}))
 
         def features(batch):
             return dict(extract(batch), labels=batch[-1])
@@ -126,7 +143,8 @@ class Evaluator:
 
     def _svm_features(self):
         """The pooled layers of Eval.svm.layers for (memory bank, evaluation set), cached when possible."""
-        options = dict(cache_dir=self.cache_dir, weights=self.weights, inference=self.inference)
+        options = dict(cache_dir=self.cache_dir, weights=self.weights, inference=self.inference,
+                       precision=self.hook_precision)
         return [dataset_features(self.module, data, self.svm_cfg["layers"], f"eval {self.protocol}: {what} features",
                                  dataset_cfg=self.dataset_cfgs[split], **options)
                 for split, data, what in (("bank", self.bank_data, "training"), ("eval", self.eval_data, "evaluation"))]

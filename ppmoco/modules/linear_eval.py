@@ -18,6 +18,19 @@ from ppmoco.modules.base import Module
 logger = logging.getLogger("ppmoco")
 
 
+def _as_float32(tensor):
+    """A tensor's values as a float32 numpy array (bfloat16's numpy() would be its raw uint16 bits)."""
+    return tensor.numpy() if tensor.dtype == paddle.float32 else tensor.astype("float32").numpy()
+
+
+def _frozen_as(frozen, tensor):
+    """The float32 snapshot `frozen` as the values `tensor`'s dtype holds: cast where the tensor lives by
+    the cast O2 applies to it, so on GPU the same kernel rounds both (as float32 numpy)."""
+    if tensor.dtype == paddle.float32:
+        return frozen
+    return _as_float32(paddle.to_tensor(frozen, place=tensor.place).astype(tensor.dtype))
+
+
 class FrozenBackboneProbe(Module):
     """What the probes of a frozen backbone share (LinearEval, MultiHeadLinearEval): the backbone
     built and loaded from `base_encoder`, every weight frozen, kept in eval mode, checked against the
@@ -57,9 +70,14 @@ class FrozenBackboneProbe(Module):
             self.check_backbone_unchanged()
 
     def check_backbone_unchanged(self):
-        """The reference's sanity check: training the classifier must not touch the backbone."""
+        """The reference's sanity check: training the classifier must not touch the backbone.
+
+        The snapshot is float32, taken before O2 mixed precision casts the backbone's convolutions to
+        float16/bfloat16 (paddle.amp.decorate, when the Engine builds its step): a tensor in another
+        dtype is compared with the snapshot cast the same way, exactly, so any change the backbone
+        can hold in its dtype (one unit in its last place) still fails the check."""
         for name, value in self.backbone.state_dict().items():
-            if not np.array_equal(value.numpy(), self._frozen[name]):
+            if not np.array_equal(_as_float32(value), _frozen_as(self._frozen[name], value)):
                 raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; "
                                   "the backbone must stay frozen (a ppmoco bug: please report it)")
         logger.info("sanity check passed: the backbone equals the pretrained weights")

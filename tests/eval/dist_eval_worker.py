@@ -1,7 +1,8 @@
 """Under `paddle.distributed.launch --nproc_per_node 2`: predict over 7 samples split over 2 ranks.
 
 The sampler pads 7 samples to 8 (one duplicate); the gathered result must be the 7 samples in
-dataset order, and the accuracy must count each sample once.
+dataset order, and the accuracy must count each sample once. It must be the same gathered in blocks of
+one row (inference.GATHER_BYTES forced down: a large kNN bank is gathered in blocks).
 """
 import json
 import os
@@ -13,6 +14,7 @@ import paddle.distributed as dist
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from ppmoco.data import build_dataloader  # noqa: E402
+from ppmoco.eval import inference  # noqa: E402
 from ppmoco.eval.inference import predict_dataset  # noqa: E402
 from ppmoco.metrics import numpy_topk_accuracy  # noqa: E402
 
@@ -40,9 +42,11 @@ def main(out_dir):
     loader, sampler = build_dataloader(dataset, 2, 2, dist.get_rank(), False, False, 0)
     out = predict_dataset(lambda b: {"logits": b[0], "labels": b[1]}, loader, sampler, dataset)
     metrics = numpy_topk_accuracy(out["logits"], out["labels"])
+    inference.GATHER_BYTES = 1  # one row of every rank per all-gather: 4 gathers of the 4 rows a rank holds
+    blocks = predict_dataset(lambda b: {"logits": b[0], "labels": b[1]}, loader, sampler, dataset)
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"logits": out["logits"].tolist(), "labels": out["labels"].tolist(),
-                   "metrics": metrics}, f)
+                   "metrics": metrics, "blocks": {k: v.tolist() for k, v in blocks.items()}}, f)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,7 @@ def test_padded_distributed_split_counts_each_sample_once(tmp_path):
         assert got["labels"] == LABELS.tolist()
         assert got["metrics"]["top1"] == pytest.approx(100 * 4 / 7)
         assert got["metrics"]["top5"] == pytest.approx(100 * 6 / 7)
+        # Catches a gather in blocks that assembles them out of order (or drops the last block):
+        # gathered one row per rank at a time, the result is the same.
+        np.testing.assert_array_equal(np.array(got["blocks"]["logits"], dtype="float32"), LOGITS)
+        assert got["blocks"]["labels"] == LABELS.tolist()
