@@ -1,6 +1,5 @@
 """Process environment: device, CPU threads, process group and seeds."""
 import contextlib
-import ctypes
 import dataclasses
 import io
 import logging
@@ -50,6 +49,8 @@ def pick_device(requested):
 
 def _glibc():
     """glibc's library, or None where libc is another (macOS, musl: nothing to tune)."""
+    import ctypes  # here, not at import: importing ppmoco needs no C library handle
+
     try:
         return ctypes.CDLL("libc.so.6")
     except OSError:
@@ -79,6 +80,8 @@ def release_freed_memory():
     after it would not reuse: keep_freed_memory (or jemalloc's page keeping, ppmoco.host_allocator)
     otherwise keeps it for the life of the process. glibc's malloc_trim, or jemalloc's purge of every
     arena where jemalloc is preloaded. Returns whether anything was released."""
+    import ctypes
+
     process = ctypes.CDLL(None)
     if hasattr(process, "mallctl"):  # jemalloc's control interface: the preloaded library serves malloc
         return process.mallctl(b"arena.%d.purge" % _JEMALLOC_ALL_ARENAS, None, None, None, 0) == 0
@@ -123,6 +126,24 @@ def apply_flags(flags):
     return skipped
 
 
+def choose_collective_backend(device):
+    """Make dist.init_parallel_env use gloo for a CPU run (through PADDLE_DISTRI_BACKEND, which it reads).
+
+    Unset, that variable means 'auto': on a CUDA build NCCL, and this rank's GPU as the default place
+    whatever paddle.set_device said, so a CPU run would train on the GPU (paddle.distributed.launch
+    sets gloo only where it finds no GPU). A backend that contradicts the device is refused.
+    """
+    backend = os.environ.get("PADDLE_DISTRI_BACKEND", "auto")
+    if device == "cpu":
+        if backend not in ("auto", "gloo"):
+            raise ConfigError(f"Global.device: cpu, but PADDLE_DISTRI_BACKEND={backend} runs the collectives on "
+                              "accelerators; unset it or set it to gloo")
+        os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"
+    elif backend == "gloo":
+        raise ConfigError(f"Global.device: {device}, but PADDLE_DISTRI_BACKEND=gloo would train on the CPU; "
+                          "unset it, or set Global.device=cpu")
+
+
 def _init_parallel_env_quietly():
     """dist.init_parallel_env without the table of flags that differ from their defaults, which it
     prints on every rank (Paddle's own FLAGS_enable_pir_in_executor among them); other output passes."""
@@ -150,6 +171,7 @@ def setup_environment(global_cfg, distributed_cfg):
         set_cpu_threads(threads)
         keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
+        choose_collective_backend(device)
         _init_parallel_env_quietly()
     seed_everything(global_cfg["seed"])
     return RunEnv(device, world_size, dist.get_rank() if world_size > 1 else 0, local_size, threads)

@@ -1,4 +1,5 @@
 """Two real processes under paddle.distributed.launch (gloo on CPU, loopback only)."""
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,15 @@ def test_train_tool_under_launch_logs_finite_loss(tmp_path):
     assert f"ppmoco {ppmoco.__version__} on PaddlePaddle {paddle.__version__} (paddlepaddle, CPU build" in logs
     # Paddle's table of non-default flags (printed by init_parallel_env on every rank) is held back.
     assert "Modified FLAGS detected" not in logs
+
+
+def test_a_cpu_run_on_a_cuda_build_trains_over_gloo(tmp_path):
+    # Two real processes; the worker simulates a CUDA build launched on a GPU machine (PADDLE_DISTRI_BACKEND
+    # unset) and asks for Global.device=cpu. Catches setup_environment leaving the backend to Paddle's
+    # 'auto': it picks nccl and the GPU (here the CUDA-less build then fails to make a CUDAPlace).
+    launch(tmp_path, os.path.join(ROOT, "tests", "engine", "cuda_build_cpu_worker.py"), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert (r["backend"].lower(), r["device"], r["env_device"], r["place"]) == ("gloo", "cpu", "cpu", "Place(cpu)")
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # different data, averaged gradients: the same steps
+    assert len({str(w) for w in ranks[0]["weight"]}) > 1
