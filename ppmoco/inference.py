@@ -1,7 +1,6 @@
 """Paddle Inference on CPU: a predictor of a saved model (ppmoco/export.py checks exports with it, the
 evaluation fast path runs on it: ppmoco/eval/static_inference.py), and the capture of what native code
 prints while one is built and first run."""
-import ctypes
 import io
 import os
 import sys
@@ -25,7 +24,15 @@ def cpu_predictor(prefix, threads, bfloat16=False):
     return paddle.inference.create_predictor(config)
 
 
-_LIBC = ctypes.CDLL(None)  # the process's C library, to flush its stdio buffers
+def _flush_c_stdio():
+    """Flush the C library's stdio buffers, which hold lines printed to a pipe until they fill; nothing
+    where Python has no handle on the C library (ctypes.CDLL(None) fails on Windows)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (ImportError, OSError, TypeError, AttributeError):
+        pass
 
 
 class NativeOutput:
@@ -48,7 +55,7 @@ class NativeOutput:
 
     def __exit__(self, exc_type, exc, tb):
         sys.stdout, sys.stderr = self.streams
-        _LIBC.fflush(None)  # C stdio holds lines printed to a pipe until its buffer fills
+        _flush_c_stdio()
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
