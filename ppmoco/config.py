@@ -70,9 +70,8 @@ SCHEMA = {
         "max_steps": -1,           # > 0 stops early after this many optimizer steps in total
         "logging_freq": 10,
         "eval_freq": -1,           # validate every N epochs; -1 never
-        # How a training step runs. static: one compiled program on oneDNN kernels, the CPU fast
-        # path (one process, float32; docs/training.md "The CPU fast path"). eager: Paddle's dynamic mode (GPU,
-        # several processes, AMP). auto: static on a single CPU process in float32, else eager.
+        # Training runs eagerly on every device. auto: evaluation uses its checked CPU fast path
+        # (Paddle Inference predictors on oneDNN) where it can; eager: never (plain eager evaluation).
         "execution": Choice(("auto", "eager", "static")),
         # The training step's convolutions on CPU. onednn: ppmoco's oneDNN operator (ppmoco/ops,
         # compiled at first use; needs g++ and oneDNN's headers), which keeps no buffers between
@@ -178,6 +177,9 @@ SCHEMA = {
 # FleetX keys for what ppmoco does not do: accepted at the value that leaves it off (FleetX's
 # default), a one-line error otherwise. dotted key -> (accepts(value), why, what to do instead).
 NOT_SUPPORTED = {
+    "Engine.execution": (lambda v: v != "static", "the static training program was removed: training runs "
+                         "eagerly on every device, on the CPU with ppmoco's oneDNN convolution as before",
+                         "set Engine.execution: auto or remove the key"),
     "Engine.run_mode": (lambda v: v == "epoch", "ppmoco counts training in epochs",
                         "set run_mode: epoch and stop early with Engine.max_steps"),
     "Engine.accumulate_steps": (lambda v: v == 1, "accumulating gradients is not the same MoCo step "

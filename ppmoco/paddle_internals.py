@@ -2,8 +2,8 @@
 
 A Paddle upgrade that renames one of these breaks this module only, and
 tests/test_paddle_internals.py names the call that broke. The tested Paddle range is
-ppmoco/versions.py's TESTED_PADDLE; moving it is a deliberate change that runs that test and the fast-path
-equivalence tests (tests/engine/test_static_step.py, tests/engine/test_moco_reference.py).
+ppmoco/versions.py's TESTED_PADDLE; moving it is a deliberate change that runs that test and the
+equivalence tests (tests/engine/test_moco_reference.py, tests/eval/test_static_inference.py).
 
 Each entry says what it is for and which public alternative was tried:
 - `set_cpu_threads`: `paddle.base.core.set_num_threads`. The CPU wheel ignores OMP_NUM_THREADS and
@@ -13,17 +13,9 @@ Each entry says what it is for and which public alternative was tried:
   `parameters()`. Public alternative: matching state-dict names ending in `_mean`/`_variance`, which
   would also catch any user parameter so named. The evaluation fast path gives the BatchNorms without
   affine parameters a unit scale while it traces them (ppmoco/eval/static_inference.py).
-- `create_velocities`, `velocities`, `learning_rate_variable`: the Momentum optimizer's
-  `_create_accumulators`, `_accumulators["velocity"]` and `_learning_rate_map`. The CPU fast path
-  shares the eager optimizer's velocities with the static program's, and sets the program's
-  learning rate each step; `optimizer.state_dict()` gives copies, not the tensors.
-- `parameter_tables`: `Layer._parameters` / `Layer._buffers`, swapped for static values while the
-  fast path traces a module (`named_parameters()` gives the tensors but not the slots that hold them).
-- `dense`, `share_memory`, `same_memory`: `Tensor.value().get_tensor()`, `_share_data_with`,
-  `_ptr`: a static scope variable made to use an eager tensor's memory, and the check that it still
-  does. Public alternative: copying through `numpy()` every step (two copies of the model a step).
-- `pir_builder`: `paddle._pir_ops.<op>`, to rebuild a oneDNN op as the Paddle op with the same
-  operands (the placement pass has no public per-op opt-out).
+- `parameter_tables`: `Layer._parameters` / `Layer._buffers`: the evaluation fast path gives a
+  BatchNorm without affine parameters a unit scale while it traces it, and takes it away after
+  (`named_parameters()` gives the tensors but not the slots that hold them).
 - `o2_cast`: `paddle.amp.auto_cast.amp_initialize`, the cast `paddle.amp.decorate(level="O2")`
   applies on GPU. `decorate` itself returns early on CPU, so the tests call this to see on CPU
   which tensors O2 would cast.
@@ -31,8 +23,6 @@ Each entry says what it is for and which public alternative was tried:
   of `paddle.base.core.GeneratorState`, what `paddle.get_rng_state()` returns: checkpoints store the
   random state as JSON, never as a pickle. Public alternative: none (the states are opaque objects
   whose only serialisation is pickle's, and reading a pickle can run code).
-- `ONEDNN_PLACEMENT_PASS`: the PIR pass that moves ops to oneDNN (inference passes are its only
-  documented users).
 - `conv2d_settings`: an nn.Conv2D's `_stride`, `_updated_padding` (its padding as numbers),
   `_groups`, `_dilation`, `_data_format`, `_padding_mode`, `_padding_algorithm`: which convolutions
   ppmoco/ops computes, and with what window. Public alternative: none (the layer keeps its
@@ -47,8 +37,6 @@ import importlib
 import os
 
 import paddle
-
-ONEDNN_PLACEMENT_PASS = "onednn_placement_pass"
 
 
 def set_cpu_threads(count):
@@ -66,43 +54,9 @@ def batchnorm_statistics(layer):
     return {id(t) for sub, _ in batchnorm_layers(layer) for t in (sub._mean, sub._variance)}
 
 
-def create_velocities(optimizer, parameters):
-    """Make a Momentum optimizer's velocity tensors now (it otherwise does at its first step)."""
-    optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(), parameters)
-
-
-def velocities(optimizer):
-    """{parameter name: velocity tensor} of a Momentum optimizer (the tensors themselves)."""
-    return optimizer._accumulators["velocity"]
-
-
-def learning_rate_variable(optimizer, program):
-    """The variable holding the learning rate in a static `program` the optimizer minimised in."""
-    return optimizer._learning_rate_map[program]
-
-
 def parameter_tables(layer):
     """The dicts in which `layer` itself (not its sublayers) holds its parameters and buffers."""
     return layer._parameters, layer._buffers
-
-
-def dense(tensor):
-    """The DenseTensor behind an eager tensor."""
-    return tensor.value().get_tensor()
-
-
-def share_memory(variable_tensor, tensor):
-    """Make a static scope variable's tensor use `tensor`'s memory (no copy)."""
-    variable_tensor._share_data_with(dense(tensor))
-
-
-def same_memory(variable_tensor, tensor):
-    return variable_tensor._ptr() == dense(tensor)._ptr()
-
-
-def pir_builder(op_name):
-    """The Python builder of the Paddle (non-oneDNN) PIR op `op_name`, e.g. 'conv2d'."""
-    return getattr(paddle._pir_ops, op_name)
 
 
 def o2_cast(layers, dtype):

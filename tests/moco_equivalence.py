@@ -1,4 +1,4 @@
-"""ppmoco's MoCo step (eager or static) against the PyTorch reference (tests/torch_moco_reference.py),
+"""ppmoco's MoCo step against the PyTorch reference (tests/torch_moco_reference.py),
 shared by the equivalence tests and by whoever re-measures their tolerances.
 
 Every step is compared from one common state: before each step, ppmoco (and a float32 reference,
@@ -16,10 +16,8 @@ import dataclasses
 import numpy as np
 import paddle
 
-from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.engine.step import TrainStep, build_optimizer
 from ppmoco.modules.moco import MoCo
-from ppmoco.paddle_internals import velocities
 
 OPT = {"momentum": 0.9, "weight_decay": 1e-4}
 
@@ -70,6 +68,15 @@ class Setup:
                              OPT["weight_decay"], getattr(torch, dtype))
 
 
+def velocities(optimizer):
+    """{parameter name: velocity tensor} of a Momentum optimizer: the live tensors its step updates
+    (`state_dict()` gives copies); made now if its first step has not made them yet."""
+    if "velocity" not in optimizer._accumulators or not optimizer._accumulators["velocity"]:
+        optimizer._create_accumulators(paddle.base.framework.default_main_program().global_block(),
+                                       optimizer._parameter_list)
+    return optimizer._accumulators["velocity"]
+
+
 def numpy_state(module):
     return {k: v.numpy().copy() for k, v in module.state_dict().items()}
 
@@ -77,13 +84,10 @@ def numpy_state(module):
 class PpmocoRunner:
     """ppmoco's module, optimizer and step, whose state can be set from a reference's."""
 
-    def __init__(self, setup, execution, conv="paddle"):
+    def __init__(self, setup, conv="paddle"):
         self.module = setup.moco()
         self.optimizer = build_optimizer(OPT, self.module, setup.lr)
         self.step_fn = TrainStep(self.module, self.optimizer, {"enable": False}, conv)
-        if execution == "static":  # strict: a program that fails its check raises, never hides behind eager
-            self.step_fn = StaticTrainStep(self.module, self.optimizer,
-                                           lambda m: build_optimizer(OPT, m, setup.lr), self.step_fn, strict=True)
         self.params = dict(self.module.named_parameters())
 
     def load(self, state, velocity):
@@ -136,15 +140,15 @@ def reference_trajectory(setup):
     return _TRAJECTORIES[setup]
 
 
-def compare(setup, candidate, conv="paddle"):
-    """Per step: {loss, queue, queue_ptr, updates} of `candidate` ("eager", "static" or "float32")
-    against the float64 reference, each step from the reference's own state; ppmoco's steps with
-    `conv`'s convolutions (Engine.conv: "paddle" or "onednn")."""
+def compare(setup, candidate="ppmoco", conv="paddle"):
+    """Per step: {loss, queue, queue_ptr, updates} of `candidate` ("ppmoco"'s eager step, or the
+    "float32" reference) against the float64 reference, each step from the reference's own state;
+    ppmoco's steps with `conv`'s convolutions (Engine.conv: "paddle" or "onednn")."""
     trajectory = reference_trajectory(setup)
     if candidate == "float32":
         runner = ReferenceRunner(setup, trajectory[0][0], [step[3] for step in trajectory])
     else:
-        runner = PpmocoRunner(setup, candidate, conv)
+        runner = PpmocoRunner(setup, conv)
         paddle.seed(123)  # ppmoco draws the reference's permutations from here, one a step
     results = []
     for start, velocity, views, _, ref_loss, ref in trajectory:

@@ -10,7 +10,6 @@ import numpy as np
 import paddle
 
 from ppmoco import paddle_internals as internals
-from ppmoco.engine.static_step import _static_mode
 from ppmoco.versions import TESTED_PADDLE, release_key
 
 
@@ -26,40 +25,9 @@ def test_batchnorm_statistics_are_the_running_mean_and_variance():
     assert stats <= {id(p) for p in net.parameters()}, "Paddle no longer lists BN statistics as parameters"
 
 
-def test_optimizer_velocities_exist_before_the_first_step_and_are_the_live_tensors():
-    layer = paddle.nn.Linear(3, 2)
-    opt = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=layer.parameters())
-    internals.create_velocities(opt, layer.parameters())
-    velocity = internals.velocities(opt)
-    assert set(velocity) == {p.name for p in layer.parameters()}, "optimizer._accumulators['velocity'] keys"
-    layer(paddle.ones([1, 3])).sum().backward()
-    opt.step()
-    assert np.abs(velocity[layer.bias.name].numpy()).sum() > 0, "velocities are not the tensors the step updates"
-
-
-def test_static_program_internals():
-    with _static_mode():
-        main, startup = paddle.static.Program(), paddle.static.Program()
-        with paddle.static.program_guard(main, startup):
-            x = paddle.static.data("x", [2, 3], "float32")
-            layer = paddle.nn.Linear(3, 1)
-            opt = paddle.optimizer.SGD(0.1)
-            opt.minimize(layer(x).mean())
-            assert internals.learning_rate_variable(opt, main) is not None, "optimizer._learning_rate_map"
-            assert internals.pir_builder("relu") is not None, "paddle._pir_ops.relu"
-            pass_manager = paddle.pir.PassManager()
-            pass_manager.add_pass(internals.ONEDNN_PLACEMENT_PASS, {})  # raises for an unknown pass name
+def test_a_layers_parameter_tables_are_its_own_slots():
     params, buffers = internals.parameter_tables(paddle.nn.BatchNorm1D(2))
     assert "weight" in params and {"_mean", "_variance"} <= set(params) | set(buffers)
-
-
-def test_a_scope_variable_shares_an_eager_tensors_memory():
-    eager = paddle.to_tensor(np.arange(4, dtype="float32"))
-    variable = paddle.static.Scope().var("shared").get_tensor()
-    internals.share_memory(variable, eager)
-    assert internals.same_memory(variable, eager), "_share_data_with / _ptr"
-    paddle.assign(paddle.full([4], 7.0), output=eager)
-    np.testing.assert_array_equal(np.array(variable), np.full(4, 7.0, "float32"))
 
 
 def test_the_installed_paddle_is_in_the_tested_range():

@@ -1,29 +1,28 @@
 """Measure ppmoco's pretraining step, data pipeline, end-to-end rate and memory, next to the PyTorch
 references; print a table and write JSON.
 
-    python tools/benchmark.py --preset r50_224 --executions static eager --compare-torch --end-to-end 4 \
-        --extraction 3 --json output/bench/r50_224.json
-    python tools/benchmark.py --preset r18c_32 --executions static eager --compare-torch
-    python tools/benchmark.py --preset r50_224 --executions static eager --convs onednn paddle
-    python tools/benchmark.py --preset r50_224 --executions static --precisions float32 bfloat16
+    python tools/benchmark.py --preset r50_224 --compare-torch --end-to-end 4 --extraction 3 \
+        --json output/bench/r50_224.json
+    python tools/benchmark.py --preset r18c_32 --compare-torch
+    python tools/benchmark.py --preset r50_224 --convs onednn paddle
+    python tools/benchmark.py --preset r50_224 --precisions float32 bfloat16
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
 
-- Step: the one the Engine builds (build_train_step: eager, or the static CPU fast path per
-  Engine.execution, with Engine.conv's convolutions) on synthetic tensors of the config's image
-  size; phases are timed by wrapping the module's own methods, so nothing here re-implements MoCo.
-  On one process every execution in --executions, with each Engine.conv of --convs, runs in a fresh
-  process of its own, and so does, with --compare-torch, the official MoCo step in PyTorch on the
-  same shapes (tools/torch_reference.py): each reports the peak memory (maximum resident set) of
-  its own process. Under paddle.distributed.launch each rank measures in
+- Step: the one the Engine builds (build_train_step, with Engine.conv's convolutions) on synthetic
+  tensors of the config's image size; phases are timed by wrapping the module's own methods, so
+  nothing here re-implements MoCo. On one process each Engine.conv of --convs and each precision of
+  --precisions runs in a fresh process of its own, and so does, with --compare-torch, the official
+  MoCo step in PyTorch on the same shapes (tools/torch_reference.py): each reports the peak memory
+  (maximum resident set) of its own process. Under paddle.distributed.launch each rank measures in
   place. Warm-up steps are excluded.
 - Data: decode + two augmented views per image in this process (= one loader worker), over the
   same files for ppmoco and, with --compare-torch, the official torchvision MoCo v2 pipeline, passes
   alternating between the two. The files: --data-root, else JPEGs cut from scikit-learn's two
   sample photographs at ImageNet's typical 500x375.
 - End to end (--end-to-end STEPS): tools/train.py pretraining on those files with loader workers,
-  its logged step times after the warm-up, against the synthetic-tensor rate of the same execution.
+  its logged step times after the warm-up, against the synthetic-tensor rate of the same step.
 - Evaluation (--extraction BATCHES): feature extraction by the config's ResNet depth (ImageNet
   stem, standard widths) at its image size and batch, on the evaluation fast path, eager, and with
   --compare-torch torchvision's ResNet (tools/benchmark_extraction.py).
@@ -86,13 +85,11 @@ def parse_args(argv):
     p.add_argument("--preset", choices=sorted(PRESETS), help="a standard configuration (on top of -c)")
     p.add_argument("-c", "--config", default=BASE, help="YAML config (default: MoCo v2 ImageNet)")
     p.add_argument("-o", "--override", action="append", default=[], help="key.path=value")
-    p.add_argument("--executions", nargs="+", choices=("auto", "static", "eager"), default=None,
-                   help="ppmoco executions to measure (default: the config's Engine.execution)")
     p.add_argument("--convs", nargs="+", choices=("auto", "onednn", "paddle"), default=None,
-                   help="Engine.conv values to measure with each execution (default: the config's); "
-                        "with several, the steps are named execution/conv")
+                   help="Engine.conv values to measure (default: the config's); with several, the steps "
+                        "are named eager/conv")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
-                   help="what the convolutions compute in, with each execution and conv (float32; bfloat16: "
+                   help="what the convolutions compute in, with each conv (float32; bfloat16: "
                         "Engine.mix_precision bfloat16, CPUs with bfloat16 units); with several, the step "
                         "names end in /precision")
     p.add_argument("--compare-torch", action="store_true",
@@ -165,11 +162,8 @@ def bench_step(cfg, env, steps, warmup):
     module.setup(batch_size * env.world_size)
     module.train()
     step = build_train_step(cfg["Engine"], cfg["Optimizer"], module, LR, env)
-    static = step.execution != "eager"
     sync = paddle.device.synchronize if env.device == "gpu" else (lambda: None)
-    # A static program runs the key forward and the optimizer inside it: only the eager hooks
-    # around it can be timed on their own.
-    names = [n for n in PHASES if hasattr(module, n) and not (static and n == "encode_keys")]
+    names = [n for n in PHASES if hasattr(module, n)]
     phases = PhaseTimer(module, names, sync)
     opt_timer = PhaseTimer(step.optimizer, ["step"], sync)
     rng = np.random.default_rng(0)
@@ -187,16 +181,12 @@ def bench_step(cfg, env, steps, warmup):
         float(out["loss"])  # the host sync a logging step would do
         times.append(time.perf_counter() - start)
     measured = times[warmup:]
-    # The first step of the static path builds the program and checks it against an eager step.
     per_step = sum(measured) / steps
     ms = {name: 1000 * t / steps for name, t in phases.total.items()}
-    if static:
-        ms["program"] = 1000 * per_step - sum(ms.values())  # query fwd+bwd, key fwd, optimizer
-    else:
-        ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
-        ms["key_fwd"] = ms.pop("encode_keys")
-        ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
-    return {"execution": step.execution, "conv": step.conv, "conv_dtype": step.conv_dtype,
+    ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
+    ms["key_fwd"] = ms.pop("encode_keys")
+    ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
+    return {"execution": "eager", "conv": step.conv, "conv_dtype": step.conv_dtype,
             "images_per_sec": batch_size * env.world_size / per_step,
             "ms_per_step": 1000 * per_step,
             "ms_per_step_min": 1000 * min(measured), "first_step_s": times[0], "phases_ms": ms,
@@ -336,12 +326,11 @@ def run_measured(cmd, what):
         return out.read(), usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_in_child(args, child, execution=None, conv=None, precision=None, threads=None):
+def measure_in_child(args, child, conv=None, precision=None, threads=None):
     """A step measurement in a fresh process: its result with the peak memory of that process."""
-    overrides = ([] if execution is None else [f"Engine.execution={execution}"]) \
-        + ([] if conv is None else [f"Engine.conv={conv}"]) + PRECISIONS.get(precision, [])
+    overrides = ([] if conv is None else [f"Engine.conv={conv}"]) + PRECISIONS.get(precision, [])
     extra = with_overrides([] if threads is None else ["--threads", str(threads)], overrides)
-    stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {execution or child} step")
+    stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {child} step")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_memory_mb"] = peak_mb
     return result
@@ -409,13 +398,11 @@ def main(argv=None):
     from ppmoco.fast_path import cpu_info
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
-    executions = args.executions or [cfg["Engine"]["execution"]]
     convs = args.convs or [cfg["Engine"]["conv"]]
     precisions = args.precisions or [None]
-    # (step name, execution, conv, precision) of each measurement
-    steps = [("/".join([execution] + [conv] * (len(convs) > 1) + [precision] * (len(precisions) > 1)),
-              execution, conv, precision)
-             for execution in executions for conv in convs for precision in precisions]
+    # (step name, conv, precision) of each measurement
+    steps = [("/".join(["eager"] + [conv] * (len(convs) > 1) + [precision] * (len(precisions) > 1)), conv, precision)
+             for conv in convs for precision in precisions]
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
@@ -424,7 +411,7 @@ def main(argv=None):
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
         if len(steps) > 1 or args.compare_torch or args.end_to_end or args.extraction:
-            raise ConfigError("--executions, --convs or --precisions with several values, --compare-torch, "
+            raise ConfigError("--convs or --precisions with several values, --compare-torch, "
                               "--end-to-end and --extraction measure one process on the CPU; run them without "
                               "paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
@@ -433,9 +420,9 @@ def main(argv=None):
         step["malloc"] = loaded_allocator()
         result["steps"][steps[0][0]] = step
     else:
-        for name, execution, conv, precision in steps:
-            result["steps"][name] = measure_in_child(args, "step", execution=execution,
-                                                     conv=conv if args.convs else None, precision=precision)
+        for name, conv, precision in steps:
+            result["steps"][name] = measure_in_child(args, "step", conv=conv if args.convs else None,
+                                                     precision=precision)
         if args.compare_torch:
             result["steps"]["pytorch"] = reference = measure_in_child(args, "torch", threads=env.num_threads)
             for name, *_ in steps:

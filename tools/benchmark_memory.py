@@ -1,10 +1,10 @@
 """Memory over a long run, measured: the training process's resident memory (RSS) while tools/train.py
-trains the digits config for --steps steps, in each execution mode; a leak (the queue, fetched
-tensors, logs kept per step) shows as growth after the first steps.
+trains the digits config for --steps steps; a leak (the queue, fetched tensors, logs kept per step)
+shows as growth after the first steps.
 
     python tools/benchmark_memory.py --steps 400 --json output/bench/memory_digits.json
 
-Each mode runs as its own tools/train.py process (one process, Global.num_threads 1, no evaluation
+The run is a tools/train.py process of its own (one process, Global.num_threads 1, no evaluation
 or checkpoints); RSS is sampled from /proc every 0.2 s together with the last step its log shows.
 Growth is reported per 100 steps from step --settle to the step before the last (allocator pools fill
 in the first steps; the last writes a checkpoint); the peak includes that write.
@@ -29,7 +29,6 @@ def parse(argv):
     parser = tool_parser(__doc__)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--settle", type=int, default=50, help="steps before growth is counted")
-    parser.add_argument("--executions", nargs="+", default=["static", "eager"], choices=("static", "eager"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not 0 < args.settle < args.steps:
@@ -50,10 +49,10 @@ def last_step(log):
     return len(steps)  # logging_freq 1: one line per step
 
 
-def measure(execution, steps, settle):
+def measure(steps, settle):
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", "configs/mocov2_pt_digits_1n2c.yaml"]
-        for o in (f"Engine.save_load.output_dir={out}", f"Engine.max_steps={steps}", f"Engine.execution={execution}",
+        for o in (f"Engine.save_load.output_dir={out}", f"Engine.max_steps={steps}",
                   "Engine.logging_freq=1", "Engine.eval_freq=-1", "Engine.save_load.save_epoch=0",
                   "Global.num_threads=1", "Data.Train.loader.num_workers=0", f"Engine.num_train_epochs={steps}"):
             cmd += ["-o", o]
@@ -72,7 +71,7 @@ def measure(execution, steps, settle):
     # not growth over steps.
     after = [rss for step, rss in samples if settle <= step < steps]
     at_settle, at_end = after[0], after[-1]
-    return {"execution": execution, "rss_at_settle_mb": round(at_settle, 1), "rss_before_end_mb": round(at_end, 1),
+    return {"rss_at_settle_mb": round(at_settle, 1), "rss_before_end_mb": round(at_end, 1),
             "peak_rss_mb": round(max(rss for _, rss in samples), 1),
             "growth_mb_per_100_steps": round(100 * (at_end - at_settle) / (steps - 1 - settle), 2),
             "series": [(step, round(rss, 1)) for step, rss in samples[::10]]}
@@ -83,11 +82,10 @@ def main(argv=None):
     from ppmoco.fast_path import cpu_info
 
     result = {"steps": args.steps, "settle": args.settle, "config": "configs/mocov2_pt_digits_1n2c.yaml",
-              "cpu": cpu_info(), "runs": [measure(e, args.steps, args.settle) for e in args.executions]}
-    for r in result["runs"]:
-        print(f"{r['execution']}: RSS {r['rss_at_settle_mb']} MiB at step {args.settle}, {r['rss_before_end_mb']} "
-              f"MiB at step {args.steps - 1} ({r['growth_mb_per_100_steps']:+} MiB per 100 steps), "
-              f"peak {r['peak_rss_mb']} MiB")
+              "cpu": cpu_info(), "run": measure(args.steps, args.settle)}
+    r = result["run"]
+    print(f"RSS {r['rss_at_settle_mb']} MiB at step {args.settle}, {r['rss_before_end_mb']} MiB at step "
+          f"{args.steps - 1} ({r['growth_mb_per_100_steps']:+} MiB per 100 steps), peak {r['peak_rss_mb']} MiB")
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 

@@ -171,7 +171,7 @@ class Engine:
         logger.info(f"training {type(self.module).__name__}: {len(self.train_set)} images, "
                     f"{self.env.world_size} process(es) x batch {self.batch_size}"
                     f" on {self.env.device} ({self.env.num_threads} thread(s) each, "
-                    f"{self.train_step.execution} execution, {self.train_step.conv} convolutions"
+                    f"{self.train_step.conv} convolutions"
                     f"{' in bfloat16' if self.train_step.conv_dtype == 'bfloat16' else ''}), "
                     f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
         logger.info(describe_runtime())

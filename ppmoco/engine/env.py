@@ -57,9 +57,6 @@ def _glibc():
         return None
 
 
-_JEMALLOC_ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL in jemalloc.h
-
-
 def keep_freed_memory():
     """Stop glibc from handing large freed blocks back to the kernel.
 
@@ -73,20 +70,6 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
-
-
-def release_freed_memory():
-    """Hand the free pages of the heap back to the kernel after a one-off peak whose memory the steps
-    after it would not reuse: keep_freed_memory (or jemalloc's page keeping, ppmoco.host_allocator)
-    otherwise keeps it for the life of the process. glibc's malloc_trim, or jemalloc's purge of every
-    arena where jemalloc is preloaded. Returns whether anything was released."""
-    import ctypes
-
-    process = ctypes.CDLL(None)
-    if hasattr(process, "mallctl"):  # jemalloc's control interface: the preloaded library serves malloc
-        return process.mallctl(b"arena.%d.purge" % _JEMALLOC_ALL_ARENAS, None, None, None, 0) == 0
-    libc = _glibc()
-    return libc is not None and bool(libc.malloc_trim(0))
 
 
 def seed_everything(seed):

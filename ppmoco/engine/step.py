@@ -1,7 +1,6 @@
-"""One optimisation step of a Module: autocast, backward, gradient averaging, optimizer update.
-
-`build_train_step` picks it (eager) or the CPU fast path (static_step.StaticTrainStep); both are
-shared by the Engine's loop and tools/benchmark.py, so the benchmark measures the real step.
+"""One optimisation step of a Module, eager on every device: autocast, backward, gradient
+averaging, optimizer update. `build_train_step` is shared by the Engine's loop and
+tools/benchmark.py, so the benchmark measures the real step.
 """
 import contextlib
 import logging
@@ -10,9 +9,8 @@ import numpy as np
 import paddle
 
 from ppmoco.distributed import all_reduce_mean
-from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.errors import ConfigError
-from ppmoco.fast_path import cpu_info, has_bfloat16_units, static_unsupported_reason
+from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.ops import OpBuildError, onednn_conv_module, onednn_convolutions
 
 logger = logging.getLogger("ppmoco")
@@ -58,15 +56,10 @@ def conv_precision(amp, env, conv):
 
 
 def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
-    """The step `Engine.execution` asks for: StaticTrainStep (CPU fast path) or TrainStep (eager),
-    with the convolutions `Engine.conv` and, on CPU, `Engine.mix_precision` ask for."""
+    """The step with the convolutions `Engine.conv` and the precision `Engine.mix_precision` ask for."""
     optimizer = build_optimizer(opt_cfg, module, learning_rate)
     conv = conv_implementation(engine_cfg["conv"], env)
     amp = engine_cfg["mix_precision"]
-    mode = engine_cfg["execution"]
-    unsupported = static_unsupported_reason(env, amp)
-    if mode == "static" and unsupported:
-        raise ConfigError(unsupported)
     conv_dtype = conv_precision(amp, env, conv)
     if amp["enable"] and env.device == "cpu":
         if conv_dtype == "float32":
@@ -74,19 +67,13 @@ def build_train_step(engine_cfg, opt_cfg, module, learning_rate, env):
                            "nothing on CPU); this run computes in float32 (dtype bfloat16 gives bfloat16 "
                            "convolutions on CPUs with bfloat16 units)")
         amp = dict(amp, enable=False)  # bfloat16 is the operator's; every other op stays float32
-    eager = TrainStep(module, optimizer, amp, conv, conv_dtype)
-    if mode == "eager" or unsupported:
-        return eager
-    return StaticTrainStep(module, optimizer, lambda static_module: build_optimizer(
-        opt_cfg, static_module, learning_rate), eager, strict=mode == "static")
+    return TrainStep(module, optimizer, amp, conv, conv_dtype)
 
 
 class TrainStep:
     """Callable step; with `Engine.mix_precision` it autocasts and (float16) scales the loss; with
     `conv` "onednn" the module's convolutions run on ppmoco's oneDNN operator, computing in
     `conv_dtype`."""
-
-    execution = "eager"
 
     def __init__(self, module, optimizer, amp_cfg, conv="paddle", conv_dtype="float32"):
         self.amp, self.conv, self.conv_dtype = amp_cfg, conv, conv_dtype
@@ -131,14 +118,12 @@ class TrainStep:
         return onednn_convolutions(self.module, bfloat16=self.conv_dtype == "bfloat16")
 
     def __call__(self, batch):
-        """Run one step on `batch`; return the module's metrics as tensors (no host sync)."""
+        """Run one step on `batch`; return the loss and the module's metrics as tensors (no host sync)."""
         with paddle.no_grad():
             self.module.before_step()
         with self._autocast(), self.convolutions():
-            out = dict(self.module.training_step(batch))
-        state = out.pop("after_step", {})
-        loss = out["loss"]
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+            out = self.module.training_step(batch)
+        (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
         all_reduce_mean([p.grad for p in self.module.trainable_parameters() if p.grad is not None])
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -147,5 +132,5 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.clear_grad(set_to_zero=False)  # no gradient buffers kept between steps
         with paddle.no_grad():
-            self.module.after_step(state)
-        return out
+            self.module.after_step(out.after_step)
+        return out.logged()

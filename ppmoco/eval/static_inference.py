@@ -4,7 +4,7 @@ Eager Paddle runs conv2d with plain CPU kernels. An evaluation hook (`extract_fe
 `extract_stages`, `validation_step`) traced by paddle.jit.save and run by a Paddle Inference predictor
 with oneDNN and its CPU fusion passes (BatchNorm folded into the convolutions, convolution + ReLU /
 + residual add fused) was 1.8-2.7x faster than eager for ResNet-50 features and 1.2-1.9x faster than a
-PIR program placed on oneDNN as the training fast path does (docs/performance.md, "Evaluation on the
+PIR program placed on oneDNN (docs/performance.md, "Evaluation on the
 fast path"). Folding BatchNorm bakes the weights into the predictor, so it cannot read the live parameters:
 a predictor is built per `session()` (one evaluation; the weights do not change within it, and they
 do between the kNN monitor's epochs) and dropped at its end. A build costs ~1.5 s for ResNet-18 and
@@ -12,9 +12,8 @@ do between the kNN monitor's epochs) and dropped at its end. A build costs ~1.5 
 
 No predictor is trusted unchecked: the first batch of every shape in a session runs the eager hook and
 the predictor, and every output must agree (TOLERANCE). A predictor that disagrees, or fails natively,
-is dropped: that hook runs eagerly from then on and one log line says why; with `Engine.execution:
-static` it is a one-line error instead. It runs where the training fast path does (one CPU process,
-float32 unless `Eval.precision: bfloat16` asks otherwise); `Engine.execution: eager` never uses it.
+is dropped: that hook runs eagerly from then on and one log line says why. It runs on one CPU process,
+in float32 unless `Eval.precision: bfloat16` asks otherwise; `Engine.execution: eager` never uses it.
 Equivalence with eager and with a NumPy computation is tested in tests/eval/test_static_inference.py.
 """
 import contextlib
@@ -114,26 +113,34 @@ class _Predictor:
         return {name: paddle.to_tensor(value) for name, value in zip(self.names, outputs)}
 
 
+def unsupported_reason(env, mix_precision):
+    """Why the fast path cannot run for the RunEnv `env` and Engine.mix_precision, as a phrase, or None."""
+    if env.world_size > 1:
+        return f"{env.world_size} processes"
+    if env.device != "cpu":
+        return f"device {env.device}"
+    if mix_precision["enable"] and mix_precision["dtype"] != "bfloat16":
+        return "float16 mixed precision"
+    return None
+
+
 class StaticInference:
     """Wraps evaluation hooks to run on checked predictors (see the module docstring).
 
-    `execution` is Engine.execution (auto, static, eager), `precision` Eval.precision (float32,
-    bfloat16), `mix_precision` Engine.mix_precision, `env` the RunEnv.
+    `execution` is Engine.execution (auto, eager), `precision` Eval.precision (float32, bfloat16),
+    `mix_precision` Engine.mix_precision, `env` the RunEnv.
     """
 
     def __init__(self, module, execution, precision, mix_precision, env):
         self.module, self.precision = module, precision
-        unsupported = fast_path.static_unsupported_reason(env, mix_precision)
-        if execution == "static" and unsupported:
-            raise ConfigError(unsupported)
+        unsupported = unsupported_reason(env, mix_precision)
         self.enabled = execution != "eager" and unsupported is None
-        self.strict = execution == "static"
         self.threads = env.num_threads
         if precision == "bfloat16":
             if not self.enabled:
                 raise ConfigError("Eval.precision: bfloat16 runs on the CPU fast path only (one CPU process, "
-                                  f"Engine.execution auto or static; here: {unsupported or 'Engine.execution eager'}"
-                                  "); set Eval.precision=float32")
+                                  f"Engine.execution auto; here: {unsupported or 'Engine.execution eager'}); "
+                                  "set Eval.precision=float32")
             cpu = fast_path.cpu_info()
             if not fast_path.has_bfloat16_units(cpu):
                 raise ConfigError(f"Eval.precision: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 units, which "
@@ -199,9 +206,6 @@ class StaticInference:
             log(f"static evaluation (oneDNN predictor, {self.precision}) checked against eager for {described} "
                 f"({time.perf_counter() - started:.1f} s)")
             return got
-        if self.strict:
-            raise ConfigError(f"Engine.execution: static: the evaluation predictor for {described}: {problem}; "
-                              "set Engine.execution=auto (falls back by itself) or eager")
         self.failed[name] = problem
         self.predictors = {k: v for k, v in self.predictors.items() if k[0] != name}
         logger.warning(f"static evaluation not used for {name}: {problem} (batch {'x'.join(map(str, shape[0]))}); "

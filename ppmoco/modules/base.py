@@ -2,17 +2,13 @@
 
 A Module owns its networks, loss and metrics; the Engine owns optimisation, data, distribution,
 checkpoints and logging, and knows nothing about any particular method. A new method is a new
-Module subclass registered in MODULES plus a YAML file.
+Module subclass registered in MODULES plus a YAML file. Every hook runs eagerly, on any device: it
+may use any Paddle op, read values on the host and branch on them.
 
 Hooks a subclass defines:
-- `training_step(batch) -> {name: scalar tensor}`: 'loss' is back-propagated, the rest logged.
-  `batch` is the list of tensors the dataset yields (views..., label). Tensors the method needs
-  after the optimizer update (MoCo's keys) go under the entry `"after_step"` as a dict of tensors;
-  the step hands that dict to `after_step` and does not log it. Keep no per-step tensor on `self`:
-  Paddle turns a Tensor attribute of a Layer into a buffer, and the CPU fast path cannot see it.
-  `training_step` must also trace into a static program (the CPU fast path calls it once with
-  static inputs, ppmoco/engine/static_step.py): no Python branch on a tensor's value, no host
-  read (`.numpy()`, `float()`), no in-place write to a parameter or buffer.
+- `training_step(batch) -> StepOutput`: the loss to back-propagate, scalar metrics to log, and the
+  tensors `after_step` needs once the optimizer has updated (MoCo's keys). `batch` is the list of
+  tensors the dataset yields (views..., label).
 - optionally `validation_step(batch) -> {name: [N, ...] tensor}` and
   `validation_end(outputs) -> {name: float}`: the Engine gathers the per-sample outputs over the
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
@@ -22,6 +18,8 @@ Hooks a subclass defines:
   `svm` and `lowshot_svm` protocols (ppmoco/eval/features.py pools them).
   The base versions of these four optional hooks raise UnsupportedHook; `module.supports(hook)`
   tells whether a method defines one, so a protocol can refuse a module before any data is read.
+  On one CPU process the evaluation hooks run on checked Paddle Inference predictors
+  (ppmoco/eval/static_inference.py): they are traced, so they read no value on the host.
 - optionally `low_precision_layers() -> [Layer]`: what O2 mixed precision casts to float16/bfloat16
   (default: the whole module; Paddle keeps normalisation layers float32 within them). A method
   returns less where low precision would break it: MoCo returns its query encoder, so the key
@@ -29,19 +27,36 @@ Hooks a subclass defines:
   and the queue stay float32.
 - optionally `before_step()` / `after_step(state)`: gradient-free state updates that must come
   before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
-  enqueue of `state["keys"]`, `state` being training_step's "after_step" entry).
-  Kept out of `training_step` so no in-place write races a read of the same tensor, in autograd
-  or in the static program the CPU fast path compiles (ppmoco/engine/static_step.py).
+  enqueue of `state["keys"]`, `state` being StepOutput.after_step): an in-place write inside
+  `training_step` would change a tensor autograd still reads.
 
 Class attribute `needs_labels`: True for a method that trains on the labels (batch[-1]), such as the
 supervised-contrastive MoCo variants. The Engine then refuses training data holding an unlabelled
-sample before anything runs, since `training_step` cannot read a label on the host.
+sample before anything runs.
 """
+import dataclasses
+
+import paddle
 import paddle.nn as nn
 
 from ppmoco.errors import PpmocoError
 
 OPTIONAL_HOOKS = ("validation_step", "validation_end", "extract_features", "extract_stages")
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What `training_step` returns: `loss` is back-propagated; `metrics` ({name: scalar tensor}) are
+    logged beside it; `after_step` ({name: tensor}) is handed to `Module.after_step` after the
+    optimizer update."""
+
+    loss: paddle.Tensor
+    metrics: dict = dataclasses.field(default_factory=dict)
+    after_step: dict = dataclasses.field(default_factory=dict)
+
+    def logged(self):
+        """{name: scalar tensor} to log: the loss and the metrics."""
+        return {"loss": self.loss, **self.metrics}
 
 
 class UnsupportedHook(PpmocoError):
@@ -72,8 +87,8 @@ class Module(nn.Layer):
         """Runs (without gradient) before every training_step."""
 
     def after_step(self, state):
-        """Runs (without gradient) after every optimizer update, with training_step's "after_step"
-        entry (an empty dict when it returned none)."""
+        """Runs (without gradient) after every optimizer update, with training_step's
+        StepOutput.after_step (an empty dict when it gave none)."""
 
     def on_epoch_end(self, epoch):
         """Called after every training epoch; `epoch` counts the finished epochs from 1."""

@@ -13,7 +13,7 @@ import paddle.nn.functional as F
 from ppmoco.errors import ConfigError
 from ppmoco.metrics import numpy_topk_accuracy, topk_accuracy
 from ppmoco.models import LinearClassifier, build_backbone, load_pretrained_backbone
-from ppmoco.modules.base import Module
+from ppmoco.modules.base import Module, StepOutput
 
 logger = logging.getLogger("ppmoco")
 
@@ -101,7 +101,7 @@ class LinearEval(FrozenBackboneProbe):
         loss = F.cross_entropy(logits, labels)
         # a k at or above the number of classes counts every row (ppmoco.metrics)
         accuracies = topk_accuracy(logits, labels, self.topk)
-        return {"loss": loss, **{f"acc{k}": acc for k, acc in zip(self.topk, accuracies)}}
+        return StepOutput(loss, {f"acc{k}": acc for k, acc in zip(self.topk, accuracies)})
 
     def validation_step(self, batch):
         return {"logits": self._logits(batch[0]), "labels": batch[-1]}

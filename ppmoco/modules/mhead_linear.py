@@ -9,8 +9,6 @@ adds its `loss.1`..`loss.5`), so each head trains as if alone. Validation report
 as `feat1_top1`, `feat1_top5`, ...; the best checkpoint keeps the last layer's top-1 (`feat5_top1`
 by default: the deepest layer, the benchmark's headline).
 """
-import functools
-import operator
 
 import paddle
 import paddle.nn as nn
@@ -20,6 +18,7 @@ from ppmoco.errors import ConfigError
 from ppmoco.feature_layers import LAYERS
 from ppmoco.metrics import label_ranks, rank_accuracy, topk_accuracy
 from ppmoco.models import NormLinearHead, pool_stages
+from ppmoco.modules.base import StepOutput
 from ppmoco.modules.linear_eval import FrozenBackboneProbe
 
 FEATURES = ["feat1", "feat2", "feat3", "feat4", "feat5"]
@@ -50,8 +49,7 @@ class MultiHeadLinearEval(FrozenBackboneProbe):
         for layer, logits in self._logits(images).items():
             out[f"{layer}_loss"] = F.cross_entropy(logits, labels)
             out.update({f"{layer}_acc{k}": acc for k, acc in zip(self.topk, topk_accuracy(logits, labels, self.topk))})
-        # `+`, not paddle.add_n: oneDNN's add_n raises dnnl::error in the CPU fast path's program
-        return {"loss": functools.reduce(operator.add, [out[f"{layer}_loss"] for layer in self.layers]), **out}
+        return StepOutput(paddle.add_n([out[f"{layer}_loss"] for layer in self.layers]), out)
 
     def validation_step(self, batch):
         """Each head's rank of the true label (ppmoco.metrics.label_ranks), not its scores: five heads'

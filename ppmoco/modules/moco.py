@@ -19,7 +19,7 @@ from ppmoco.errors import ConfigError
 from ppmoco.metrics import topk_accuracy
 from ppmoco.models import ProjectionHead, build_backbone, load_pretrained_backbone
 from ppmoco.modules import momentum
-from ppmoco.modules.base import Module
+from ppmoco.modules.base import Module, StepOutput
 from ppmoco.paddle_internals import batchnorm_statistics
 from ppmoco.registry import check_kwargs
 
@@ -110,7 +110,7 @@ class MoCo(Module):
     def after_step(self, state):
         # builder.py enqueues inside forward and reads a copy of the queue; enqueueing after the
         # update is the same computation without the copy, and keeps the in-place write after
-        # every read of the queue (autograd's and a static program's).
+        # every read of the queue (autograd's).
         self.enqueue(**state)
 
     def queue_columns(self, n):
@@ -152,4 +152,4 @@ class MoCo(Module):
         q, k = self.encode(batch[0], batch[1])
         loss, logits = info_nce(q, k, self.queue.detach(), self.T)
         acc1, acc5 = topk_accuracy(logits, paddle.zeros([logits.shape[0]], dtype="int64"))
-        return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k}}
+        return StepOutput(loss, {"acc1": acc1, "acc5": acc5}, after_step={"keys": k})

@@ -8,8 +8,8 @@ def momentum_update(pairs, m):
 
     Stateless: the caller picks the pairs (MoCo leaves BatchNorm's running statistics out) and the
     momentum. The result is assigned into the target's own storage rather than rebinding a name, so
-    the optimizer, the state dict and a compiled static program that share the tensor all see the
-    update; no_grad keeps the average out of any autograd graph. Under O2 mixed precision the
+    the optimizer and the state dict that share the tensor see the update; no_grad keeps the average
+    out of any autograd graph. Under O2 mixed precision the
     online tensor may be float16/bfloat16 while the target stays float32: Paddle promotes the sum
     to float32, so the average is taken in the target's precision (tests/engine/test_amp.py).
     """

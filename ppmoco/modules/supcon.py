@@ -24,6 +24,7 @@ import paddle.nn.functional as F
 
 from ppmoco.distributed import concat_all_gather
 from ppmoco.errors import ConfigError
+from ppmoco.modules.base import StepOutput
 from ppmoco.modules.moco import MoCo, key_logits
 
 EMPTY = -1  # the label of a queue slot that holds no key yet
@@ -107,12 +108,9 @@ class SupConMoCo(MoCo):
         labels = batch[-1]
         q, k = self.encode(batch[0], batch[1])
         loss = self.loss(q, k, labels)
-        # Ranked by log-probability, which orders a row as the similarities do. Not by the similarities
-        # themselves: on the CPU fast path a `where` may overwrite a oneDNN op's result that another op
-        # still reads (PLAIN_CPU_OPS in ppmoco/engine/static_step.py); log_softmax runs on Paddle's kernel.
-        acc1, acc5 = positive_hit_rate(key_log_probs(q, k, self.queue.detach(), self.T),
+        acc1, acc5 = positive_hit_rate(key_logits(q, k, self.queue.detach(), self.T),
                                        key_positives(labels, self.queue_labels))
-        return {"loss": loss, "acc1": acc1, "acc5": acc5, "after_step": {"keys": k, "labels": labels}}
+        return StepOutput(loss, {"acc1": acc1, "acc5": acc5}, after_step={"keys": k, "labels": labels})
 
 
 class SupConIn(SupConMoCo):

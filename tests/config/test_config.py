@@ -162,3 +162,16 @@ def test_bfloat16_evaluation_is_refused_for_the_linear_protocol():
     assert load_config(digits, ["Eval.precision=bfloat16", "Eval.protocol=knn"])["Eval"]["precision"] == "bfloat16"
     with pytest.raises(ConfigError, match=r"^Eval.precision: "):
         load_config(digits, ["Eval.precision=float16"])
+
+
+def test_the_removed_static_execution_is_a_one_line_error_and_auto_and_eager_still_load():
+    # Configs and checkpoints' config.yaml written when Engine.execution had a static mode still name
+    # it; auto and eager stay valid values. Catches: static accepted silently, or auto refused.
+    digits = os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml")
+    for value in ("auto", "eager"):
+        assert load_config(digits, [f"Engine.execution={value}"])["Engine"]["execution"] == value
+    with pytest.raises(ConfigError) as err:
+        load_config(digits, ["Engine.execution=static"])
+    message = str(err.value)
+    assert message.startswith("Engine.execution: 'static' is not supported: the static training program was removed")
+    assert message.endswith("set Engine.execution: auto or remove the key") and "\n" not in message

@@ -41,8 +41,8 @@ def spy(keys):
 
 moco.enqueue = spy
 out = moco.training_step([im_q, im_k])
-out["loss"].backward()
-moco.after_step(out["after_step"])  # enqueues this step's keys from every rank
+out.loss.backward()
+moco.after_step(out.after_step)  # enqueues this step's keys from every rank
 grad = moco.encoder_q.head[0].weight.grad
 local_grad = grad.numpy().copy()
 all_reduce_mean([grad])
@@ -54,5 +54,5 @@ np.savez(os.path.join(out_dir, f"rank{rank}.npz"), mixed_f32=mixed[0].numpy(),
          mixed_bf16=mixed[1].astype("float32").numpy(), mixed_f64=mixed[2].numpy(),
          mixed_dtypes=np.array([str(t.dtype) for t in mixed]), keys=captured["keys"], queue=moco.queue.numpy(),
          queue_before=queue_before, ptr=moco.queue_ptr.numpy(), x=x.numpy(), shuffled=shuffled.numpy(),
-         restored=restored.numpy(), loss=float(out["loss"]), local_grad=local_grad,
+         restored=restored.numpy(), loss=float(out.loss), local_grad=local_grad,
          mean_grad=grad.numpy())

@@ -19,7 +19,7 @@ dist.init_parallel_env()
 rank, ranks = dist.get_rank(), dist.get_world_size()
 with open(os.path.join(folder, "setup.json"), encoding="utf-8") as f:
     setup = Setup(**json.load(f))
-runner = PpmocoRunner(setup, "eager")
+runner = PpmocoRunner(setup)
 paddle.seed(123)  # rank 0 draws the reference's shuffle permutations from here, one a step
 for step in range(setup.steps):
     given = np.load(os.path.join(folder, f"step{step}.npz"))

@@ -21,7 +21,7 @@ rng = np.random.default_rng(100 + rank)
 views = [paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")) for _ in range(2)]
 labels = np.arange(4) + 4 * rank  # rank 0: 0..3, rank 1: 4..7
 out = module.training_step([*views, paddle.to_tensor(labels)])
-out["loss"].backward()
-module.after_step(out["after_step"])
-np.savez(os.path.join(out_dir, f"rank{rank}.npz"), keys=out["after_step"]["keys"].numpy(),
+out.loss.backward()
+module.after_step(out.after_step)
+np.savez(os.path.join(out_dir, f"rank{rank}.npz"), keys=out.after_step["keys"].numpy(),
          queue=module.queue.numpy(), queue_labels=module.queue_labels.numpy(), ptr=module.queue_ptr.numpy())

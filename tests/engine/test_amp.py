@@ -80,7 +80,7 @@ def test_the_momentum_update_moves_the_float32_key_encoder_every_step_under_o2()
 # Catches: the GPU step computing outside autocast, or dropping the configured dtype, level or op
 # lists (they decide which ops run in low precision; without a GPU what the step hands autocast is
 # what can be checked), and the CPU step entering autocast (which does nothing there; bfloat16 on
-# CPU is the convolution operator's, tests/engine/test_static_step.py).
+# CPU is the convolution operator's, tests/engine/test_eager_step.py).
 def test_the_gpu_step_runs_the_method_inside_the_configured_autocast(monkeypatch):
     entered, inside = [], []
 

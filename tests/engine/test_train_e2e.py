@@ -92,7 +92,7 @@ def test_float16_on_cpu_says_it_computes_float32_and_does(tmp_path, level):
 
 @pytest.mark.skipif(not has_bfloat16_units(cpu_info()), reason="the CPU has no bfloat16 units")
 def test_bfloat16_on_cpu_trains_with_bfloat16_convolutions(tmp_path):
-    """The run's default (static) step computes its convolutions in bfloat16 and says so; its losses
+    """The run's step computes its convolutions in bfloat16 and says so; its losses
     follow float32's to bfloat16's rounding: the first step's from the same state (measured 0.1%),
     the later ones drifting as the weights and the queue part (1.3% at the third). Catches: the
     setting ignored on CPU (equal losses)."""
@@ -102,7 +102,7 @@ def test_bfloat16_on_cpu_trains_with_bfloat16_convolutions(tmp_path):
     train("mocov2_pt_digits_1n2c.yaml", bf16, *common, "Engine.mix_precision.enable=true",
           "Engine.mix_precision.dtype=bfloat16", "Engine.mix_precision.level=O2")
     log = (bf16 / "train.log").read_text()
-    assert "static (oneDNN) execution, onednn convolutions in bfloat16" in log
+    assert "each, onednn convolutions in bfloat16)" in log
     losses, reference = np.array(train_log_losses(bf16)), np.array(train_log_losses(fp32))
     assert len(losses) == 3 and not np.array_equal(losses, reference)
     np.testing.assert_allclose(losses[0], reference[0], rtol=5e-3)
@@ -118,8 +118,8 @@ def test_max_steps_ending_on_an_epoch_boundary_still_saves(tmp_path):
 
 def test_a_run_prints_none_of_paddles_start_up_chatter(tmp_path):
     """Paddle's C++ INFO lines ("I1130 12:00:00 ... New Executor is Running"), its ccache notice and
-    BatchNorm's global-statistics note do not reach the console of a normal run (the single-process
-    static path, which logs the most)."""
+    BatchNorm's global-statistics note do not reach the console of a normal run (a single process,
+    whose evaluation fast path logs the most)."""
     proc = train("mocov2_pt_digits_1n2c.yaml", tmp_path / "run", "Engine.max_steps=1")
     console = proc.stdout + proc.stderr
     assert "[train]" in console  # the run's own lines do

@@ -1,5 +1,6 @@
 """Promise 4: a NaN/Inf loss (or update) stops the run with the step and no poisoned checkpoint, or,
 with Engine.skip_nonfinite_steps, is skipped without a trace in weights, queue or optimizer."""
+import dataclasses
 import json
 import logging
 import os
@@ -59,9 +60,7 @@ def _engine(out, *overrides):
 def _inject_nan(engine, at_step):
     """Make step `at_step` return a NaN loss after poisoning the queue, as diverged keys would.
 
-    Returns the module state (weights, buffers, queue) recorded just before that step. The
-    injection is eager Python, so engines built for it run Engine.execution=eager (the static
-    path meets NaN through the config-only divergence tests below).
+    Returns the module state (weights, buffers, queue) recorded just before that step.
     """
     module, calls, before = engine.module, [0], {}
     real_before, real_step = module.before_step, module.training_step
@@ -77,7 +76,7 @@ def _inject_nan(engine, at_step):
         if calls[0] != at_step:
             return out
         module.queue.set_value(paddle.full_like(module.queue, float("nan")))
-        return dict(out, loss=out["loss"] * float("nan"))
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
 
     module.before_step = before_step
     module.training_step = training_step

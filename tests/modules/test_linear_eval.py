@@ -23,7 +23,7 @@ def test_only_the_fc_layer_trains_and_the_backbone_stays_frozen_in_eval_mode():
         images = paddle.to_tensor(rng.standard_normal((8, 3, 16, 16)).astype("float32"))
         labels = paddle.to_tensor(rng.integers(0, 3, 8).astype("int64"))
         out = module.training_step([images, labels])
-        out["loss"].backward()
+        out.loss.backward()
         opt.step()
         opt.clear_grad()
     for k, v in module.backbone.state_dict().items():  # weights and BN running statistics

@@ -51,13 +51,13 @@ def test_training_step_loss_and_enqueue_against_reference():
         q_ref = F.normalize(moco.encoder_q(im_q), axis=1).numpy()
         k_ref = F.normalize(moco.encoder_q(im_k), axis=1).numpy()
     out = moco.training_step([im_q, im_k])
-    np.testing.assert_allclose(float(out["loss"]), numpy_info_nce(q_ref, k_ref, queue_before, 0.2),
+    np.testing.assert_allclose(float(out.loss), numpy_info_nce(q_ref, k_ref, queue_before, 0.2),
                                rtol=1e-4)
     np.testing.assert_array_equal(moco.queue.numpy(), queue_before)  # enqueued only by after_step
-    out["loss"].backward()
+    out.loss.backward()
     assert moco.encoder_q.head[0].weight.grad is not None
     assert all(p.grad is None for p in moco.encoder_k.parameters())
-    moco.after_step(out["after_step"])
+    moco.after_step(out.after_step)
     np.testing.assert_allclose(moco.queue.numpy()[:, :4], k_ref.T, atol=1e-5)
     np.testing.assert_array_equal(moco.queue.numpy()[:, 4:], queue_before[:, 4:])
     assert int(moco.queue_ptr[0]) == 4

@@ -18,8 +18,8 @@ def test_moves_each_target_towards_its_online_tensor():
 
 
 def test_writes_into_the_targets_own_storage():
-    # Catches an update that rebinds or returns new tensors: the optimizer, the state dict and a
-    # static program hold the original tensor objects, so only an in-place write reaches them.
+    # Catches an update that rebinds or returns new tensors: the optimizer and the state dict hold
+    # the original tensor objects, so only an in-place write reaches them.
     layer = paddle.nn.Linear(2, 2)
     target = layer.weight
     before = target.numpy().copy()

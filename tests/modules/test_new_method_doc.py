@@ -1,12 +1,10 @@
-"""docs/new_method.md's example method runs as written: registered, built from a config, trained
-eagerly and on the static CPU fast path (whose check against the eager step must pass)."""
+"""docs/new_method.md's example method runs as written: registered, built from a config, trained."""
 import os
 import re
 
 import numpy as np
 import paddle
 
-from ppmoco.engine.static_step import StaticTrainStep
 from ppmoco.engine.step import TrainStep, build_optimizer
 from ppmoco.modules import MODULES, build_module
 
@@ -25,7 +23,7 @@ def example_namespace():
     return namespace
 
 
-def train(static):
+def train():
     example_namespace()
     paddle.seed(0)
     encoder = {"name": "resnet18", "widths": [8, 16, 16, 16], "cifar_stem": True}
@@ -33,14 +31,11 @@ def train(static):
     module.train()
     opt = build_optimizer(OPT, module, 0.05)
     step = TrainStep(module, opt, {"enable": False})
-    if static:
-        step = StaticTrainStep(module, opt, lambda m: build_optimizer(OPT, m, 0.05), step, strict=True)
     rng = np.random.default_rng(0)
     views = [paddle.to_tensor(rng.standard_normal((8, 3, 16, 16)).astype("float32")) for _ in range(2)]
     return [float(step(views)["loss"]) for _ in range(4)]
 
 
-def test_the_documented_method_trains_on_both_executions():
-    eager, static = train(static=False), train(static=True)
-    assert eager[-1] < eager[0]  # the same batch four times: SimSiam's loss must go down
-    np.testing.assert_allclose(static, eager, rtol=1e-4)
+def test_the_documented_method_trains():
+    losses = train()
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]  # the same batch four times: it must go down

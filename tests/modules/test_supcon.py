@@ -169,7 +169,7 @@ def test_a_new_module_has_no_positive_but_the_own_key():
         with paddle.no_grad():
             q, k = module.encode(step[0], step[1])
         out = module.training_step(step)
-        assert float(out["loss"]) == pytest.approx(float(info_nce(q, k, module.queue, T)[0]), rel=1e-6)
+        assert float(out.loss) == pytest.approx(float(info_nce(q, k, module.queue, T)[0]), rel=1e-6)
 
 
 # Catches: labels written to other columns than their keys, the pointer moved twice, labels of the
@@ -197,9 +197,9 @@ def test_the_step_matches_numpy_on_a_partly_filled_queue_and_trains_only_the_que
     reference = {SupConIn: ref_in, SupConOut: ref_out, SupConSuploss: ref_suploss}[cls]
     out = module.training_step(step)
     expected = reference(q, k, queue, labels, queue_labels, np.arange(16) < 4)  # four keys enqueued
-    assert float(out["loss"]) == pytest.approx(expected, rel=1e-4)
-    np.testing.assert_array_equal(out["after_step"]["labels"].numpy(), labels)
-    out["loss"].backward()
+    assert float(out.loss) == pytest.approx(expected, rel=1e-4)
+    np.testing.assert_array_equal(out.after_step["labels"].numpy(), labels)
+    out.loss.backward()
     assert all(p.grad is None for p in module.encoder_k.parameters())
     assert module.queue.grad is None
     grads = [p.grad for p in module.trainable_parameters()]
