@@ -128,12 +128,15 @@ class SupConOut(SupConMoCo):
 
 
 class SupConSuploss(SupConMoCo):
-    """MoCo v2 + SupContrast, Suploss variant (module docstring); `base_T` as SupContrast's base_temperature."""
+    """MoCo v2 + SupContrast, Suploss variant (module docstring). `base_T` is SupContrast's
+    base_temperature; None (the default) is T itself, as the seed builds its loss (the scale T / base_T
+    is then 1); SupContrast's own default is 0.07."""
 
     def __init__(self, base_encoder, projector=None, dim=128, K=65536, m=0.999, T=0.07, bn_splits=1,
-                 base_T=0.07):
+                 base_T=None):
+        base_T = T if base_T is None else base_T
         if not base_T > 0:
-            raise ConfigError(f"Model.model.base_T: {base_T} is out of range; it must be > 0")
+            raise ConfigError(f"Model.model.base_T: {base_T} is out of range; it must be > 0 (or null: T)")
         super().__init__(base_encoder, projector, dim, K, m, T, bn_splits)
         self.base_T = base_T
 

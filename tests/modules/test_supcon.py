@@ -148,6 +148,8 @@ def test_positive_hit_rate_counts_the_candidates_above_the_best_positive():
 def make(cls=SupConIn, **kw):
     paddle.seed(0)
     args = dict(base_encoder=TINY, projector={"hidden_dim": 16}, dim=8, K=16, m=0.0, T=T)
+    if cls is SupConSuploss:
+        args["base_T"] = BASE_T  # SupContrast's, so the references' scale T / BASE_T is not 1
     args.update(kw)
     module = cls(**args)
     module.train()
@@ -230,6 +232,10 @@ def test_registered_names_labels_and_config_errors():
         build_module({"module": "MOCOSupConInModule", "model": {"base_encoder": TINY, "base_T": 0.1}})
     with pytest.raises(ConfigError, match=r"Model.model.base_T: 0 is out of range; it must be > 0"):
         build_module({"module": "MOCOSupConSuplossModule", "model": {"base_encoder": TINY, "base_T": 0}})
+    # The seed builds SupLoss(temperature=T) with base_temperature None, which becomes T: the scale is
+    # 1. Catches: a default of SupContrast's 0.07 (the loss 2.86x the seed's at T = 0.2).
+    seed_like = build_module({"module": "MOCOSupConSuplossModule", "model": {"base_encoder": TINY, "T": 0.2}})
+    assert seed_like.base_T == seed_like.T == 0.2
 
 
 def test_key_log_probs_and_positives_put_the_own_key_first():
