@@ -28,13 +28,20 @@ class _Schedule:
 
 @SCHEDULES.register
 class CosineDecay(_Schedule):
-    """lr * 0.5 * (1 + cos(pi * progress / epochs)), as main_moco.py's --cos."""
+    """lr * 0.5 * (1 + cos(pi * progress / epochs)), as main_moco.py's --cos. With
+    `cosine_after_warmup` the cosine runs over the epochs after the warmup instead,
+    lr * 0.5 * (1 + cos(pi * (progress - warmup) / (epochs - warmup))), as the MoCo v2 + SupContrast
+    seed's adjust_learning_rate (and PaddleClas's Cosine with warmup) do."""
 
-    def __init__(self, learning_rate=0.03, warmup_epochs=0, update_unit="epoch"):
+    def __init__(self, learning_rate=0.03, warmup_epochs=0, update_unit="epoch", cosine_after_warmup=False):
         super().__init__(learning_rate, warmup_epochs, update_unit)
+        self.start = warmup_epochs if cosine_after_warmup else 0
 
     def decayed(self, progress, total_epochs):
-        return self.base * 0.5 * (1.0 + math.cos(math.pi * progress / total_epochs))
+        if total_epochs <= self.start:
+            raise ConfigError(f"Optimizer.lr.warmup_epochs: {self.start} leaves no epoch of the {total_epochs} "
+                              "for the cosine (cosine_after_warmup); lower it or train longer")
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * (progress - self.start) / (total_epochs - self.start)))
 
 
 @SCHEDULES.register

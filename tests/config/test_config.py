@@ -175,3 +175,15 @@ def test_the_removed_static_execution_is_a_one_line_error_and_auto_and_eager_sti
     message = str(err.value)
     assert message.startswith("Engine.execution: 'static' is not supported: the static training program was removed")
     assert message.endswith("set Engine.execution: auto or remove the key") and "\n" not in message
+
+
+def test_cifar10_linear_evaluation_uses_the_seeds_views():
+    # main_lincls.py of the MoCo v2 + SupContrast seed: RandomResizedCrop(32) (scale 0.08-1) and flip to
+    # train; Resize(36) + CenterCrop(32) to test. Catches: testing on the raw 32 px image.
+    cfg = load_config(os.path.join(ROOT, "configs", "moco_lincls_cifar10_1n2c.yaml"))
+    train = [next(iter(op)) for op in cfg["Data"]["Train"]["dataset"]["transform_ops"]]
+    assert train == ["RandCropImage", "RandFlipImage", "NormalizeImage", "ToCHWImage"]
+    crop = cfg["Data"]["Train"]["dataset"]["transform_ops"][0]["RandCropImage"]
+    assert crop == {"size": 32}  # RandCropImage's default scale is torchvision's (0.08, 1)
+    test = cfg["Data"]["Eval"]["dataset"]["transform_ops"]
+    assert test[:2] == [{"ResizeImage": {"size": 36}}, {"CenterCropImage": {"size": 32}}]

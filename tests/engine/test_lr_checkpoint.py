@@ -9,6 +9,7 @@ import paddle
 import pytest
 
 import ppmoco
+from ppmoco.config import load_config
 from ppmoco.engine.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ppmoco.engine.lr import build_schedule
 from ppmoco.errors import CheckpointError, ConfigError
@@ -21,10 +22,50 @@ def test_cosine_per_epoch_matches_main_moco():
         assert lr(epoch + 0.7, 200) == pytest.approx(expected)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def test_cosine_per_step_and_warmup():
     lr = build_schedule({"name": "CosineDecay", "learning_rate": 0.1, "update_unit": "step", "warmup_epochs": 2})
     assert lr(1.0, 10) == pytest.approx(0.05)
     assert lr(5.5, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 5.5 / 10)))
+
+
+def test_epoch_unit_warmup_starts_at_one_warmup_step_of_the_rate():
+    # Per epoch the warmup's first epoch already trains at lr / warmup_epochs (never at 0), and the
+    # rate holds within an epoch. Catches: the warmup counted from 0 (an epoch at lr 0).
+    lr = build_schedule({"name": "CosineDecay", "learning_rate": 0.1, "warmup_epochs": 4})
+    assert [lr(e, 100) for e in (0, 0.9, 1, 3.5)] == pytest.approx([0.025, 0.025, 0.05, 0.1])
+
+
+def seed_learning_rate(base_lr, epoch, i, iters_per_epoch, epochs, warm_up):
+    """The MoCo v2 + SupContrast seed's adjust_learning_rate, written from its formula."""
+    t = epoch * iters_per_epoch + i
+    if epoch < warm_up:
+        return base_lr * t / (warm_up * iters_per_epoch)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (t - warm_up * iters_per_epoch) / ((epochs - warm_up)
+                                                                                    * iters_per_epoch)))
+
+
+def test_cosine_after_warmup_is_the_seeds_schedule_at_every_iteration():
+    # Catches: the cosine run over all the epochs from 0 (ppmoco's default form), or warmup per epoch.
+    lr = build_schedule({"name": "CosineDecay", "learning_rate": 0.12, "warmup_epochs": 5, "update_unit": "step",
+                         "cosine_after_warmup": True})
+    iters, epochs = 7, 20
+    for epoch in range(epochs):
+        for i in range(iters):
+            assert lr(epoch + i / iters, epochs) == pytest.approx(seed_learning_rate(0.12, epoch, i, iters, epochs, 5),
+                                                                  abs=1e-12), (epoch, i)
+    with pytest.raises(ConfigError, match=r"Optimizer.lr.cosine_after_warmup: expected bool"):
+        build_schedule({"name": "CosineDecay", "cosine_after_warmup": "yes"})
+    with pytest.raises(ConfigError, match=r"Optimizer.lr.warmup_epochs: 5 leaves no epoch of the 5 "):
+        lr(6, 5)
+
+
+def test_the_cifar10_configs_train_with_the_seeds_schedule():
+    cfg = load_config(os.path.join(ROOT, "configs", "mocov2_pt_cifar10_1n2c.yaml"))
+    lr = cfg["Optimizer"]["lr"]
+    assert (lr["update_unit"], lr["warmup_epochs"], lr["cosine_after_warmup"]) == ("step", 5, True)
 
 
 def test_multistep_matches_main_moco_schedule():
