@@ -114,3 +114,12 @@ def test_the_readme_is_a_front_page():
     assert text.startswith("# ppmoco\n") and len(text.splitlines()) <= 260
     # The first code block holds the two commands (tests/test_ci.py checks that CI runs them).
     assert text.index("```") > text.index("\n\n")
+
+
+def test_the_digits_monitor_is_quoted_as_the_config_runs_it():
+    # Catches: the pages quoting a monitor frequency the digits configs do not have.
+    from ppmoco.config import load_config
+
+    every = load_config(os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"))["Engine"]["eval_freq"]
+    quoted = [int(n) for page in PAGES for n in re.findall(r"configs do, every (\d+) epochs", read(page))]
+    assert quoted and set(quoted) == {every}

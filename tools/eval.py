@@ -49,7 +49,7 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     logger = setup_logger(save_load["output_dir"], env.is_main)
     module = build_module(cfg["Model"])
-    engine = Engine(cfg, module, env)
+    engine = Engine(cfg, module, env, evaluation=True)
     if cfg["Eval"]["protocol"] == "linear":
         path = classifier_checkpoint(save_load)
         load_module_weights(path, module)

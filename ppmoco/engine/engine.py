@@ -39,7 +39,8 @@ EMBEDDING_POINTS = 2000  # evaluation images per embedding in VisualDL (a log, n
 class Engine:
     """Trains a Module with the Engine/Optimizer/Data sections of a resolved config."""
 
-    def __init__(self, cfg, module, env):
+    def __init__(self, cfg, module, env, evaluation=False):
+        """`evaluation`: the Engine of an evaluation tool, which evaluates whatever Engine.eval_freq says."""
         self.cfg, self.module, self.env = cfg, module, env
         engine, train = cfg["Engine"], cfg["Data"]["Train"]
         self.save_load = engine["save_load"]
@@ -73,7 +74,9 @@ class Engine:
         if self.eval_freq > 0 and not has_eval:
             raise ConfigError("Engine.eval_freq: validation requested but Data.Eval.dataset is not set; "
                               "add Data.Eval or set Engine.eval_freq=-1")
-        self.evaluator = Evaluator(cfg, module, env) if has_eval else None
+        # Built now where it will be used (training with a monitor, or an evaluation tool), so its
+        # config errors come before anything runs; a run with the monitor off never reads Data.Eval.
+        self.evaluator = Evaluator(cfg, module, env) if has_eval and (self.eval_freq > 0 or evaluation) else None
         self.best = None
         self.last_results = None  # the last evaluation's {protocol: {name: value}}
 

@@ -11,7 +11,7 @@ run's autocast and their outputs evaluated in float32 (ppmoco/eval/precision.py)
 import logging
 
 from ppmoco.data import build_dataloader, build_dataset, labelled_form
-from ppmoco.errors import ConfigError
+from ppmoco.errors import ConfigError, DataError
 from ppmoco.eval.features import dataset_features
 from ppmoco.eval.inference import predict_dataset
 from ppmoco.eval.knn import flatten_knn, format_knn, knn_classify, nest_knn
@@ -78,7 +78,13 @@ class Evaluator:
         self.workers = env.num_threads  # threads for the SVMs: this process's share of the CPUs
         if self.protocol != "linear":
             self.dataset_cfgs["bank"] = bank_dataset_cfg(data["Train"]["dataset"], data["Eval"]["dataset"])
-            bank = build_dataset(self.dataset_cfgs["bank"], "Data.Train.dataset", seed)
+            try:
+                bank = build_dataset(self.dataset_cfgs["bank"], "Data.Train.dataset", seed)
+            except DataError as err:
+                raise DataError(f"{err} (the {self.protocol} evaluation's memory bank is the labelled training "
+                                "images, also for the online monitor of a pretraining run: give "
+                                "Data.Train.dataset class folders or a labelled list, or set Engine.eval_freq=-1 "
+                                "to pretrain without the monitor)") from None
             if bank.multi_label != eval_set.multi_label:
                 raise ConfigError("Data.Train.dataset: the training images are "
                                   f"{'multi' if bank.multi_label else 'single'}-label but the evaluation images "

@@ -62,3 +62,24 @@ def test_list_file_of_bare_paths_trains(tmp_path):
                f"Data.Train.dataset.cls_label_path={list_path}")
     assert "training MoCo: 16 images" in (out / "train.log").read_text()
     assert (out / "step_3" / "model.pdparams").is_file()
+
+
+# Catches: Data.Eval=null needed beside Engine.eval_freq=-1 to switch the kNN monitor off, and a flat
+# folder with the monitor on failing with a bare "no class subfolders" that does not say why.
+def test_a_flat_folder_needs_only_the_monitor_off(tmp_path):
+    flat(tmp_path / "photos")
+    with_eval = [o for o in TINY if o != "Data.Eval=null"]
+    cmd = [sys.executable, TRAIN, *train_args(tmp_path / "monitored", *with_eval,
+                                              f"Data.Train.dataset.root={tmp_path / 'photos'}",
+                                              "Engine.eval_freq=20", config="mocov2_pt_digits_1n2c.yaml")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, describe(proc)
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"dataset folder {tmp_path / 'photos'} has no class subfolders" in line
+    assert "memory bank is the labelled training images" in line and "set Engine.eval_freq=-1" in line
+    out = tmp_path / "run"
+    cmd = [sys.executable, TRAIN, *train_args(out, *with_eval, f"Data.Train.dataset.root={tmp_path / 'photos'}",
+                                              "Engine.eval_freq=-1", config="mocov2_pt_digits_1n2c.yaml")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, describe(proc)
+    assert (out / "latest").read_text().strip() == "step_3"

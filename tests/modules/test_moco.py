@@ -151,3 +151,14 @@ def test_enqueue_continues_from_a_loaded_pointer():
     np.testing.assert_array_equal(moco.queue.numpy()[0], [1, 1, 5, 5, 5, 5, moco.queue.numpy()[0, 6],
                                                           moco.queue.numpy()[0, 7]])
     assert int(moco.queue_ptr[0]) == 6
+
+
+def test_the_queue_starts_as_unit_random_keys():
+    # builder.py: queue = normalize(randn(dim, K), dim=0), each column a unit key, drawn from the
+    # seeded generator. Catches: columns left unnormalised, normalised along the wrong axis, or equal.
+    moco = make_moco(dim=8, K=32)
+    queue = moco.queue.numpy()
+    assert queue.shape == (8, 32) and int(moco.queue_ptr[0]) == 0
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=0), np.ones(32), rtol=1e-6)
+    assert not np.allclose(np.linalg.norm(queue, axis=1), np.linalg.norm(queue, axis=1)[0])  # rows are not unit
+    assert np.linalg.matrix_rank(queue) == 8
