@@ -7,6 +7,13 @@ A lock whose process is gone from this host (or whose pid now belongs to a proce
 another time) is stale, e.g. after kill -9: the next run takes it over with a warning. A lock held
 from another host cannot be checked from here and is always respected. Evaluation-only tools do not
 take it: they write nothing a training run reads.
+
+Taking over is atomic: of several runs taking one stale lock over at once, exactly one gets it and
+the others find its lock live. Each run replaces the stale lock only while it holds the takeover
+claim `.ppmoco.lock.takeover` (created like the lock, held for milliseconds), and only if the lock
+still holds the very bytes it judged stale (a live lock never does: its pid, start and time differ).
+A claim left by a run killed while holding it is stale in turn and is taken over the same way,
+under `.ppmoco.lock.takeover.takeover`.
 """
 import contextlib
 import json
@@ -23,6 +30,7 @@ from ppmoco.errors import PpmocoError
 
 logger = logging.getLogger("ppmoco")
 LOCK_NAME = ".ppmoco.lock"
+TAKEOVER = ".takeover"  # the suffix of a file's takeover claim
 
 
 class OutputDirInUse(PpmocoError):
@@ -62,8 +70,51 @@ def _describe(holder):
     return f"pid {holder.get('pid')} on {holder.get('host')} since {since} ({holder.get('command', '?')})"
 
 
+def _encode(info):
+    return json.dumps(info).encode("utf-8")
+
+
+def _create(path, info):
+    """Create `path` holding `info`, whole or not at all; False where it exists."""
+    aside = f"{path}.{info['host']}.{info['pid']}"
+    with open(aside, "wb") as f:
+        f.write(_encode(info))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(aside, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(aside)
+
+
+def _read_bytes(path):
+    """The bytes of `path`, None where it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b""  # unreadable: damaged
+
+
+def _parse(data):
+    """A lock's holder from its bytes; {} where they are damaged (written whole by design, so unreadable
+    means damaged: nothing holds it)."""
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 class OutputDirLock:
     """`with OutputDirLock(output_dir):` holds the folder's lock for the block (training's run)."""
+
+    TAKEOVER_WAIT = 10.0  # seconds to wait for another run's takeover claim (held for milliseconds)
 
     def __init__(self, output_dir, command=None):
         self.path = os.path.join(output_dir, LOCK_NAME)
@@ -72,49 +123,64 @@ class OutputDirLock:
                      "time": time.time(), "command": command or " ".join(sys.argv)}
 
     def _read(self):
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # written whole by design, so unreadable means damaged: nothing holds it
-
-    def _try_create(self):
-        aside = f"{self.path}.{self.info['host']}.{self.info['pid']}"
-        with open(aside, "w", encoding="utf-8") as f:
-            json.dump(self.info, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(aside, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(aside)
+        data = _read_bytes(self.path)
+        return None if data is None else _parse(data)
 
     def acquire(self):
         folder = os.path.dirname(self.path)
         self.created = not os.path.isdir(folder)  # a run stopped before writing leaves no folder behind
         os.makedirs(folder, exist_ok=True)
-        while not self._try_create():
-            holder = self._read()
-            if holder is None:  # released meanwhile
+        while not _create(self.path, self.info):
+            data = _read_bytes(self.path)
+            if data is None:  # released meanwhile
                 continue
+            holder = _parse(data)
             if holder_alive(holder):
                 raise OutputDirInUse(
                     f"{os.path.dirname(self.path)} is in use by the run of {_describe(holder)}; wait for it, set "
                     f"Engine.save_load.output_dir to another folder, or delete {self.path} if that run is gone")
-            # Renaming the stale lock away succeeds for one of several runs taking it over at once.
-            try:
-                os.rename(self.path, f"{self.path}.stale.{self.info['pid']}")
-            except FileNotFoundError:
-                continue
-            os.remove(f"{self.path}.stale.{self.info['pid']}")
-            logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of {_describe(holder)}, "
-                           "which is gone")
+            if self._replace_stale(self.path, data):
+                logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of "
+                               f"{_describe(holder)}, which is gone")
+                break
+            # Another run replaced (or removed) the stale lock first: look again at what is there now.
         return self
+
+    def _replace_stale(self, path, stale):
+        """Replace the file `path`, judged stale when it held the bytes `stale`, by one holding our info;
+        whether ours is there now. Runs doing this at once exclude each other through `path`'s claim,
+        under which the file is replaced only if it still holds `stale`: of several runs that judged it
+        stale, the first replaces it and the others find another file (or none) there."""
+        claim = path + TAKEOVER
+        self._claim(claim)
+        try:
+            if _read_bytes(path) != stale:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return _create(path, self.info)
+        finally:
+            if _read_bytes(claim) == _encode(self.info):
+                os.remove(claim)
+
+    def _claim(self, claim):
+        """Hold the takeover claim `claim`: wait while a live run holds it (for milliseconds), take it over
+        where its run is gone (killed while taking over), refuse after TAKEOVER_WAIT seconds."""
+        deadline = time.monotonic() + self.TAKEOVER_WAIT
+        while not _create(claim, self.info):
+            data = _read_bytes(claim)
+            if data is None:  # released meanwhile
+                continue
+            holder = _parse(data)
+            if not holder_alive(holder):
+                if self._replace_stale(claim, data):
+                    return
+                continue
+            if time.monotonic() > deadline:
+                raise OutputDirInUse(
+                    f"{os.path.dirname(self.path)} is being taken over by the run of {_describe(holder)}; "
+                    f"delete {claim} if that run is gone")
+            time.sleep(0.002)
 
     def release(self):
         if self._read() == self.info:  # never another run's lock (ours may have been taken as stale)
