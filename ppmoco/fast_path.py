@@ -7,13 +7,20 @@ BF16_UNITS = ("avx512_bf16", "amx_bf16")  # the flags of the bfloat16 units oneD
 
 
 def cpu_info():
-    """The CPU model and the instruction-set flags that decide oneDNN's kernels (Linux)."""
-    info = {"model": None, "flags": []}
+    """The CPU model and the instruction-set flags that decide oneDNN's kernels (Linux's /proc/cpuinfo;
+    no model and no flags where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return info
+        return {"model": None, "flags": []}
+    return parse_cpu_info(text)
+
+
+def parse_cpu_info(text):
+    """{"model": the first processor's model name, "flags": its flags among CPU_FLAGS, sorted} of the
+    /proc/cpuinfo `text` (None and [] where it names none)."""
+    info = {"model": None, "flags": []}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and info["model"] is None:

@@ -1,9 +1,12 @@
 """Optional test dependencies: a test that needs one skips where it is missing, and fails instead
-where CI forbids the skip through its switch (the README's test command installs all of them)."""
+where CI forbids the skip through its switch (the README's test command installs all of them; CI
+sets PPMOCO_REQUIRE_BF16 where /proc/cpuinfo lists bfloat16 units)."""
 import importlib
 import os
 
 import pytest
+
+from ppmoco.fast_path import cpu_info, has_bfloat16_units
 
 INSTALL = "bash tools/install.sh --test"
 
@@ -21,3 +24,18 @@ def import_or_skip(name, switch):
 def torch_or_skip():
     """PyTorch, the reference of the equivalence tests (PPMOCO_REQUIRE_TORCH=1 forbids the skip)."""
     return import_or_skip("torch", "PPMOCO_REQUIRE_TORCH")
+
+BF16_SWITCH = "PPMOCO_REQUIRE_BF16"
+
+
+def bfloat16_units_or_skip():
+    """Return where the CPU has bfloat16 units (as ppmoco.fast_path sees them); else skip the calling
+    test, or fail it where PPMOCO_REQUIRE_BF16 is 1, so a ppmoco.fast_path that stops seeing the units
+    cannot skip every bfloat16 test unnoticed."""
+    info = cpu_info()
+    if has_bfloat16_units(info):
+        return
+    if os.environ.get(BF16_SWITCH) == "1":
+        pytest.fail(f"{BF16_SWITCH}=1 (the CPU has bfloat16 units) but ppmoco.fast_path.cpu_info() finds none: "
+                    f"model {info['model']!r}, flags {info['flags']}", pytrace=False)
+    pytest.skip("the CPU has no bfloat16 units (AVX512-BF16, AMX-BF16)")

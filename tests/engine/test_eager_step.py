@@ -4,12 +4,11 @@ PyTorch reference follows (tests/torch_moco_reference.py). The step's equality w
 tests/engine/test_moco_reference.py's."""
 import numpy as np
 import paddle
-import pytest
 
 from ppmoco.engine.step import TrainStep, build_optimizer
-from ppmoco.fast_path import cpu_info, has_bfloat16_units
 
 from moco_equivalence import Setup
+from optional_deps import bfloat16_units_or_skip
 
 OPT = {"momentum": 0.9, "weight_decay": 1e-4}
 NO_AMP = {"enable": False}
@@ -23,8 +22,8 @@ def losses(conv, conv_dtype):
     return [float(step([paddle.to_tensor(v) for v in views])["loss"]) for views in setup.views()]
 
 
-@pytest.mark.skipif(not has_bfloat16_units(cpu_info()), reason="the CPU has no bfloat16 units")
 def test_bfloat16_convolutions_train_close_to_float32():
+    bfloat16_units_or_skip()
     float32, bfloat16 = losses("onednn", "float32"), losses("onednn", "bfloat16")
     # bfloat16 moves the losses off float32's by its rounding (0.2-0.4% here), no more. Catches:
     # bfloat16 dropped on the way (equal losses); tests/ops checks the arithmetic itself.

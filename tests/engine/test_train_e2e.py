@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppmoco.fast_path import cpu_info, has_bfloat16_units
+from optional_deps import bfloat16_units_or_skip
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 pytestmark = pytest.mark.slow
@@ -90,12 +90,12 @@ def test_float16_on_cpu_says_it_computes_float32_and_does(tmp_path, level):
     assert train_log_losses(amp) == train_log_losses(fp32)
 
 
-@pytest.mark.skipif(not has_bfloat16_units(cpu_info()), reason="the CPU has no bfloat16 units")
 def test_bfloat16_on_cpu_trains_with_bfloat16_convolutions(tmp_path):
     """The run's step computes its convolutions in bfloat16 and says so; its losses
     follow float32's to bfloat16's rounding: the first step's from the same state (measured 0.1%),
     the later ones drifting as the weights and the queue part (1.3% at the third). Catches: the
     setting ignored on CPU (equal losses)."""
+    bfloat16_units_or_skip()
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     common = ["Engine.max_steps=3", "Engine.eval_freq=-1", "Engine.logging_freq=1"]
     train("mocov2_pt_digits_1n2c.yaml", fp32, *common)

@@ -24,7 +24,7 @@ from ppmoco.eval.static_inference import StaticInference
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 
-from optional_deps import torch_or_skip
+from optional_deps import bfloat16_units_or_skip, torch_or_skip
 
 ENV = RunEnv(device="cpu", world_size=1, rank=0, local_size=1, num_threads=2)
 OFF = {"enable": False}  # Engine.mix_precision
@@ -233,9 +233,8 @@ def test_bfloat16_is_refused_off_the_fast_path_and_on_a_cpu_without_bf16_units(m
         StaticInference(net, "auto", "bfloat16", OFF, ENV)
 
 
-@pytest.mark.skipif(not fast_path.has_bfloat16_units(fast_path.cpu_info()),
-                    reason="this CPU has no bfloat16 units")
 def test_bfloat16_features_are_bfloat16_and_within_its_bound():
+    bfloat16_units_or_skip()
     # Catches Eval.precision: bfloat16 silently running float32 (errors of 1e-6, not bfloat16's
     # 1e-3..1e-2), and a bfloat16 program beyond the bound the check applies.
     net, images = probe("resnet50"), batch(size=2)

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.host_allocator import find_jemalloc
 
-from optional_deps import torch_or_skip
+from optional_deps import bfloat16_units_or_skip, torch_or_skip
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -96,8 +95,8 @@ def test_benchmark_compares_with_pytorch_and_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not has_bfloat16_units(cpu_info()), reason="the CPU has no bfloat16 units")
 def test_benchmark_measures_each_precision_in_its_own_process(tmp_path):
+    bfloat16_units_or_skip()
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
                                    "--precisions", "float32", "bfloat16")
     # Catches: a child measuring the config's precision instead of the one it was given.
