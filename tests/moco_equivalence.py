@@ -140,10 +140,28 @@ def reference_trajectory(setup):
     return _TRAJECTORIES[setup]
 
 
-def compare(setup, candidate="ppmoco", conv="paddle"):
+GROUPS = ("query", "statistics", "key", "queue")
+STATISTICS = ("._mean", "._variance")
+
+
+def group(key):
+    """The group a state-dict key is bounded in: the query encoder's parameters ("query"), BatchNorm
+    running statistics of either encoder ("statistics"), the key encoder's parameters after the
+    momentum update ("key"), or the queue."""
+    if key == "queue":
+        return "queue"
+    if key.endswith(STATISTICS):
+        return "statistics"
+    return "query" if key.startswith("encoder_q.") else "key"
+
+
+def compare(setup, candidate="ppmoco", conv="paddle", keep_states=False):
     """Per step: {loss, queue, queue_ptr, updates} of `candidate` ("ppmoco"'s eager step, or the
     "float32" reference) against the float64 reference, each step from the reference's own state;
-    ppmoco's steps with `conv`'s convolutions (Engine.conv: "paddle" or "onednn")."""
+    ppmoco's steps with `conv`'s convolutions (Engine.conv: "paddle" or "onednn"). `updates` holds
+    every tensor's relative update error but the queue's, which is under `queue_update` (the
+    enqueued columns' error relative to their change); with `keep_states`, `state` holds the
+    candidate's state after the step (for mutating it afterwards, see update_errors)."""
     trajectory = reference_trajectory(setup)
     if candidate == "float32":
         runner = ReferenceRunner(setup, trajectory[0][0], [step[3] for step in trajectory])
@@ -158,15 +176,33 @@ def compare(setup, candidate="ppmoco", conv="paddle"):
         results.append({"loss": abs(loss - ref_loss) / abs(ref_loss),
                         "queue": float(np.abs(own["queue"] - ref["queue"]).max()),
                         "queue_ptr": (int(own["queue_ptr"][0]), int(ref["queue_ptr"][0])),
-                        "updates": update_errors(start, own, ref)})
+                        "updates": update_errors(start, own, ref),
+                        "queue_update": update_errors(start, own, ref, queue=True)["queue"]})
+        if keep_states:
+            results[-1]["state"] = own
     return results
 
 
-def update_errors(start, state, reference):
-    """{key: relative error of the update} for every tensor but the queue."""
+def free_run(setup, candidate="ppmoco", conv="paddle"):
+    """`candidate` ("ppmoco" or "float32") run `setup.steps` steps on its own from the initial state:
+    (losses, final state)."""
+    trajectory = reference_trajectory(setup)
+    if candidate == "float32":
+        runner = ReferenceRunner(setup, trajectory[0][0], [step[3] for step in trajectory])
+    else:
+        runner = PpmocoRunner(setup, conv)
+        runner.load(trajectory[0][0], {})
+        paddle.seed(123)
+    losses = [runner.step(views) for _, _, views, _, _, _ in trajectory]
+    return losses, runner.state()
+
+
+def update_errors(start, state, reference, queue=False):
+    """{key: relative error of the update} for every tensor but the queue (only the queue with
+    `queue`): ||delta - delta_ref|| / ||delta_ref||, the absolute norm where delta_ref is zero."""
     errors = {}
     for key, value in start.items():
-        if key.startswith("queue"):
+        if key == "queue_ptr" or (key == "queue") != queue:
             continue
         ref = reference[key].astype("float64") - value
         own = state[key].astype("float64") - value
