@@ -9,6 +9,8 @@ state on a CPU run) is reported, and random draws then differ from an uninterrup
 """
 import paddle
 
+from ppmoco.paddle_internals import rng_state_tuples
+
 CPU = -1  # the device field of the CPU generator's state
 
 
@@ -21,7 +23,8 @@ def _gpu_index(device):
 
 
 def _device_of(state):
-    return state.__getstate__()[0]
+    (device, _, _, _), = rng_state_tuples([state])
+    return device
 
 
 def capture_random_state(device):
