@@ -10,27 +10,24 @@ a predictor is built per `session()` (one evaluation; the weights do not change 
 do between the kNN monitor's epochs) and dropped at its end. A build costs ~1.5 s for ResNet-18 and
 ~3-4 s for ResNet-50 at 224 px, next to one evaluation pass over the data.
 
-No predictor is trusted unchecked: the first batch of every shape in a session runs the eager hook and
-the predictor, and every output must agree (TOLERANCE). A predictor that disagrees, or fails natively,
-is dropped: that hook runs eagerly from then on and one log line says why. It runs on one CPU process,
-in float32 unless `Eval.precision: bfloat16` asks otherwise; `Engine.execution: eager` never uses it.
+No predictor is trusted unchecked (ppmoco.fast_path.CheckedFastPath): the first batch of every shape in
+a session runs the eager hook and the predictor, and every output must agree (TOLERANCE). A predictor
+that disagrees, or fails natively, is dropped: that hook runs eagerly from then on and one log line says
+why. It runs on one CPU process, in float32 unless `Eval.precision: bfloat16` asks otherwise;
+`Engine.execution: eager` never uses it.
 Equivalence with eager and with a NumPy computation is tested in tests/eval/test_static_inference.py.
 """
 import contextlib
-import logging
+import functools
 import os
 import tempfile
-import time
 
-import numpy as np
 import paddle
 
 from ppmoco import fast_path
 from ppmoco.errors import ConfigError
 from ppmoco.inference import NativeOutput, cpu_predictor
 from ppmoco.paddle_internals import batchnorm_layers, parameter_tables
-
-logger = logging.getLogger("ppmoco")
 
 # How far each output of a checked predictor may be from eager's: max |static - eager| <= bound x
 # max(1, max |eager|), relative to the largest output beyond 1 (as ppmoco/export.py's check). Float32
@@ -78,28 +75,11 @@ def _unit_affine_batchnorm(module):
                 vars(layer)[name] = None  # as BatchNorm's __init__ left it
 
 
-def _disagreement(expected, got, bound):
-    """Why the predictor's outputs are not the eager hook's (a short phrase), or None."""
-    for name, want in expected.items():
-        want, have = want.numpy(), got[name].numpy()
-        if want.shape != have.shape or want.dtype != have.dtype:
-            return f"{name} is {have.dtype}{list(have.shape)}, eager {want.dtype}{list(want.shape)}"
-        if want.dtype.kind not in "fc":
-            if not np.array_equal(want, have):
-                return f"{name} differs from eager in {int((want != have).sum())} of {want.size} values"
-            continue
-        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-        diff = float(np.abs(have.astype("float64") - want).max(initial=0.0))
-        if not diff <= bound * scale:  # also refuses NaN
-            return f"{name} is {diff:.3g} off eager's (bound {bound * scale:.3g})"
-    return None
-
-
 class _Predictor:
-    """One hook's predictor for the weights of one session, and the batch shapes checked on it."""
+    """One hook's predictor for the weights of one session."""
 
     def __init__(self, predictor, names):
-        self.predictor, self.names, self.checked = predictor, names, set()
+        self.predictor, self.names = predictor, names
 
     def __call__(self, batch):
         inputs = {"input_0": batch[0], "input_1": batch[-1]}  # _build's names for _Traced's arguments
@@ -146,19 +126,26 @@ class StaticInference:
                 raise ConfigError(f"Eval.precision: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 units, which "
                                   f"this one ({cpu['model']}) lacks (oneDNN would emulate it, slower than float32); "
                                   "set Eval.precision=float32")
-        self.failed = {}  # hook name -> why its predictor was dropped (it runs eagerly from then on)
-        self.announced = set()  # hooks whose first check passed was logged (later ones log at debug level)
-        self.predictors = None  # (hook name, image shape) -> _Predictor while a session is open
+        # hook name -> its CheckedFastPath, kept for the run: a dropped predictor stays dropped
+        self.paths = {}
+        self.open = False  # inside a session()
+
+    @property
+    def failed(self):
+        """{hook name: why its predictor was dropped} (those hooks run eagerly from then on)."""
+        return {name: path.failed for name, path in self.paths.items() if path.failed is not None}
 
     @contextlib.contextmanager
     def session(self):
         """One evaluation: the module's weights stay as they are inside; predictors are built on demand
         and dropped at the end (the next session's weights will differ)."""
-        self.predictors = {}
+        self.open = True
         try:
             yield self
         finally:
-            self.predictors = None
+            self.open = False
+            for path in self.paths.values():
+                path.reset()
 
     def wrap(self, name, fn, reads_labels=False):
         """`fn(batch) -> {output: [B, ...] tensor}` as a step that runs on the checked predictor of hook
@@ -166,57 +153,35 @@ class StaticInference:
         batch[-1], nothing else. One predictor serves every batch size of one image size."""
         if not self.enabled:
             return fn
+        if name not in self.paths:
+            self.paths[name] = fast_path.CheckedFastPath(
+                fn, lambda args, expected: self._predictor(name, reads_labels, *args, expected),
+                functools.partial(fast_path.disagreement, bound=TOLERANCE[self.precision]),
+                key=lambda batch: (tuple(batch[0].shape), tuple(batch[-1].shape)),
+                describe=lambda key: f"batch {'x'.join(map(str, key[0]))}",
+                name="static evaluation", detail=f"oneDNN predictor, {self.precision}", target=name,
+                fast_name="the predictor")
+        path = self.paths[name]
+        path.plain = fn  # the Evaluator wraps its hooks anew each evaluation (their autocast may change)
 
         def step(batch):
-            if self.predictors is None:
+            if not self.open:
                 raise RuntimeError("StaticInference.wrap: call the step inside a session()")
-            if name in self.failed:
-                return fn(batch)
-            predictor = self.predictors.get((name, tuple(batch[0].shape[1:])))
-            shape = (tuple(batch[0].shape), tuple(batch[-1].shape))
-            if predictor is not None and shape in predictor.checked:
-                return predictor(batch)
-            return self._check(name, fn, batch, shape, reads_labels)
+            return path(batch)
         return step
 
-    def _check(self, name, fn, batch, shape, reads_labels):
-        """The first batch of a shape in a session: eager, then the predictor (built if need be)."""
-        started = time.perf_counter()
-        expected = fn(batch)
-        key, failure = (name, shape[0][1:]), None
-        # Paddle's passes print to stdout while building; a failure's native traceback stays there too,
-        # reported in the one line below
-        with NativeOutput():
-            try:
-                predictor = self.predictors.get(key) or self._build(fn, batch, list(expected), reads_labels)
-                got = predictor(batch)
-            except Exception as err:  # noqa: BLE001 - a native failure of the predictor is reported, not fatal
-                failure = err
-        if failure is None:
-            problem = _disagreement(expected, got, TOLERANCE[self.precision])
-        else:
-            lines = str(failure).strip().splitlines()
-            problem = f"the predictor failed ({type(failure).__name__}: {lines[-1] if lines else 'no message'})"
-        described = f"{name}, batch {'x'.join(map(str, shape[0]))}"
-        if problem is None:
-            self.predictors[key] = predictor
-            predictor.checked.add(shape)
-            log = logger.debug if name in self.announced else logger.info
-            self.announced.add(name)
-            log(f"static evaluation (oneDNN predictor, {self.precision}) checked against eager for {described} "
-                f"({time.perf_counter() - started:.1f} s)")
-            return got
-        self.failed[name] = problem
-        self.predictors = {k: v for k, v in self.predictors.items() if k[0] != name}
-        logger.warning(f"static evaluation not used for {name}: {problem} (batch {'x'.join(map(str, shape[0]))}); "
-                       "it runs eagerly (Engine.execution=eager skips this check)")
-        return expected
+    def _predictor(self, name, reads_labels, batch, expected):
+        """Hook `name`'s checked predictor of this image size (one serves every batch size), else a new one."""
+        path, size = self.paths[name], tuple(batch[0].shape[1:])
+        same = [predictor for (images, _), predictor in path.checked.items() if images[1:] == size]
+        return same[0] if same else self._build(path.plain, batch, list(expected), reads_labels)
 
     def _build(self, fn, batch, names, reads_labels):
         """A predictor of `fn` on the module's current weights, for any batch size at these image sizes."""
         inputs = (batch[0], batch[-1]) if reads_labels else (batch[0],)
         spec = [paddle.static.InputSpec([None, *t.shape[1:]], t.dtype, name=f"input_{i}") for i, t in enumerate(inputs)]
-        with tempfile.TemporaryDirectory() as folder, _unit_affine_batchnorm(self.module):
+        # NativeOutput: Paddle's passes print to stdout while building (a failure's output goes to stderr)
+        with NativeOutput(), tempfile.TemporaryDirectory() as folder, _unit_affine_batchnorm(self.module):
             prefix = os.path.join(folder, PREFIX)
             paddle.jit.save(_Traced(self.module, fn, names), prefix, input_spec=spec)
             return _Predictor(cpu_predictor(prefix, self.threads, self.precision == "bfloat16"), names)

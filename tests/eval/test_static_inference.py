@@ -193,8 +193,20 @@ def test_each_image_size_gets_its_own_checked_predictor_and_batch_sizes_share_on
         step = inference.wrap("extract_features", hook["extract_features"])
         for images in (batch(2, px=32), batch(3, px=32), batch(2, px=40)):
             assert_close(step(images)["f"].numpy(), eager(hook["extract_features"], images)["f"])
-        assert sorted(size for _, (_, size, _) in inference.predictors) == [32, 40]
+        predictors = inference.paths["extract_features"].checked  # batch shape -> its checked predictor
+        assert len(predictors) == 3 and len(set(predictors.values())) == 2
     assert not inference.failed
+
+
+def test_a_hook_wrapped_anew_for_the_next_evaluation_runs_its_new_function():
+    # The Evaluator wraps its hooks anew each evaluation (their autocast may change). Catches the
+    # predictors of a later session traced from the function of the first wrap.
+    net, images = probe("resnet18"), batch(size=2, px=32)
+    inference = StaticInference(net, "auto", "float32", OFF, ENV)
+    for scale in (1.0, -2.0):
+        hooks = {"extract_features": lambda b, scale=scale: {"f": scale * net.extract_features(b[0])}}
+        got, _ = run_static(net, hooks, images, inference=inference)
+        assert_close(got["extract_features"]["f"], eager(hooks["extract_features"], images)["f"])
 
 
 def test_a_predictor_that_fails_natively_is_dropped(monkeypatch, caplog):
