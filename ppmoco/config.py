@@ -19,6 +19,8 @@ import yaml
 from ppmoco.errors import ConfigError
 from ppmoco.feature_layers import LAYERS
 from ppmoco.fileio import write_text_atomic
+from ppmoco.optimizers import KEY_LIMITS as OPTIMIZER_KEY_LIMITS
+from ppmoco.optimizers import OPTIMIZERS
 from ppmoco.registry import is_number, type_ok
 
 
@@ -47,6 +49,20 @@ class OPEN:
 
 class Choice(tuple):
     """Schema marker: one of the listed strings; the first is the default."""
+
+
+class ByName:
+    """Schema marker: a section whose keys depend on its `name`: `variants` {name: {key: default}} (the
+    first name is the default), `common` {key: default} for every name. A key of another variant is a
+    one-line error naming the variants it belongs to; set to null, it is dropped (so `-o key=null`
+    cancels one a `_base_` file set). A key of the section's own variant set to null takes its default."""
+
+    def __init__(self, variants, common):
+        self.variants, self.common = variants, common
+
+    def schema(self, name):
+        return {"name": Choice((name, *(n for n in self.variants if n != name))), **self.variants[name],
+                **self.common}
 
 
 _LOADER = {"num_workers": 0, "use_shared_memory": True}
@@ -121,13 +137,15 @@ SCHEMA = {
         "metric": {phase: {"name": Choice(("TopkAcc",)), "topk": [1, 5]} for phase in ("train", "eval")},
         "use_recompute": False,
     },
-    "Optimizer": {
-        "name": Choice(("Momentum",)),
-        "momentum": 0.9,
-        "use_nesterov": False,     # Nesterov momentum (paddle.optimizer.Momentum's, as torch SGD's nesterov)
-        "weight_decay": 0.0001,
+    # The keys besides lr and exclude_from_weight_decay are the named optimizer's, with its defaults
+    # (ppmoco/optimizers.py: Momentum's momentum, use_nesterov, weight_decay; AdamW's beta1, beta2,
+    # epsilon, weight_decay; LARS's momentum, weight_decay, trust_coefficient).
+    "Optimizer": ByName({name: spec.keys for name, spec in OPTIMIZERS.items()}, {
         "lr": OPEN,
-    },
+        # Parameters that take no weight decay: bias, norm, or part of a structured parameter name
+        # (ppmoco.optimizers.excluded_from_weight_decay). [] decays every parameter (MoCo v1/v2's).
+        "exclude_from_weight_decay": [],
+    }),
     "Data": {
         "Train": {"dataset": OPEN, "sampler": dict(_SAMPLER), "loader": dict(_LOADER)},
         "Eval": {"dataset": OPEN, "sampler": dict(_SAMPLER, batch_size=64, drop_last=False,
@@ -216,8 +234,7 @@ LIMITS = {
     "Engine.max_steps": (lambda v: v == -1 or v > 0, "must be > 0, or -1 for no limit", -1),
     "Engine.logging_freq": (lambda v: v > 0, "must be > 0", 10),
     "Engine.mix_precision.scale_loss": (lambda v: v > 0, "must be > 0", 32768.0),
-    "Optimizer.momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1)", 0.9),
-    "Optimizer.weight_decay": (lambda v: v >= 0, "must be >= 0", 0.0001),
+    **{f"Optimizer.{key}": limit for key, limit in OPTIMIZER_KEY_LIMITS.items()},
     "Optimizer.lr.learning_rate": (lambda v: is_number(v) and v > 0, "must be a number > 0", 0.03),
     "Data.Train.sampler.batch_size": (lambda v: v > 0, "must be > 0", 32),
     "Data.Eval.sampler.batch_size": (lambda v: v > 0, "must be > 0", 64),
@@ -385,6 +402,10 @@ def _validate(tree, schema, prefix):
         sub = schema[key]
         if value is None and path in NULLABLE:
             out[key] = None
+        elif isinstance(sub, ByName):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a section (mapping), got {_type_name(value)}")
+            out[key] = _validate_by_name(value, sub, path)
         elif sub is OPEN:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping, got {_type_name(value)} {value!r}")
@@ -400,11 +421,30 @@ def _validate(tree, schema, prefix):
         if key not in out:
             if sub is OPEN:
                 out[key] = {}
+            elif isinstance(sub, ByName):
+                out[key] = _validate_by_name({}, sub, f"{prefix}{key}")
             elif isinstance(sub, dict):
                 out[key] = _validate({}, sub, f"{prefix}{key}.")
             else:
                 out[key] = sub[0] if isinstance(sub, Choice) else copy.deepcopy(sub)
     return out
+
+
+def _validate_by_name(tree, sub, path):
+    """_validate for a ByName section: the keys of the variant its `name` chooses."""
+    name = tree.get("name", next(iter(sub.variants)))
+    _check_leaf(f"{path}.name", name, Choice(sub.variants))
+    own, kept = sub.variants[name], {}
+    for key, value in tree.items():
+        owners = [n for n, keys in sub.variants.items() if key in keys]
+        if value is None and owners:
+            continue  # the default, or a key of another variant cancelled
+        if owners and key not in own:
+            raise ConfigError(f"{path}.{key}: a key of {' and '.join(owners)}, not of {path}.name {name} "
+                              f"(whose keys are {', '.join(own)}); remove it (or -o {path}.{key}=null) or "
+                              f"set {path}.name={owners[0]}")
+        kept[key] = value
+    return _validate(kept, sub.schema(name), path + ".")
 
 
 def _check_limits(cfg):

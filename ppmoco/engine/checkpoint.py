@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -23,6 +24,7 @@ import paddle
 from ppmoco import __version__, safe_pickle
 from ppmoco.errors import CheckpointError
 from ppmoco.fileio import replace_dir, write_text_atomic
+from ppmoco.optimizers import check_state
 from ppmoco.paddle_internals import rng_state_from_tuples, rng_state_tuples
 
 TRAINER_STATE = "trainer_state.json"
@@ -31,8 +33,16 @@ FILES = ("model.pdparams", "optimizer.pdopt", TRAINER_STATE, "meta.json")
 logger = logging.getLogger("ppmoco")
 
 
+def _owner(key, names):
+    """The name in `names` that prefixes state key `key` (`<name>_...`), the longest, or None."""
+    return max((n for n in names if key.startswith(n + "_")), key=len, default=None)
+
+
 def _rename_optimizer_state(state, names):
-    """Re-key optimizer accumulators (`<param name>_velocity_0`) through the `names` mapping.
+    """Optimizer state keyed through the `names` mapping, for a checkpoint: each accumulator
+    `<param name>_<accumulator>_0` (Momentum's velocity, AdamW's moment1, moment2, beta1_pow_acc and
+    beta2_pow_acc, LARS's mu; under O2 `<param name>_fp32_master_0_<accumulator>_0`) by its parameter's
+    name, the longest that prefixes it, and O2's {parameter name: master weight}.
 
     Paddle names parameters by a global counter (`conv2d_12.w_0`), which depends on everything
     built before the model; checkpoints use the stable structured names (`encoder_q.backbone.conv1.weight`).
@@ -42,8 +52,42 @@ def _rename_optimizer_state(state, names):
         if isinstance(value, dict):  # O2's {parameter name: float32 master weight}
             out[key] = {names.get(name, name): tensor for name, tensor in value.items()}
             continue
-        owner = max((n for n in names if key.startswith(n + "_")), key=len, default=None)
+        owner = _owner(key, names)
         out[names[owner] + key[len(owner):] if owner else key] = value
+    return out
+
+
+# How Paddle names a parameter's float32 master weight under O2 (Optimizer._create_master_weight), and
+# so the state it keeps on it: `<param name>_fp32_master_0_<accumulator>_0`.
+MASTER = re.compile(r"^_fp32_master_\d+")
+MASTER_SUFFIX = "_fp32_master_0"
+
+
+def _optimizer_state_for(state, module):
+    """Checkpoint optimizer state (structured names) keyed as the optimizer over `module` will look it
+    up: by Paddle's parameter names, and in the form of this run's precision, so a checkpoint resumes
+    with O2 or without it. A parameter O2 keeps in float16/bfloat16 has a float32 master weight,
+    named after the parameter (the name its state's names derive from), and its state on the master;
+    a float32 parameter has neither."""
+    params = dict(module.named_parameters())
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):  # O2's master weights, for the parameters O2 casts in this run
+            masters = {}
+            for name, tensor in value.items():
+                if name in params and params[name].dtype in LOW_PRECISION:
+                    tensor.name = params[name].name + MASTER_SUFFIX
+                    masters[params[name].name] = tensor
+            if masters:
+                out[key] = masters
+            continue
+        owner = _owner(key, params)
+        if owner is None:
+            out[key] = value
+            continue
+        param = params[owner]
+        master = MASTER_SUFFIX if param.dtype in LOW_PRECISION else ""
+        out[param.name + master + MASTER.sub("", key[len(owner):])] = value
     return out
 
 
@@ -239,9 +283,9 @@ def load_module_weights(path, module):
 def load_checkpoint(path, module, optimizer):
     """Restore module and optimizer in place; return the saved trainer state."""
     load_module_weights(path, module)
-    internal = {n: p.name for n, p in module.named_parameters()}
-    optimizer.set_state_dict(_rename_optimizer_state(
-        _read_state_dict(os.path.join(path, "optimizer.pdopt")), internal))
+    saved = _read_state_dict(os.path.join(path, "optimizer.pdopt"))
+    check_state(saved, optimizer, f"{path}/optimizer.pdopt")
+    optimizer.set_state_dict(_optimizer_state_for(saved, module))
     return load_trainer_state(path)
 
 

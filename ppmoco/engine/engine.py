@@ -1,4 +1,5 @@
 """The training loop, shared by every method: data, optimizer, lr, AMP, DP, checkpoints, logs."""
+import functools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from ppmoco.engine.watchdog import Watchdog
 from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 from ppmoco.host_allocator import loaded_allocator
+from ppmoco.optimizers import initial_value
 from ppmoco.progress import format_eta
 from ppmoco.versions import describe_runtime
 
@@ -85,7 +87,7 @@ class Engine:
         self.train_step = build_train_step(engine, opt, module, self.schedule(0, self.epochs), env)
         self.module, self.optimizer = self.train_step.module, self.train_step.optimizer
         self.guard = _FiniteGuard(self.module, self.optimizer, engine["skip_nonfinite_steps"],
-                                  self.save_load["output_dir"])
+                                  self.save_load["output_dir"], initial=functools.partial(initial_value, opt))
         self.writer = VisualDLWriter(os.path.join(self.save_load["output_dir"], "vdl"), env.is_main)
         self.watchdog = Watchdog(0, env.rank)  # watches only while fit() trains
 
@@ -362,8 +364,10 @@ class _FiniteGuard:
     the updated parameters are not finite. Flags are combined over ranks, so all ranks agree.
     """
 
-    def __init__(self, module, optimizer, skip, output_dir):
+    def __init__(self, module, optimizer, skip, output_dir, initial=lambda key: 0.0):
+        """`initial(key)`: the value optimizer state `key` starts from (ppmoco.optimizers.initial_value)."""
         self.module, self.optimizer, self.skip = module, optimizer, skip
+        self.initial = initial
         self.params = module.trainable_parameters()
         self.output_dir = output_dir
         self.pending_from, self.pending = 0, []  # first step and flags not yet checked
@@ -392,8 +396,8 @@ class _FiniteGuard:
                 # O2's float32 copy of a parameter, made by the bad step itself (Paddle makes it before
                 # it checks for overflow): the restored parameter, as a fresh run would make it.
                 tensor.set_value(by_name[key[len(MASTER_WEIGHTS):]].astype(tensor.dtype))
-            else:  # state the bad step created (Momentum's velocity on the first step) starts at zero
-                tensor.set_value(paddle.zeros_like(tensor))
+            else:  # state the bad step created (on the first step) starts where the optimizer starts it
+                tensor.set_value(paddle.full_like(tensor, self.initial(key)))
         self.skipped += 1
         logger.warning(f"step {step}: loss or update not finite; skipped it and restored the weights, "
                        f"buffers and optimizer state ({self.skipped} step(s) skipped so far)")

@@ -1,6 +1,7 @@
 """One optimisation step of a Module, eager on every device: autocast, backward, gradient
 averaging, optimizer update. `build_train_step` is shared by the Engine's loop and
-tools/benchmark.py, so the benchmark measures the real step.
+tools/benchmark.py, so the benchmark measures the real step. The optimizer is the one
+`Optimizer.name` chooses (ppmoco/optimizers.py); the step treats every optimizer alike.
 """
 import contextlib
 import logging
@@ -12,17 +13,9 @@ from ppmoco.distributed import all_reduce_mean
 from ppmoco.errors import ConfigError
 from ppmoco.fast_path import cpu_info, has_bfloat16_units
 from ppmoco.ops import OpBuildError, onednn_conv_module, onednn_convolutions
+from ppmoco.optimizers import build_optimizer  # the optimizer Optimizer.name chooses
 
 logger = logging.getLogger("ppmoco")
-
-
-def build_optimizer(opt_cfg, module, learning_rate):
-    """SGD with momentum over the module's trainable parameters (weight decay = L2, as torch SGD;
-    `use_nesterov` as torch SGD's nesterov: the step is grad + momentum x the new velocity)."""
-    return paddle.optimizer.Momentum(learning_rate=learning_rate, momentum=opt_cfg["momentum"],
-                                     parameters=module.trainable_parameters(),
-                                     use_nesterov=opt_cfg.get("use_nesterov", False),
-                                     weight_decay=opt_cfg["weight_decay"])
 
 
 def conv_implementation(setting, env):
