@@ -30,6 +30,7 @@ from ppmoco.engine.watchdog import Watchdog
 from ppmoco.errors import CheckpointError, ConfigError, PpmocoError
 from ppmoco.eval.evaluator import Evaluator, summary_lines
 from ppmoco.host_allocator import loaded_allocator
+from ppmoco.modules.base import Progress
 from ppmoco.optimizers import initial_value
 from ppmoco.progress import format_eta
 from ppmoco.versions import describe_runtime
@@ -202,10 +203,12 @@ class Engine:
             self.train_sampler.set_epoch(epoch, start_batch)
             meter.resume()  # the steps since the last log line still count; the pause does not
             for batch_idx, batch in enumerate(self.train_loader, start=start_batch):
-                lr = self.schedule(epoch + batch_idx / steps_per_epoch, self.epochs)
+                progress = Progress(epoch + batch_idx / steps_per_epoch, global_step, steps_per_epoch * self.epochs)
+                lr = self.schedule(progress.epoch, self.epochs)
                 self.optimizer.set_lr(lr)
                 meter.data_ready()
-                out = self.guard.step(self.train_step, self._to_device(batch), global_step + 1)
+                out = self.guard.step(functools.partial(self.train_step, progress=progress), self._to_device(batch),
+                                      global_step + 1)
                 self.watchdog.beat()
                 global_step += 1
                 meter.step_done(out)

@@ -12,6 +12,7 @@ import paddle
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.errors import ConfigError
 from ppmoco.fast_path import cpu_info, has_bfloat16_units
+from ppmoco.modules.base import Progress
 from ppmoco.ops import OpBuildError, onednn_conv_module, onednn_convolutions
 from ppmoco.optimizers import build_optimizer  # the optimizer Optimizer.name chooses
 
@@ -110,10 +111,11 @@ class TrainStep:
             return contextlib.nullcontext()
         return onednn_convolutions(self.module, bfloat16=self.conv_dtype == "bfloat16")
 
-    def __call__(self, batch):
-        """Run one step on `batch`; return the loss and the module's metrics as tensors (no host sync)."""
+    def __call__(self, batch, progress=Progress()):
+        """Run one step on `batch` at `progress` (a Progress, for Module.before_step); return the loss
+        and the module's metrics as tensors (no host sync)."""
         with paddle.no_grad():
-            self.module.before_step()
+            self.module.before_step(progress)
         with self._autocast(), self.convolutions():
             out = self.module.training_step(batch)
         (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()

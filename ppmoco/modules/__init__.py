@@ -1,6 +1,6 @@
 """Methods (Modules) by the name a config's `Model.module` gives them."""
 from ppmoco.fleetx import module_args
-from ppmoco.modules.base import Module, StepOutput
+from ppmoco.modules.base import Module, Progress, StepOutput
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 from ppmoco.modules.moco import MoCo
@@ -25,5 +25,5 @@ def build_module(model_cfg):
     return cls(**args)
 
 
-__all__ = ["Module", "StepOutput", "MoCo", "LinearEval", "MultiHeadLinearEval", "SupConIn", "SupConOut",
+__all__ = ["Module", "Progress", "StepOutput", "MoCo", "LinearEval", "MultiHeadLinearEval", "SupConIn", "SupConOut",
            "SupConSuploss", "MODULES", "build_module"]

@@ -25,10 +25,11 @@ Hooks a subclass defines:
   returns less where low precision would break it: MoCo returns its query encoder, so the key
   encoder, whose momentum update moves a weight by 1e-3 of the gap (below bfloat16's resolution),
   and the queue stay float32.
-- optionally `before_step()` / `after_step(state)`: gradient-free state updates that must come
-  before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
+- optionally `before_step(progress)` / `after_step(state)`: gradient-free state updates that must
+  come before the step's computation (MoCo's momentum encoder) or after its optimizer update (MoCo's
   enqueue of `state["keys"]`, `state` being StepOutput.after_step): an in-place write inside
-  `training_step` would change a tensor autograd still reads.
+  `training_step` would change a tensor autograd still reads. `progress` (a Progress) says where
+  the run is, for schedules by iteration (MoCo v3's momentum).
 
 Class attribute `needs_labels`: True for a method that trains on the labels (batch[-1]), such as the
 supervised-contrastive MoCo variants. The Engine then refuses training data holding an unlabelled
@@ -59,6 +60,24 @@ class StepOutput:
         return {"loss": self.loss, **self.metrics}
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a run is when a step starts: `epoch` is fractional (epochs done + batches done in this
+    epoch / batches per epoch), `step` the optimizer steps done before this one, `total_steps` those
+    of Engine.num_train_epochs (schedules follow the epochs, as the learning rate does, also where
+    Engine.max_steps stops a run earlier). A step run outside a run (tools/benchmark.py, tests) is
+    the first of one."""
+
+    epoch: float = 0.0
+    step: int = 0
+    total_steps: int = 1
+
+    @property
+    def fraction(self):
+        """step / total_steps: 0 at the first step, approaching 1 at the last."""
+        return self.step / self.total_steps
+
+
 class UnsupportedHook(PpmocoError):
     """A caller used an optional hook (OPTIONAL_HOOKS) that the method does not define."""
 
@@ -83,8 +102,8 @@ class Module(nn.Layer):
         """The sublayers O2 mixed precision casts to low precision (see the module docstring)."""
         return [self]
 
-    def before_step(self):
-        """Runs (without gradient) before every training_step."""
+    def before_step(self, progress):
+        """Runs (without gradient) before every training_step; `progress` is a Progress."""
 
     def after_step(self, state):
         """Runs (without gradient) after every optimizer update, with training_step's

@@ -102,7 +102,7 @@ class MoCo(Module):
         """Key encoder parameters <- m * key + (1 - m) * query (BatchNorm statistics excluded)."""
         momentum.momentum_update(self._ema_pairs, self.m)
 
-    def before_step(self):
+    def before_step(self, progress):
         # builder.py updates the key encoder after the query forward; the query forward does not
         # read the key encoder, so updating first is the same computation.
         self.momentum_update()

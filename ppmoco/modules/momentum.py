@@ -1,4 +1,6 @@
 """The exponential moving average that makes a momentum encoder trail its online encoder."""
+import math
+
 import paddle
 
 
@@ -15,3 +17,9 @@ def momentum_update(pairs, m):
     """
     for online, target in pairs:
         paddle.assign(target * m + online * (1.0 - m), output=target)
+
+
+def cosine_momentum(base, fraction):
+    """The momentum at `fraction` (Progress.fraction) of a run that raises it from `base` to 1 along a
+    half cosine, per iteration: 1 - (1 - base) * (1 + cos(pi * fraction)) / 2 (MoCo v3's --moco-m-cos)."""
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * fraction))

@@ -10,11 +10,11 @@ trust-ratio denominator) is at least 6e-4 away in every case, 300x TOL.
 import numpy as np
 import paddle
 import pytest
-from optimizer_cases import SHAPES, Params, backward, case, largest_difference, numpy_lars, run
 
 from ppmoco import paddle_internals as internals
 from ppmoco.engine.lars import LARS
 
+from optimizer_cases import SHAPES, Params, backward, case, largest_difference, numpy_lars, run
 from optional_deps import torch_or_skip
 
 SETTINGS = {"momentum": 0.9, "weight_decay": 0.1, "trust_coefficient": 0.01}

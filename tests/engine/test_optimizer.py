@@ -4,13 +4,13 @@ update: tests/engine/test_lars.py; their state in checkpoints: tests/engine/test
 import numpy as np
 import paddle
 import pytest
-from optimizer_cases import case, largest_difference, numpy_adamw, run
 
 from ppmoco.engine.step import build_optimizer
 from ppmoco.errors import ConfigError
 from ppmoco.modules.base import Module
 from ppmoco.optimizers import excluded_from_weight_decay
 
+from optimizer_cases import case, largest_difference, numpy_adamw, run
 from optional_deps import torch_or_skip
 
 

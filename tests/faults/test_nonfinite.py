@@ -65,11 +65,11 @@ def _inject_nan(engine, at_step):
     module, calls, before = engine.module, [0], {}
     real_before, real_step = module.before_step, module.training_step
 
-    def before_step():  # the step starts here (MoCo's momentum update)
+    def before_step(progress):  # the step starts here (MoCo's momentum update)
         calls[0] += 1
         if calls[0] == at_step:
             before.update({k: v.numpy().copy() for k, v in module.state_dict().items()})
-        real_before()
+        real_before(progress)
 
     def training_step(batch):
         out = real_step(batch)
