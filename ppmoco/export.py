@@ -1,8 +1,9 @@
 """A backbone as a Paddle inference model and as ONNX, each run back and compared with the backbone.
 
-`paddle.jit.save` traces the backbone's `forward` (global-average-pooled last-stage features) in eval
-mode, so BatchNorm uses its running statistics, for the input spec [None, 3, H, W]: any batch size,
-one image size. The saved model is then run in Paddle Inference (the predictor a deployment uses,
+`paddle.jit.save` traces the backbone's `forward` (a ResNet's global-average-pooled last-stage
+features, a ViT's class token after the final norm: its `output_description`) in eval mode, so
+BatchNorm uses its running statistics, for the input spec [None, 3, H, W]: any batch size, one image
+size. The saved model is then run in Paddle Inference (the predictor a deployment uses,
 with its fused CPU kernels) and, with ONNX, the converted model in onnxruntime, on the same random
 batch as the backbone itself. Features must agree within TOLERANCE x max(1, largest |feature|).
 Everything is written to a hidden folder beside the target and renamed into place only after every
@@ -142,7 +143,7 @@ def _export_into(folder, backbone, image_size, images, reference, onnx):
     return {
         "input": {"name": INPUT_NAME, "shape": [None, 3, *image_size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": output_name, "shape": [None, int(reference.shape[1])], "dtype": "float32",
-                   "what": "global-average-pooled last-stage features"},
+                   "what": getattr(backbone, "output_description", "global-average-pooled last-stage features")},
         "files": {file: os.path.getsize(os.path.join(folder, file)) for file in sorted(os.listdir(folder))},
         "onnx_opset": ONNX_OPSET if onnx is not None else None,
         "checks": checks,

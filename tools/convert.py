@@ -2,8 +2,9 @@
 
 SRC is anything Model.model.base_encoder.pretrained accepts (a ppmoco pretraining or linear
 evaluation checkpoint, a PaddleFleetX MoCo checkpoint, facebookresearch/moco's .pth.tar, a
-paddle.vision or torchvision state dict); the architecture is read from its tensors. Only the
-query encoder's backbone is written: projection head, classifier and key encoder are dropped.
+paddle.vision or torchvision state dict; for a ViT, a ppmoco or facebookresearch/moco-v3 checkpoint
+or a timm state dict); the architecture is read from its tensors. Only the query encoder's backbone
+is written: projection head, classifier and key encoder are dropped.
 
 FORMAT:
   torchvision    PyTorch state dict, torchvision names ("pytorch style" for mmdetection/mmpretrain)
@@ -11,6 +12,7 @@ FORMAT:
   paddle-vision  .pdparams for paddle.vision.models.resnet18/34/50/101
   paddleclas     .pdparams with PaddleClas ResNet names (Global.pretrained_model)
   paddledet      .pdparams with PaddleDetection ResNet names (pretrain_weights; ResNet-50/101)
+  timm           PyTorch state dict for timm's VisionTransformer (ViTs only; the ResNet formats refuse ViTs)
 The config lines each framework needs are in configs/transfer/ (docs/transfer_export.md).
 """
 import os
@@ -27,7 +29,7 @@ def parse(argv):
                                                    ".pdparams)")
     parser.add_argument("dst", metavar="DST", help="file to write")
     parser.add_argument("--to", required=True, metavar="FORMAT", help="torchvision, detectron2, paddle-vision, "
-                                                                      "paddleclas or paddledet")
+                                                                      "paddleclas, paddledet or timm")
     return parser.parse_args(argv)
 
 

@@ -1,13 +1,16 @@
-"""Backbones (built from config through BACKBONES), the heads put on top of them, and the pooling of
-their stage maps to per-layer features (pool_stages)."""
+"""Backbones (built from config through BACKBONES: the ResNets of resnet.py and the Vision Transformers of
+vit.py), the heads put on top of them, and the pooling of their stage maps to per-layer features
+(pool_stages)."""
 from ppmoco.errors import ConfigError
+from ppmoco.models import pretrained
 from ppmoco.models.heads import LinearClassifier, NormLinearHead, ProjectionHead
 from ppmoco.models.pooling import pool_stages
-from ppmoco.models.pretrained import load_backbone, load_pretrained_backbone
+from ppmoco.models.pretrained import load_backbone
 from ppmoco.models.resnet import BACKBONES, ResNet
+from ppmoco.models.vit import VisionTransformer, load_pretrained_vit
 
-__all__ = ["ResNet", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier", "NormLinearHead",
-           "load_pretrained_backbone", "load_backbone", "pool_stages"]
+__all__ = ["ResNet", "VisionTransformer", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier",
+           "NormLinearHead", "load_pretrained_backbone", "load_backbone", "pool_stages"]
 
 
 def build_backbone(cfg, key_path):
@@ -20,6 +23,14 @@ def build_backbone(cfg, key_path):
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "pretrained")}
     _drop_fleetx_keys(kwargs, key_path)
     return BACKBONES.build(cfg["name"], kwargs, key_path)
+
+
+def load_pretrained_backbone(backbone, path, key_path="Model.model.base_encoder.pretrained"):
+    """Copy every tensor of `backbone` from the weights at `path`, all or nothing; return how many were
+    loaded: a ViT's as ppmoco.models.vit reads them, a ResNet's as ppmoco.models.pretrained does."""
+    if isinstance(backbone, VisionTransformer):
+        return load_pretrained_vit(backbone, path, key_path)
+    return pretrained.load_pretrained_backbone(backbone, path, key_path)
 
 
 def _drop_fleetx_keys(kwargs, key_path):

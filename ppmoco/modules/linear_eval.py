@@ -65,6 +65,10 @@ class FrozenBackboneProbe(Module):
     def extract_stages(self, images):
         return self.backbone.forward_stages(images)
 
+    def supports(self, hook):
+        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
+        return super().supports(hook) and (hook != "extract_stages" or hasattr(self.backbone, "forward_stages"))
+
     def on_epoch_end(self, epoch):
         if epoch == 1:
             self.check_backbone_unchanged()

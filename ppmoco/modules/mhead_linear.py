@@ -33,6 +33,10 @@ class MultiHeadLinearEval(FrozenBackboneProbe):
                               f"among {', '.join(LAYERS)}; e.g. [{', '.join(FEATURES)}]")
         self.layers = list(layers)
         self.monitor = f"{self.layers[-1]}_top1"  # the Engine keeps the best value as checkpoint `best`
+        if not self.supports("extract_stages"):
+            raise ConfigError(f"Model.model.base_encoder.name: {base_encoder['name']} has no stage feature maps to "
+                              "pool (a Vision Transformer); the multi-head probe needs a ResNet: evaluate it with "
+                              "the linear probe (Model.module: LinearEval)")
         channels = self.backbone.stage_channels
         self.heads = nn.LayerDict({layer: NormLinearHead(channels[LAYERS[layer][0]], LAYERS[layer][1], num_classes)
                                    for layer in self.layers})

@@ -94,6 +94,11 @@ class MoCo(Module):
     def extract_stages(self, images):
         return self.encoder_q.backbone.forward_stages(images)
 
+    def supports(self, hook):
+        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
+        return super().supports(hook) and (hook != "extract_stages"
+                                           or hasattr(self.encoder_q.backbone, "forward_stages"))
+
     def low_precision_layers(self):
         # The key encoder and the queue stay float32: see Module.low_precision_layers.
         return [self.encoder_q]

@@ -2,19 +2,21 @@
 (docs/transfer_export.md, "Use the backbone elsewhere"), used by tools/convert.py.
 
 Reading is ppmoco's own (`ppmoco.models.pretrained.read_backbone`: anything
-`Model.model.base_encoder.pretrained` accepts, heads and key encoder dropped), and so is the
-architecture, inferred from the tensors. Every check runs before the output is written, and the
-output appears whole or not at all.
+`Model.model.base_encoder.pretrained` accepts, heads and key encoder dropped; a ViT's through
+`ppmoco.models.vit.read_vit_backbone`), and so is the architecture, inferred from the tensors: a ResNet
+or a ViT, which the ResNet targets refuse, as the ViT target (timm) refuses a ResNet. Every check runs
+before the output is written, and the output appears whole or not at all.
 """
 import os
 
 from ppmoco.errors import CheckpointError, ConfigError
 from ppmoco.fileio import write_bytes_atomic
 from ppmoco.models.pretrained import infer_architecture, read_backbone
-from ppmoco.transfer import detectron2, paddle_vision, paddleclas, paddledet, torchvision
+from ppmoco.models.vit import infer_vit_architecture, read_vit_backbone
+from ppmoco.transfer import detectron2, paddle_vision, paddleclas, paddledet, timm, torchvision
 
 FORMATS = {module.TARGET.name: module.TARGET
-           for module in (torchvision, detectron2, paddle_vision, paddleclas, paddledet)}
+           for module in (torchvision, detectron2, paddle_vision, paddleclas, paddledet, timm)}
 
 
 def convert(src, dst, fmt):
@@ -22,13 +24,21 @@ def convert(src, dst, fmt):
     target = _target(fmt)
     target.requires()
     _check_destination(dst, target)
-    weights = read_backbone(src, "SRC")
-    arch = infer_architecture(weights, "SRC")
+    weights, arch = _read(src)
     target.check(arch, weights)
     state = target.convert(weights.tensors, arch)
     _write(dst, target.serialize(state))
     return [f"wrote {len(state)} tensors in {fmt} format to {dst}, from {weights}: a {arch}",
             target.usage(arch, dst)]
+
+
+def _read(src):
+    """(weights, architecture) of the backbone at `src`: a ViT, else a ResNet (the file is read again)."""
+    weights = read_vit_backbone(src, "SRC")
+    if weights is not None:
+        return weights, infer_vit_architecture(weights, "SRC")
+    weights = read_backbone(src, "SRC")
+    return weights, infer_architecture(weights, "SRC")
 
 
 def _write(dst, data):

@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 from ppmoco.errors import CheckpointError
-from ppmoco.models.resnet import STANDARD_WIDTHS
+from ppmoco.models.resnet import STANDARD_WIDTHS, Architecture
 
 SHORTCUT = 0  # Position.conv of a block's projection shortcut (ppmoco's `downsample`)
 # BatchNorm tensors in ppmoco's (Paddle's) names, in the order targets list theirs.
@@ -82,6 +82,9 @@ class Target:
 
     def check(self, arch, src):
         """Refuse an architecture this framework's ResNet cannot reproduce exactly."""
+        if not isinstance(arch, Architecture):  # a ViT (ppmoco.models.vit)
+            raise CheckpointError(f"--to {self.name}: {src} is a {arch}, but {self.framework} holds ResNets only; "
+                                  "use --to timm (timm's VisionTransformer)")
         if self.standard_only and not arch.standard:
             raise CheckpointError(
                 f"--to {self.name}: {src} is a {arch}, but {self.framework} builds ResNets with widths "

@@ -317,3 +317,45 @@ def test_a_conversion_error_paddle2onnx_only_logs_is_an_error_with_its_reason(tm
                                           r"Invalid model file"):
         ppmoco.export._convert_to_onnx(paddle2onnx, str(tmp_path))
     assert os.listdir(tmp_path) == ["model.json"]
+
+
+def test_vit_exports_and_its_paddle_and_onnx_models_give_the_class_token_features(tmp_path, capsys):
+    # catches: a ViT whose traced program fixes the batch size (the class token broadcast to a fixed batch),
+    # an export of other weights than the file's (the ViT loader), an ONNX model whose attention or LayerNorm
+    # differs from Paddle's, export.json calling the class token pooled stage features
+    paddle.seed(10)
+    backbone = build_backbone({"name": "vit_mini"}, "test")
+    rng = np.random.default_rng(10)
+    for name, tensor in backbone.state_dict().items():  # LayerNorms, biases and class token off their init
+        if name.endswith(".weight") and "norm" in name:
+            tensor.set_value(rng.uniform(0.5, 1.5, tensor.shape).astype("float32"))
+        elif name.endswith(".bias") or name == "cls_token":
+            tensor.set_value(rng.normal(0.0, 0.3, tensor.shape).astype("float32"))
+    paddle.save(backbone.state_dict(), str(tmp_path / "vit.pdparams"))
+    backbone.eval()
+    onnx = onnx_deps_missing() is None
+    out = tmp_path / "export"
+    code, stdout, err = export_in_process(capsys, "-c", DIGITS, "-o", "Model.model.base_encoder={name: vit_mini}",
+                                          "-o", f"{PRETRAINED}={tmp_path / 'vit.pdparams'}", "--out", str(out),
+                                          *(["--onnx"] if onnx else []))
+    assert code == 0, err
+    assert "input image: shape [None, 3, 16, 16] float32" in stdout
+    with open(out / "export.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["output"] == dict(manifest["output"], shape=[None, 64],
+                                      what="the class token after the final LayerNorm")
+    assert manifest["backbone"] == {"name": "vit_mini"}
+    assert declared_shapes(str(out)) == ([-1, 3, 16, 16], [-1, 64])
+    predict = paddle_inference(str(out))
+    batches = [images(n, 16, seed=20 + n) for n in (1, 3)]
+    for batch in batches:
+        reference = features_of(backbone, batch)
+        assert np.abs(reference).max() > 0.5
+        assert_same_features(predict(batch), reference)
+    if not onnx:
+        pytest.skip("paddle2onnx/onnxruntime not installed (bash tools/install.sh --test installs them)")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in batches:
+        assert_same_features(session.run(None, {"image": batch})[0], features_of(backbone, batch))

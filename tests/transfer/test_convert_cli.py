@@ -106,7 +106,7 @@ def test_the_script_reports_errors_through_ppmoco_cli(sources, tmp_path):
                           capture_output=True, text=True, timeout=300)
     # catches: the script not going through ppmoco.cli.run (a traceback, exit code 1)
     assert proc.returncode == 2 and proc.stderr == ("error: --to: unknown format 'onnx'; use one of torchvision, "
-                                                    "detectron2, paddle-vision, paddleclas, paddledet\n")
+                                                    "detectron2, paddle-vision, paddleclas, paddledet, timm\n")
     assert os.listdir(tmp_path) == []
     # catches: argparse's usage text and 'convert.py: error:' instead of ppmoco's one line
     proc = subprocess.run([sys.executable, TOOL, sources["r18"], str(tmp_path / "x.pth")],
@@ -117,7 +117,7 @@ def test_the_script_reports_errors_through_ppmoco_cli(sources, tmp_path):
 
 REFUSALS = [
     ("r18", "x.pth", "onnx", "--to: unknown format 'onnx'; use one of torchvision, detectron2, paddle-vision, "
-                             "paddleclas, paddledet"),
+                             "paddleclas, paddledet, timm"),
     ("r18", "x.pdparams", "paddledet", "--to paddledet: {src} (PaddleFleetX MoCo checkpoint) is a ResNet-18; "
                                        "PaddleDetection's ResNet-18/34 always give block res2a a 64->64 projection"),
     ("tiny", "x.pdparams", "paddle-vision", "--to paddle-vision: {src} (ResNet state_dict) is a ResNet-18 with widths "
