@@ -3,14 +3,14 @@ vit.py), the heads put on top of them, and the pooling of their stage maps to pe
 (pool_stages)."""
 from ppmoco.errors import ConfigError
 from ppmoco.models import pretrained
-from ppmoco.models.heads import LinearClassifier, NormLinearHead, ProjectionHead
+from ppmoco.models.heads import BatchNormMLP, LinearClassifier, NormLinearHead, ProjectionHead
 from ppmoco.models.pooling import pool_stages
 from ppmoco.models.pretrained import load_backbone
 from ppmoco.models.resnet import BACKBONES, ResNet
 from ppmoco.models.vit import VisionTransformer, load_pretrained_vit
 
-__all__ = ["ResNet", "VisionTransformer", "BACKBONES", "build_backbone", "ProjectionHead", "LinearClassifier",
-           "NormLinearHead", "load_pretrained_backbone", "load_backbone", "pool_stages"]
+__all__ = ["ResNet", "VisionTransformer", "BACKBONES", "build_backbone", "ProjectionHead", "BatchNormMLP",
+           "LinearClassifier", "NormLinearHead", "load_pretrained_backbone", "load_backbone", "pool_stages"]
 
 
 def build_backbone(cfg, key_path):

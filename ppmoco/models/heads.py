@@ -9,7 +9,7 @@ import paddle
 from paddle import nn
 
 
-def _torch_default_linear(in_dim, out_dim):
+def _torch_default_linear(in_dim, out_dim, bias=True):
     """Linear initialised like torch.nn.Linear, which the MoCo reference heads keep.
 
     torch's kaiming_uniform(a=sqrt(5)) weight bound and its bias bound both reduce to
@@ -18,7 +18,7 @@ def _torch_default_linear(in_dim, out_dim):
     bound = 1.0 / math.sqrt(in_dim)
     init = nn.initializer.Uniform(-bound, bound)
     return nn.Linear(in_dim, out_dim, weight_attr=paddle.ParamAttr(initializer=init),
-                     bias_attr=paddle.ParamAttr(initializer=init))
+                     bias_attr=paddle.ParamAttr(initializer=init) if bias else False)
 
 
 class ProjectionHead(nn.Sequential):
@@ -33,6 +33,25 @@ class ProjectionHead(nn.Sequential):
         else:
             layers = [_torch_default_linear(in_dim, hidden_dim), nn.ReLU(),
                       _torch_default_linear(hidden_dim, out_dim)]
+        super().__init__(*layers)
+
+
+class BatchNormMLP(nn.Sequential):
+    """MoCo v3's projector and predictor (moco-v3 builder.py's _build_mlp): `num_layers` Linear layers
+    without bias, each but the last followed by BatchNorm and ReLU, the last by BatchNorm without
+    affine parameters where `last_bn` (SimCLR's design). Sublayers are numbered as the reference's
+    Sequential; BatchNorm momentum 0.9 is PyTorch's 0.1."""
+
+    def __init__(self, num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
+        layers = []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(_torch_default_linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim,
+                                                bias=False))
+            if not last:
+                layers += [nn.BatchNorm1D(hidden_dim, momentum=0.9, epsilon=1e-5), nn.ReLU()]
+            elif last_bn:
+                layers.append(nn.BatchNorm1D(out_dim, momentum=0.9, epsilon=1e-5, weight_attr=False, bias_attr=False))
         super().__init__(*layers)
 
 

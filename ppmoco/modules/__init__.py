@@ -4,11 +4,13 @@ from ppmoco.modules.base import Module, Progress, StepOutput
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 from ppmoco.modules.moco import MoCo
+from ppmoco.modules.moco_v3 import MoCoV3
 from ppmoco.modules.supcon import SupConIn, SupConOut, SupConSuploss
 from ppmoco.registry import Registry, check_kwargs
 
 MODULES = Registry("module")
 MODULES.register(MoCo, name="MOCOModule", aliases=("MoCo",))
+MODULES.register(MoCoV3, name="MOCOv3Module", aliases=("MoCoV3",))
 MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
 MODULES.register(MultiHeadLinearEval, name="MOCOMultiHeadClsModule", aliases=("MultiHeadLinear",))
 MODULES.register(SupConIn, name="MOCOSupConInModule", aliases=("SupConIn",))
@@ -25,5 +27,5 @@ def build_module(model_cfg):
     return cls(**args)
 
 
-__all__ = ["Module", "Progress", "StepOutput", "MoCo", "LinearEval", "MultiHeadLinearEval", "SupConIn", "SupConOut",
-           "SupConSuploss", "MODULES", "build_module"]
+__all__ = ["Module", "Progress", "StepOutput", "MoCo", "MoCoV3", "LinearEval", "MultiHeadLinearEval", "SupConIn",
+           "SupConOut", "SupConSuploss", "MODULES", "build_module"]
