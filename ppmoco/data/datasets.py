@@ -214,9 +214,37 @@ def _digits_folder(path, key_path):
     return folder
 
 
+def build_view_transforms(transform_ops, views, view_trans, config_key):
+    """The pipeline of each of the `views` views: `transform_ops` for all, or, with `view_trans`
+    (view_trans1, view_trans2; PaddleClas's MoCoImageNetDataset and PASSL's names), view k runs
+    transform_ops (optional: the ops both views begin with) then its own view_transk."""
+    if view_trans is None or all(ops is None for ops in view_trans):
+        return [build_transforms(transform_ops, f"{config_key}.transform_ops")] * views
+    keys = [f"view_trans{k}" for k in range(1, len(view_trans) + 1)]
+    given = [key for key, ops in zip(keys, view_trans) if ops is not None]
+    if len(given) != len(keys):
+        missing = next(key for key in keys if key not in given)
+        raise ConfigError(f"{config_key}.{missing}: missing; {' and '.join(keys)} come together (each view's own "
+                          f"ops, after the shared transform_ops); add {missing} or remove {', '.join(given)}")
+    if views != len(keys):
+        raise ConfigError(f"{config_key}.views: {views}, but {' and '.join(keys)} make {len(keys)} views; set "
+                          f"views: {len(keys)} or remove {' and '.join(keys)} (then transform_ops makes every view)")
+    pipelines = [build_transforms(ops, f"{config_key}.{key}", transform_ops, f"{config_key}.transform_ops")
+                 for key, ops in zip(keys, view_trans)]
+    first = pipelines[0].ops[-2]
+    for key, pipeline in zip(keys[1:], pipelines[1:]):
+        if not np.array_equal(pipeline.ops[-2].table, first.table):
+            raise ConfigError(f"{config_key}.{key}: its NormalizeImage differs from {keys[0]}'s; the views are "
+                              "normalised alike (one input statistics, one inverse for the picture of the "
+                              "views); give both the same scale, mean and std")
+    return pipelines
+
+
 class SeededDataset(paddle.io.Dataset):
     """Sample i of epoch e as (view_1, ..., view_n, label): `views` augmentations of `load(i)`'s image,
     float32 CHW, drawn from `np.random.default_rng([seed, e, i])`; views=1 is the (image, label) form.
+    The views draw one after the other from that one generator, view k through `transforms[k - 1]`
+    (build_view_transforms); `transform` is view 1's pipeline.
 
     A subclass defines `load(index)` -> (RGB PIL image, label) and sets `samples` ([(where, label)],
     where = the image's file or another name for it), `labels` (int64: [N] class indices, UNLABELLED
@@ -228,10 +256,11 @@ class SeededDataset(paddle.io.Dataset):
     multi_label = False
     class_names = None
 
-    def __init__(self, transform_ops, views, seed, config_key):
+    def __init__(self, transform_ops, views, seed, config_key, view_trans=None):
         if views < 1:
             raise ConfigError(f"{config_key}.views: must be >= 1, got {views}")
-        self.transform = build_transforms(transform_ops, f"{config_key}.transform_ops")
+        self.transforms = build_view_transforms(transform_ops, views, view_trans, config_key)
+        self.transform = self.transforms[0]
         self.views = views
         self.seed = seed  # Global.seed, range-checked at config load; never from the dataset config
         self.config_key = config_key
@@ -246,7 +275,11 @@ class SeededDataset(paddle.io.Dataset):
         source_size = getattr(img, "info", {}).get("source_size")
         rng = self.rng(index)
         label = np.int64(label) if np.ndim(label) == 0 else np.asarray(label, dtype=np.int64)
-        return (*(self.transform(pixels, rng, source_size) for _ in range(self.views)), label)
+        return (*(transform(pixels, rng, source_size) for transform in self.transforms), label)
+
+    def decode_reduction(self, width, height):
+        """By how much a width x height file may be decoded smaller: the least any view allows."""
+        return min(transform.decode_reduction(width, height) for transform in self.transforms)
 
     def set_epoch(self, epoch):
         """Select the augmentation randomness of `epoch`; call before creating the loader iterator."""
@@ -259,8 +292,8 @@ class SeededDataset(paddle.io.Dataset):
 class FileDataset(SeededDataset):
     """Image files, `samples` [(path, label)]: decoding with optional skipping (this module, voc.py)."""
 
-    def __init__(self, transform_ops, views, skip_bad_images, seed, config_key):
-        super().__init__(transform_ops, views, seed, config_key)
+    def __init__(self, transform_ops, views, skip_bad_images, seed, config_key, view_trans=None):
+        super().__init__(transform_ops, views, seed, config_key, view_trans)
         self.skip_bad_images = skip_bad_images
         self.num_skipped = 0  # per process: each loader worker counts its own skips
 
@@ -269,7 +302,7 @@ class FileDataset(SeededDataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return _read_rgb(path, self.transform.decode_reduction), label
+                return _read_rgb(path, self.decode_reduction), label
             except Exception as err:
                 if not self.skip_bad_images:
                     raise _decode_error(path, err, self.config_key) from None
@@ -292,8 +325,9 @@ class _ImageDataset(FileDataset):
     labelled_form = "GeneralClsDataset"
 
     def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
-                 builtin, seed, config_key):
-        super().__init__(transform_ops, views, skip_bad_images, seed, config_key)  # its checks before the listing
+                 builtin, seed, config_key, view_trans=None):
+        # its checks before the listing
+        super().__init__(transform_ops, views, skip_bad_images, seed, config_key, view_trans)
         if root is not None and (image_root is not None or cls_label_path is not None):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
@@ -341,15 +375,18 @@ class ContrastiveLearningDataset(_ImageDataset):
     """(view_1, ..., view_n, label): `views` independent augmentations of one image file, float32 CHW.
 
     Pretraining needs no labels: `root` may be any folder of images (list_images) and a list file
-    may hold bare paths; the label is UNLABELLED then, and the methods ignore it.
+    may hold bare paths; the label is UNLABELLED then, and the methods ignore it. `view_trans1` and
+    `view_trans2` give the two views pipelines of their own (BYOL's and MoCo v3's asymmetric
+    augmentations): view k runs transform_ops (if given) then view_transk.
     """
 
     labelled = False
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
-                 views=2, skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
+                 views=2, skip_bad_images=False, builtin=None, view_trans1=None, view_trans2=None, seed=0,
+                 config_key="dataset"):
         super().__init__(root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
-                         builtin, seed, config_key)
+                         builtin, seed, config_key, (view_trans1, view_trans2))
 
 
 @DATASETS.register()

@@ -305,6 +305,24 @@ def box_kernel(sigma, passes=3):
     return (np.r_[frac, np.ones(2 * whole + 1), frac] / (2 * whole + 1 + 2 * frac)).astype(np.float32)
 
 
+@TRANSFORMS.register(name="Solarize")
+class Solarize:
+    """With probability p, invert every pixel value >= threshold (v -> 255 - v), the others kept:
+    PIL's ImageOps.solarize, which BYOL's and MoCo v3's Solarize runs with threshold 128, as one
+    table lookup (cv2.LUT), so its pixels are PIL's exactly. threshold 0 inverts all, 256 nothing."""
+
+    def __init__(self, threshold=128, p=1.0):
+        if not 0 <= threshold <= 256:
+            raise ConfigError(f"threshold: must lie in [0, 256], got {threshold!r}")
+        self.threshold = threshold
+        self.p = _probability(p)
+        levels = np.arange(256)
+        self.table = np.where(levels < threshold, levels, 255 - levels).astype(np.uint8)
+
+    def __call__(self, pixels, rng):
+        return cv2.LUT(pixels, self.table) if rng.random() < self.p else pixels
+
+
 @TRANSFORMS.register(name="RandomAffine")
 class RandomAffine:
     """With probability p, rotate by ±degrees, x-shear by ±shear degrees, scale and translate about
@@ -530,14 +548,8 @@ class Compose:
         return size
 
 
-def build_transforms(ops_cfg, key_path):
-    """Compose from a FleetX-style list [{OpName: {kwargs} or None}, ...].
-
-    None gives just NormalizeImage (ImageNet statistics) + ToCHWImage. Otherwise the list must end
-    with NormalizeImage then ToCHWImage, so every sample leaves as a float32 CHW array.
-    """
-    if ops_cfg is None:
-        return Compose([NormalizeImage(), ToCHWImage()])
+def _build_ops(ops_cfg, key_path):
+    """The op objects of a FleetX-style list at config `key_path`, each checked and built."""
     example = "like '- RandFlipImage: {p: 0.5}'"
     if not isinstance(ops_cfg, (list, tuple)):
         raise ConfigError(f"{key_path}: expected a list of ops {example}, got {type(ops_cfg).__name__}")
@@ -555,8 +567,28 @@ def build_transforms(ops_cfg, key_path):
             ops.append(cls(**(kwargs or {})))
         except ConfigError as err:
             raise ConfigError(f"{op_path}.{err}") from None
+    return ops
+
+
+def build_transforms(ops_cfg, key_path, first_cfg=None, first_path=None):
+    """Compose from a FleetX-style list [{OpName: {kwargs} or None}, ...].
+
+    None gives just NormalizeImage (ImageNet statistics) + ToCHWImage. Otherwise the list must end
+    with NormalizeImage then ToCHWImage, so every sample leaves as a float32 CHW array.
+    `first_cfg` (at config `first_path`): ops that run before the list's own (a dataset's
+    transform_ops shared by per-view lists); NormalizeImage and ToCHWImage end the list, not them.
+    """
+    if ops_cfg is None and first_cfg is None:
+        return Compose([NormalizeImage(), ToCHWImage()])
+    first = [] if first_cfg is None else _build_ops(first_cfg, first_path)
+    if any(isinstance(op, (NormalizeImage, ToCHWImage)) for op in first):
+        raise ConfigError(f"{first_path}: NormalizeImage and ToCHWImage end each pipeline, so they go at the end "
+                          f"of {key_path}, not in the ops that run before it; move them there")
+    own = _build_ops(ops_cfg, key_path)
+    ops = first + own
     if any(isinstance(op, DecodeImage) for op in ops[1:]):
-        raise ConfigError(f"{key_path}: DecodeImage may only come first (images arrive decoded)")
+        where = first_path if any(isinstance(op, DecodeImage) for op in first[1:]) else key_path
+        raise ConfigError(f"{where}: DecodeImage may only come first (images arrive decoded)")
     ops = [op for op in ops if not isinstance(op, DecodeImage)]
     kinds = [type(op) for op in ops]
     if Lighting in kinds and (kinds.count(Lighting) > 1 or kinds[-3:-2] != [Lighting]):

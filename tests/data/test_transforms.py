@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from sklearn.datasets import load_sample_image
 
 from ppmoco.data.transforms import (
@@ -21,6 +21,7 @@ from ppmoco.data.transforms import (
     RandomAffine,
     RandomGrayscale,
     ResizeImage,
+    Solarize,
     ToCHWImage,
     adjust_brightness,
     adjust_contrast,
@@ -312,7 +313,7 @@ def test_color_jitter_matches_torchvision_semantics_draw_by_draw():
 @pytest.mark.parametrize("op", [RandCropImage(size=16), RandFlipImage(p=1.0), ColorJitter(0.4, 0.4, 0.4, 0.1),
                                 RandomGrayscale(p=1.0), GaussianBlur(p=1.0), RandomAffine(degrees=10.0),
                                 GaussianNoise(std=0.1), ResizeImage(resize_short=16), CenterCropImage(size=16),
-                                NormalizeImage(), Lighting()],
+                                NormalizeImage(), Lighting(), Solarize(p=1.0)],
                          ids=lambda op: type(op).__name__)
 def test_ops_leave_their_input_alone(op):
     img = random_image()
@@ -325,7 +326,8 @@ def test_ops_leave_their_input_alone(op):
 # Catches: an op's p ignored (always or never applied) or inverted (applied with 1 - p).
 @pytest.mark.parametrize("op", [ColorJitter(brightness=0.4, p=0.3), RandomGrayscale(p=0.3),
                                 GaussianBlur(sigma=[1.0, 2.0], p=0.3), RandFlipImage(p=0.3),
-                                RandomAffine(scale=[1.5, 2.0], p=0.3), GaussianNoise(std=0.1, p=0.3)],
+                                RandomAffine(scale=[1.5, 2.0], p=0.3), GaussianNoise(std=0.1, p=0.3),
+                                Solarize(p=0.3)],
                          ids=lambda op: type(op).__name__)
 def test_probability(op):
     img = random_image(16, 16)
@@ -348,6 +350,37 @@ def test_gaussian_blur_smooths_and_keeps_mean():
     assert np.std(np.diff(out, axis=1)) < 0.5 * np.std(np.diff(pixels(img), axis=1))
     assert abs(out.mean() - pixels(img).mean()) < 2.0
     assert GaussianBlur(p=0.0)(img, rng()) is img
+
+
+# BYOL's and MoCo v3's Solarize is PIL's ImageOps.solarize (threshold 128), on every level of
+# every channel. Catches: the comparison at the threshold off by one (> instead of >=), 256 - v
+# instead of 255 - v, the levels below the threshold inverted instead of those above, a threshold
+# not honoured, a float round trip that rounds.
+@pytest.mark.parametrize("threshold", [0, 1, 64, 127, 128, 129, 200, 255, 256])
+def test_solarize_matches_pil_bit_for_bit(threshold):
+    every_level = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), -1)
+    every_level = np.concatenate([every_level, every_level[..., :1][::-1]], -1).astype(np.uint8)
+    for img in [random_image(seed=s) for s in range(3)] + photos()[:2] + [every_level]:
+        want = np.asarray(ImageOps.solarize(Image.fromarray(img), threshold))
+        got = Solarize(threshold=threshold, p=1.0)(img, rng())
+        assert got.dtype == np.uint8 and got.shape == img.shape
+        np.testing.assert_array_equal(got, want)
+    assert Solarize(threshold=threshold, p=0.0)(img, rng()) is img
+
+
+# The op draws exactly one number per call, whatever p, and applies iff it is below p (torchvision's
+# RandomApply): a draw more or less would shift every later op of the view and every later view.
+# Catches: p ignored or inverted, <= instead of <, a draw skipped when p is 0 or 1, an extra draw.
+@pytest.mark.parametrize("p", [0.0, 0.2, 1.0])
+def test_solarize_applies_on_one_draw_below_p(p):
+    img = random_image(8, 8)
+    op = Solarize(p=p)
+    for seed in range(100):
+        draws, reference = rng(seed), rng(seed)
+        applied = reference.random() < p
+        out = op(img, draws)
+        np.testing.assert_array_equal(out, np.asarray(ImageOps.solarize(Image.fromarray(img))) if applied else img)
+        assert draws.random() == reference.random()
 
 
 def test_random_affine_identity_and_translation():
@@ -439,7 +472,7 @@ def test_output_size_is_the_size_of_every_output(ops, size):
 
 def test_registry_names():
     ops = {"RandCropImage", "RandFlipImage", "ColorJitter", "RandomGrayscale", "GaussianBlur", "RandomAffine",
-           "GaussianNoise", "ResizeImage", "CenterCropImage", "NormalizeImage", "ToCHWImage"}
+           "GaussianNoise", "ResizeImage", "CenterCropImage", "NormalizeImage", "ToCHWImage", "Solarize"}
     assert ops <= set(TRANSFORMS.names())
 
 
@@ -449,6 +482,9 @@ def test_registry_names():
     ({"ColorJitter": {"p": "high"}}, rf"^{KEY}\.2\.ColorJitter\.p: expected float"),
     ({"ColorJitter": {"hue": 0.7}}, rf"^{KEY}\.2\.ColorJitter\.hue: must lie in \[0, 0\.5\]"),
     ({"RandFlipImage": {"p": 1.5}}, rf"^{KEY}\.2\.RandFlipImage\.p: must lie in \[0, 1\]"),
+    ({"Solarize": {"threshold": 300}}, rf"^{KEY}\.2\.Solarize\.threshold: must lie in \[0, 256\], got 300$"),
+    ({"Solarize": {"threshold": 127.5}}, rf"^{KEY}\.2\.Solarize\.threshold: expected int"),
+    ({"Solarize": {"p": -0.1}}, rf"^{KEY}\.2\.Solarize\.p: must lie in \[0, 1\]"),
     ({"RandCropImage": {"size": 8, "interpolation": "lanczos"}},
      rf"^{KEY}\.2\.RandCropImage\.interpolation: unknown 'lanczos'; choose one of nearest, bilinear, bicubic"),
     ({"RandCropImage": {}}, rf"^{KEY}\.2\.RandCropImage: missing required key 'size'"),

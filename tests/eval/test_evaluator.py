@@ -55,3 +55,14 @@ def test_report_keeps_the_eval_results_json_format():
     assert json.loads(json.dumps(report(flat))) == {"knn": {"10": KNN[10], "200": KNN[200]}}
     linear = {"linear": {"top1": 71.2, "top5": 90.1}}
     assert report(linear) == linear
+
+
+# Catches: the kNN bank built with the per-view pipelines of a MoCo v3 training set (GeneralClsDataset
+# refuses view_trans1/view_trans2, so every kNN evaluation of such a run stopped at its start).
+def test_the_knn_bank_takes_the_training_images_without_their_view_pipelines():
+    from ppmoco.eval.evaluator import bank_dataset_cfg
+
+    train = {"name": "ContrastiveLearningDataset", "root": "train", "views": 2, "transform_ops": ["crop"],
+             "view_trans1": ["blur"], "view_trans2": ["solarize"]}
+    assert bank_dataset_cfg(train, {"transform_ops": ["resize"]}) == {
+        "name": "GeneralClsDataset", "root": "train", "transform_ops": ["resize"]}
