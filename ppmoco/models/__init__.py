@@ -16,11 +16,13 @@ __all__ = ["ResNet", "VisionTransformer", "BACKBONES", "build_backbone", "Projec
 def build_backbone(cfg, key_path):
     """Build the backbone described by `cfg` (`name` plus factory kwargs) found at `key_path`.
 
-    `pretrained` is skipped: loading weights belongs to the checkpoint code, after building.
+    `pretrained` is skipped: loading weights belongs to the checkpoint code, after building. A key set
+    to null takes the backbone's default, so a config can cancel one its `_base_` set for another
+    backbone (a ViT config over the digits ResNet's `widths`).
     """
     if not isinstance(cfg, dict) or "name" not in cfg:
         raise ConfigError(f"{key_path}: expected a mapping with a 'name' key, got {cfg!r}")
-    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "pretrained")}
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "pretrained") and v is not None}
     _drop_fleetx_keys(kwargs, key_path)
     return BACKBONES.build(cfg["name"], kwargs, key_path)
 

@@ -143,3 +143,20 @@ def test_log_lines_average_every_step_since_the_last_line_across_epochs(tmp_path
     assert len(every) == 4 and len(third) == 2
     assert third[0] == pytest.approx(np.mean(every[:3]), abs=2e-4)  # log lines round to 4 decimals
     assert third[1] == pytest.approx(every[3], abs=1e-4)
+
+
+# Catches: a MoCo v3 config the Engine cannot run (the LARS / AdamW sections, the ViT over the digits
+# base's ResNet keys, before_step's progress), and a step that does not train (loss not finite).
+@pytest.mark.parametrize("config, optimizer", [("mocov3_pt_digits_1n2c.yaml", "LARS"),
+                                               ("mocov3_pt_vit_digits_1n2c.yaml", "AdamW")])
+def test_mocov3_pretrains_on_digits_a_few_steps(tmp_path, config, optimizer):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), "-c", os.path.join(ROOT, "configs", config)]
+    for o in (f"Engine.save_load.output_dir={out}", "Data.Train.sampler.batch_size=32", "Engine.logging_freq=1",
+              "Engine.max_steps=3", "Model.model.mlp_dim=32", "Model.model.dim=16"):
+        cmd += ["-o", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = train_log_losses(out)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert f"name: {optimizer}" in (out / "config.yaml").read_text()
