@@ -23,9 +23,11 @@ logger = logging.getLogger("ppmoco")
 # The bare layout (paddle.vision / torchvision state_dict) comes last as it matches any prefix.
 LAYOUTS = (
     ("ppmoco MoCo checkpoint", "encoder_q.backbone."),
+    ("ppmoco MoCo v3 checkpoint", "base_encoder.backbone."),
     ("ppmoco linear-classifier checkpoint", "backbone."),
     ("PaddleFleetX MoCo checkpoint", "base_encoder.0."),
     ("facebookresearch/moco checkpoint", "module.encoder_q."),
+    ("facebookresearch/moco-v3 checkpoint", "module.base_encoder."),
     ("ResNet state_dict", ""),
 )
 # torch.save writes a zip archive; before torch 1.6 it wrote a pickle led by this number.

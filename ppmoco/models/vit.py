@@ -267,6 +267,7 @@ class ViTArchitecture(NamedTuple):
 # The bare layout (a timm state dict, as --to timm writes it) comes last: it matches any prefix.
 LAYOUTS = (
     ("ppmoco MoCo checkpoint", "encoder_q.backbone."),
+    ("ppmoco MoCo v3 checkpoint", "base_encoder.backbone."),
     ("ppmoco linear-classifier checkpoint", "backbone."),
     ("facebookresearch/moco-v3 checkpoint", "module.base_encoder."),
     ("facebookresearch/moco-v3 checkpoint", "base_encoder."),

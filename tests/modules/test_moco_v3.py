@@ -126,3 +126,22 @@ def test_bad_arguments_are_one_line_config_errors():
         make(T=0)
     with pytest.raises(ConfigError, match="Model.model.projector_layers"):
         make(projector_layers=0)
+
+
+# Catches: a MoCo v3 checkpoint whose backbone `pretrained` cannot find (the linear probe, kNN and
+# tools/convert.py read it), or that takes the momentum encoder's backbone instead of the base one.
+@pytest.mark.parametrize("encoder", [TINY, {"name": "vit_mini"}])
+def test_the_base_encoders_backbone_loads_from_a_moco_v3_checkpoint(tmp_path, encoder):
+    from ppmoco.models import build_backbone, load_pretrained_backbone
+
+    moco = make(base_encoder=encoder)
+    for p in moco.momentum_encoder.parameters():  # a momentum encoder that differs from the base one
+        p.set_value(p + 1.0)
+    folder = tmp_path / "epoch_1"
+    folder.mkdir()
+    paddle.save(moco.state_dict(), str(folder / "model.pdparams"))
+    backbone = build_backbone(encoder, "Model.model.base_encoder")
+    load_pretrained_backbone(backbone, str(folder))
+    want = moco.base_encoder.backbone.state_dict()
+    for name, tensor in backbone.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), want[name].numpy(), err_msg=name)
