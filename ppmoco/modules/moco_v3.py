@@ -17,7 +17,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppmoco.distributed import concat_all_gather, rank
+from ppmoco.distributed import concat_all_gather, rank, world_size
 from ppmoco.errors import ConfigError
 from ppmoco.metrics import topk_accuracy
 from ppmoco.models import BatchNormMLP, VisionTransformer, build_backbone, load_pretrained_backbone
@@ -46,7 +46,7 @@ class MoCoV3(Module):
     """Base encoder + predictor, and a momentum encoder; a symmetric contrastive loss, no queue."""
 
     def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0, m=0.99, m_cos=True, projector_layers=None,
-                 predictor_last_bn=None):
+                 predictor_last_bn=None, sync_bn=True):
         super().__init__()
         for key, value, ok, need in (("dim", dim, dim > 0, "> 0"), ("mlp_dim", mlp_dim, mlp_dim > 0, "> 0"),
                                      ("T", T, T > 0, "> 0"), ("m", m, 0 <= m <= 1, "in [0, 1]"),
@@ -54,7 +54,7 @@ class MoCoV3(Module):
                                       or projector_layers >= 1, ">= 1, or null for the reference's")):
             if not ok:
                 raise ConfigError(f"Model.model.{key}: {value} is out of range; it must be {need}")
-        self.T, self.m, self.m_cos = T, m, m_cos
+        self.T, self.m, self.m_cos, self.sync_bn = T, m, m_cos, sync_bn
         backbone = build_backbone(base_encoder, "Model.model.base_encoder")
         vit = isinstance(backbone, VisionTransformer)
         layers = projector_layers or (3 if vit else 2)
@@ -70,6 +70,14 @@ class MoCoV3(Module):
                            if id(b) not in stats]
         for p in self.momentum_encoder.parameters():
             p.stop_gradient = True
+
+    def setup(self, global_batch_size):
+        # main_moco.py normalises over the global batch (SyncBatchNorm); Paddle's runs on GPUs only,
+        # so CPU processes normalise their own batches (docs/mocov3.md). The converted layers share
+        # the parameters and statistics of the ones they replace, so the momentum pairs still hold.
+        if self.sync_bn and world_size() > 1 and paddle.device.get_device().startswith("gpu"):
+            for name in ("base_encoder", "momentum_encoder", "predictor"):
+                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
 
     def momentum_at(self, progress):
         """The momentum of the step at `progress` (a Progress)."""

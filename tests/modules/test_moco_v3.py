@@ -145,3 +145,21 @@ def test_the_base_encoders_backbone_loads_from_a_moco_v3_checkpoint(tmp_path, en
     want = moco.base_encoder.backbone.state_dict()
     for name, tensor in backbone.state_dict().items():
         np.testing.assert_array_equal(tensor.numpy(), want[name].numpy(), err_msg=name)
+
+
+# Catches: BatchNorm left per process on several GPUs (main_moco.py syncs it), the conversion on the
+# CPU (Paddle's SyncBatchNorm runs on GPUs only), and a conversion that breaks the momentum pairs
+# (new parameters the average no longer reaches). The forward pass needs a GPU; the wiring does not.
+@pytest.mark.parametrize("device, processes, synced", [("gpu:0", 2, True), ("cpu", 2, False), ("gpu:0", 1, False)])
+def test_batchnorm_syncs_across_gpu_processes_only(monkeypatch, device, processes, synced):
+    moco = make()
+    monkeypatch.setattr(moco_v3_module, "world_size", lambda: processes)
+    monkeypatch.setattr(paddle.device, "get_device", lambda: device)
+    pairs = [(id(b), id(k)) for b, k in moco._ema_pairs]
+    moco.setup(16)
+    kinds = {type(layer) for part in (moco.base_encoder, moco.momentum_encoder, moco.predictor)
+             for layer in part.sublayers() if isinstance(layer, (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.SyncBatchNorm))}
+    assert kinds == ({paddle.nn.SyncBatchNorm} if synced else {paddle.nn.BatchNorm2D, paddle.nn.BatchNorm1D})
+    assert [(id(b), id(k)) for b, k in moco._ema_pairs] == pairs
+    live = {id(p) for p in moco.base_encoder.parameters()} | {id(p) for p in moco.momentum_encoder.parameters()}
+    assert all(b in live and k in live for b, k in pairs)
