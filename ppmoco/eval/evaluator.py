@@ -38,7 +38,8 @@ def eval_loader(dataset, data_cfg, env, seed):
 
 def bank_dataset_cfg(train_cfg, eval_cfg):
     """The training images as a labelled, unaugmented dataset: Train's source, Eval's transforms."""
-    cfg = {k: v for k, v in train_cfg.items() if k not in ("name", "views", "transform_ops", "view_trans1", "view_trans2")}
+    augmentations = ("views", "transform_ops", "view_trans1", "view_trans2")
+    cfg = {k: v for k, v in train_cfg.items() if k != "name" and k not in augmentations}
     return dict(cfg, name=labelled_form(train_cfg, "Data.Train.dataset"), transform_ops=eval_cfg.get("transform_ops"))
 
 

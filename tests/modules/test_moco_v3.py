@@ -157,8 +157,9 @@ def test_batchnorm_syncs_across_gpu_processes_only(monkeypatch, device, processe
     monkeypatch.setattr(paddle.device, "get_device", lambda: device)
     pairs = [(id(b), id(k)) for b, k in moco._ema_pairs]
     moco.setup(16)
+    norms = (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.SyncBatchNorm)
     kinds = {type(layer) for part in (moco.base_encoder, moco.momentum_encoder, moco.predictor)
-             for layer in part.sublayers() if isinstance(layer, (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.SyncBatchNorm))}
+             for layer in part.sublayers() if isinstance(layer, norms)}
     assert kinds == ({paddle.nn.SyncBatchNorm} if synced else {paddle.nn.BatchNorm2D, paddle.nn.BatchNorm1D})
     assert [(id(b), id(k)) for b, k in moco._ema_pairs] == pairs
     live = {id(p) for p in moco.base_encoder.parameters()} | {id(p) for p in moco.momentum_encoder.parameters()}
