@@ -23,6 +23,21 @@ F = torch.nn.functional
 nn = torch.nn
 
 
+_relu_tap = None  # while MoCoReference.step runs the query encoder: its `relu` argument
+
+
+def relu(x):
+    """F.relu, or the query encoder's ReLU tap (MoCoReference.step's `relu`)."""
+    return F.relu(x) if _relu_tap is None else _relu_tap(x)
+
+
+class ReLU(nn.Module):
+    """nn.ReLU through `relu` (the head's ReLU is the query encoder's too)."""
+
+    def forward(self, x):
+        return relu(x)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """torch BatchNorm whose running variance follows Paddle's convention (biased batch variance)."""
 
@@ -48,9 +63,9 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_ch, planes, stride)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class Bottleneck(nn.Module):
@@ -67,10 +82,10 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_ch, planes * 4, stride)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = relu(self.bn1(self.conv1(x)))
+        out = relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 def _shortcut(in_ch, out_ch, stride):
@@ -101,10 +116,10 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         # builder.py: the MLP head is Linear-ReLU-fc on the backbone's pooled features
         self.fc = (nn.Sequential(nn.Linear(in_ch, dim)) if hidden_dim is None else
-                   nn.Sequential(nn.Linear(in_ch, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, dim)))
+                   nn.Sequential(nn.Linear(in_ch, hidden_dim), ReLU(), nn.Linear(hidden_dim, dim)))
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
@@ -170,13 +185,20 @@ class MoCoReference:
     def _grouped(self, encoder, x):
         return torch.cat([encoder(c) for c in torch.chunk(x, self.bn_splits)], dim=0)
 
-    def step(self, im_q, im_k, perm):
-        """One training step on numpy views; `perm` is the key batch's shuffle permutation."""
+    def step(self, im_q, im_k, perm, relu=None):
+        """One training step on numpy views; `perm` is the key batch's shuffle permutation. `relu`,
+        if given, computes every ReLU of the query encoder's forward (called with each input in
+        order, e.g. to record it or to flip a unit's mask; tests/moco_equivalence.py)."""
+        global _relu_tap
         im_q, im_k = (torch.tensor(a, dtype=self.dtype) for a in (im_q, im_k))
         perm = torch.as_tensor(perm, dtype=torch.long)
         self.encoder_q.train()
         self.encoder_k.train()
-        q = F.normalize(self._grouped(self.encoder_q, im_q), dim=1)
+        _relu_tap = relu
+        try:
+            q = F.normalize(self._grouped(self.encoder_q, im_q), dim=1)
+        finally:
+            _relu_tap = None
         with torch.no_grad():
             for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
                 pk.data = pk.data * self.m + pq.data * (1.0 - self.m)

@@ -7,8 +7,9 @@ says why), with standard widths and real head sizes. Every bound is set against 
 spread, measured in the same test: a float32 PyTorch step compared with the float64 one the same way.
 
 Teacher-forced bounds, per tensor and per group, none exempt: the relative error of a tensor's update
-(tests/moco_equivalence.py update_errors) must satisfy own[t] <= FACTOR * float32[t] + SLACK[group],
-float32[t] being float32 PyTorch's error for that same tensor at that step, for four groups:
+(tests/moco_equivalence.py update_errors) must satisfy own[t] <= FACTOR * float32[t] + SLACK[group]
+(FACTOR, SLACK and violations in tests/moco_equivalence.py), float32[t] being float32 PyTorch's error
+for that same tensor at that step, for four groups:
 - query: the query encoder's parameters after the SGD step;
 - statistics: BatchNorm running means and variances of both encoders;
 - key: the key encoder's parameters after the momentum update (zero at step 1, where the encoders
@@ -16,35 +17,71 @@ float32[t] being float32 PyTorch's error for that same tensor at that step, for 
 - queue: the columns the step enqueued.
 The loss obeys the same rule (relative error), and queue_ptr must be equal.
 
-Measured (5 setups x 3 steps, both convolutions; quantiles p50 / p90 / p99 / max of each tensor's
-error; own/float32 = the ratio where float32's error is not 0):
-- query (2502 tensors): ppmoco 3.7e-4 / 1.2e-2 / 2.0e-2 / 2.8e-2, float32 7.1e-4 / 1.0e-2 / 1.2e-2 /
-  1.4e-2; own/float32 p50 1, p90 1.7, max 2500. Slack needed over 4x float32: 7.5e-3 (Paddle's
-  convolutions, r18 CIFAR stem bn_splits 2, step 1: layer3/layer4 off by 0.5% where float32 is
-  at 3e-6; not seen with oneDNN's convolution; presumably a ReLU flip, not investigated).
+ReLU flips. A step that fails these bounds and flips ReLU units of its own (a unit float64 puts
+within float32 PyTorch's own error of zero, with the other sign than float64's, where float32 PyTorch
+keeps float64's) is compared again with the float64 reference flipped at those units
+(moco_equivalence.compare). Measured, 4 of the 30 (setup, convolution, step) runs need it; the
+largest was the open issue's outlier, Paddle's convolutions on r18_cifar_stem_32px_v2_bn_splits_2,
+step 1, where stem to layer4.0.conv1 were 0.39 to 0.75% off with float32 PyTorch at 3e-6 to 3.4e-3.
+Recording every query-encoder ReLU input there: float32 PyTorch, ppmoco with oneDNN's convolutions
+and with Paddle's all flip one unit in layer2.1's output ReLU of BN group 2 (float64 -2.7e-8); Paddle's
+convolutions alone also flip one in layer4.0's first ReLU of BN group 2 (image 1, channel 329, (3, 2)):
+float64 -2.4e-7, Paddle's +7.9e-7, while that ReLU input's largest float32 error is 7.9e-6. The unit's
+gradient then passes, and everything it flows back through moves: layer4.0.bn1.bias off by 7.5e-3 but
+its weight unchanged (x-hat is near 0 there), layer4.0.conv2 and downsample unchanged, everything from
+layer4.0.conv1 back to the stem 3.9e-3 to 6.5e-3. With the float64 reference flipped at that one unit,
+every tensor's error is float32 PyTorch's for that tensor (layer4.0.bn1.bias 3.5e-6 vs 3.0e-6,
+layer4.0.conv1 3.5e-5 vs 3.5e-5). Float32 chaos, not a defect: no BN, shuffle or gradient difference.
+The others: Paddle's on ResNet-50, step 1 (9 own flips; layer3.5 off by 2.8e-2 where float32 is at
+5.9e-3, which has flips of its own), oneDNN's on the same CIFAR setup, step 2 (1 flip, layer2.1's output
+ReLU; 4.3e-4 where float32 is at 3e-6) and on the v1 head, step 2 (1 flip, layer4.1; 3.3e-4 vs 3e-6).
+With their flips accounted for, each fits 4x float32 (the least room: 4.1e-6).
+
+Measured (5 setups x 3 steps, both convolutions, flips accounted for as above; quantiles p50 / p90 /
+p99 / max of each tensor's error; own/float32 = the ratio where float32's error is not 0):
+- query (2502 tensors): ppmoco 3.4e-4 / 6.2e-3 / 1.6e-2 / 1.9e-2, float32 7.1e-4 / 1.0e-2 / 1.2e-2 /
+  1.4e-2 (float32's own flips: ResNet-50 flips 17 to 20 units a step); own/float32 p50 0.99, p90 1.1,
+  p99 1.9, max 2.9. No slack needed over 4x float32 (the least room, 3.9e-6: CIFAR, oneDNN, step 1,
+  layer4.1.bn2.bias at 2.3e-6 where float32 is at 1.5e-6).
 - statistics (3192): ppmoco 7.5e-7 / 4.0e-6 / 2.0e-5 / 3.6e-5, float32 8.4e-7 / 4.5e-6 / 2.0e-5 /
   3.4e-5; own/float32 0.5 to 5; slack needed over 4x float32: 6.5e-8.
 - key (2502): ppmoco equal to float32 PyTorch for every tensor (own/float32 exactly 1; both average
   in float32 the same way; 0 for both at step 1); p50 6.2e-7, max 0.23 (the update (1-m)(q-k)
   cancels against k).
 - queue (30 steps): ppmoco 1.6e-6 / 2.9e-5 / 3.4e-5 max, own/float32 0.69 to 1.4; no slack needed
-  over 2x float32.
+  over 4x float32.
 - loss (30 steps): ppmoco 2.1e-7 / 1.6e-6 / 7.1e-6 max, float32 2.6e-6 max; own/float32 up to 37
   (where float32 is at 4e-8); slack needed over 4x float32: 1.45e-6.
-Bounds (FACTOR, SLACK): 4x and 2x the needed slack for query (1.5e-2) and loss (3e-6), 4x and 3x for
-statistics (2e-7), 2x and 1e-6 for key (measured: 1x and 0) and 4x and 1e-6 for the queue. The old
-pooled bounds (every update within 4x float32's worst + 5e-2, p90 within 4x float32's p90 + 1e-2)
-let through every mutation in MUTATIONS below but a whole query stage scaled by 1.03.
+Bounds (FACTOR, SLACK): 4x and 2x the needed slack for loss (3e-6), 4x and 3x for statistics (2e-7),
+2x and 1e-6 for key (measured: 1x and 0), 4x and 1e-6 for query and the queue (none needed; 1e-6 is
+below the smallest query error, float32's 1.5e-6). The query slack was 1.5e-2 to let the outlier through;
+a stage's update 0.5% off (MUTATIONS) passed that and fails this. The old pooled bounds (every update
+within 4x float32's worst + 5e-2, p90 within 4x float32's p90 + 1e-2) let through every mutation in
+MUTATIONS below but a whole query stage scaled by 1.03.
 
 Free-running (default setup, 3 steps of its own; distance from float64 as in _distances): float32
 PyTorch query 4.4e-2, statistics 8.6e-4, key 4.2e-3, queue 4.0e-5, worst loss 7.5e-5; ppmoco with
-oneDNN's convolutions within 0.3% of each of those (the same drift, presumably the same early ReLU flip), with
-Paddle's 8.8e-4, 9.9e-7, 3.6e-4, 1.3e-6 and 5.0e-7. FREE_FLOOR is about twice Paddle's figures.
+oneDNN's convolutions within 0.5% of each but the loss (6.7e-5): both flip the same unit in step 2
+(layer4.0's output ReLU, float64 -1.3e-5), after which over a thousand units differ in step 3. With Paddle's
+convolutions, which do not flip it: 8.8e-4, 9.9e-7, 3.6e-4, 1.3e-6 and 5.0e-7. FREE_FLOOR is about
+twice Paddle's figures. The teacher-forced comparison loads the reference's SGD momentum buffers
+before every step and so cannot see what one step hands the next; FREE_MUTATIONS are such faults.
 """
 import numpy as np
+import paddle
 import pytest
 
-from moco_equivalence import GROUPS, Setup, compare, free_run, group, reference_trajectory, update_errors
+from moco_equivalence import (
+    GROUPS,
+    Setup,
+    compare,
+    free_run,
+    group,
+    reference_trajectory,
+    update_errors,
+    velocities,
+    violations,
+)
 from optional_deps import torch_or_skip
 
 torch_or_skip()
@@ -64,8 +101,6 @@ SETUPS = {
 }
 DEFAULT = "r18_imagenet_stem_64px_v2"
 
-FACTOR = {"loss": 4.0, "query": 4.0, "statistics": 4.0, "key": 2.0, "queue": 4.0}
-SLACK = {"loss": 3e-6, "query": 1.5e-2, "statistics": 2e-7, "key": 1e-6, "queue": 1e-6}
 # Free-running: after 3 steps of its own, ppmoco's distance from float64 (loss: the worst step's
 # relative error; state: per group, ||x - x64|| / ||x64 - x0||, the group's tensors as one vector)
 # within FREE_FACTOR x float32 PyTorch's own distance + FREE_FLOOR.
@@ -84,26 +119,12 @@ def runs():
             if candidate == "float32":
                 cache[name, candidate] = compare(SETUPS[name], "float32")
             else:
-                cache[name, candidate] = compare(SETUPS[name], conv=candidate, keep_states=keep_states)
+                cache[name, candidate] = compare(SETUPS[name], conv=candidate, keep_states=keep_states,
+                                                 spread=get(name, "float32"))
         return cache[name, candidate]
 
     get.cache = cache
     return get
-
-
-def violations(own, f32):
-    """Every tensor (and the loss) of one step outside FACTOR x float32's error + its group's slack."""
-    errors = dict(own["updates"], queue=own["queue_update"], loss=own["loss"])
-    spread = dict(f32["updates"], queue=f32["queue_update"], loss=f32["loss"])
-    out = []
-    for key, error in errors.items():
-        kind = "loss" if key == "loss" else group(key)
-        bound = FACTOR[kind] * spread[key] + SLACK[kind]
-        if not error <= bound:
-            out.append(f"{kind} {key}: {error:.3g} > {bound:.3g} (float32: {spread[key]:.3g})")
-    if own["queue_ptr"][0] != own["queue_ptr"][1]:
-        out.append(f"queue_ptr {own['queue_ptr']}")
-    return out
 
 
 def old_violations(own, f32):
@@ -140,6 +161,9 @@ MUTATIONS = {
     # off on some parameters). Scaling all of layer3 by 1.03 already failed the old p90 bound.
     "query_head_update_x1.02": ("query", lambda start, state: _scale_update(
         start, state, [k for k in state if k.startswith("encoder_q.head.")], 1.02)),
+    # A query stage's update 0.5% too far, which the former query slack (1.5e-2) let through.
+    "query_layer3_update_x1.005": ("query", lambda start, state: _scale_update(
+        start, state, [k for k in state if k.startswith("encoder_q.backbone.layer3.")], 1.005)),
     # BatchNorm statistics' momentum 0.9 -> 0.901: every running-statistics update 1% short.
     "bn_momentum_off_by_1e-3": ("statistics", lambda start, state: _scale_update(
         start, state, [k for k in state if group(k) == "statistics"], 0.99)),
@@ -182,26 +206,60 @@ def _distances(state, truth, initial):
     return out
 
 
+def _free_drift(candidate, conv, between_steps=None):
+    """The default setup run 3 steps on its own (free_run): its distances from float64 PyTorch's
+    (_distances) and its losses' worst relative error (`loss`)."""
+    trajectory = reference_trajectory(SETUPS[DEFAULT])
+    initial, truth = trajectory[0][0], trajectory[-1][5]
+    losses, state = free_run(SETUPS[DEFAULT], candidate, conv, between_steps)
+    assert int(state["queue_ptr"][0]) == int(truth["queue_ptr"][0])
+    return dict(_distances(state, truth, initial),
+                loss=max(abs(a - b[4]) / abs(b[4]) for a, b in zip(losses, trajectory)))
+
+
+def free_violations(own, f32):
+    return [f"{k}: {own[k]:.3g} > {FREE_FACTOR} x float32's {f32[k]:.3g} + {floor:.3g}"
+            for k, floor in FREE_FLOOR.items() if not own[k] <= FREE_FACTOR * f32[k] + floor]
+
+
+def _velocity_times(factor):
+    def scale(runner):
+        for velocity in velocities(runner.optimizer).values():
+            paddle.assign(velocity * factor, output=velocity)
+    return scale
+
+
+FREE_MUTATIONS = {
+    # Catches: the SGD momentum buffers handed from one step to the next 10% short (decayed once
+    # more in between); measured, it fails every group, the query's at 0.13 against a bound of 0.09.
+    # Losing them outright (an optimizer rebuilt, or its accumulators reset, every step) fails
+    # query, statistics, key and queue by 7 to 37x their bounds.
+    "velocity_x0.9_between_steps": _velocity_times(0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def free_float32():
+    """float32 PyTorch's own drift from float64 over the default setup's 3 free steps."""
+    return _free_drift("float32", "paddle")
+
+
 @pytest.mark.slow
-def test_three_free_steps_stay_as_close_to_float64_as_float32_does():
+def test_three_free_steps_stay_as_close_to_float64_as_float32_does(free_float32):
     """Not teacher-forced: ppmoco (oneDNN convolutions, CPU training's default) runs 3 steps from the
     initial state on its own (before the per-setup tests, which drop this setup's
     reference trajectory); its losses and final state are compared with float64 PyTorch's,
     against float32 PyTorch's own drift over the same 3 steps."""
-    setup = SETUPS[DEFAULT]
-    trajectory = reference_trajectory(setup)
-    initial, truth = trajectory[0][0], trajectory[-1][5]
-    ref_losses = [step[4] for step in trajectory]
-    result = {}
-    for candidate, conv in (("float32", "paddle"), ("ppmoco", "onednn")):
-        losses, state = free_run(setup, candidate, conv)
-        result[candidate] = dict(_distances(state, truth, initial),
-                                 loss=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)))
-        assert int(state["queue_ptr"][0]) == int(truth["queue_ptr"][0])
-    failed = [f"{k}: {result['ppmoco'][k]:.3g} > {FREE_FACTOR} x float32's {result['float32'][k]:.3g} + {floor:.3g}"
-              for k, floor in FREE_FLOOR.items()
-              if not result["ppmoco"][k] <= FREE_FACTOR * result["float32"][k] + floor]
+    failed = free_violations(_free_drift("ppmoco", "onednn"), free_float32)
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FREE_MUTATIONS)
+def test_the_free_running_bounds_bite(name, free_float32):
+    """The same free run with a fault between steps, which no teacher-forced step can see, fails."""
+    failed = free_violations(_free_drift("ppmoco", "onednn", FREE_MUTATIONS[name]), free_float32)
+    assert any(v.startswith("query:") for v in failed), f"{name} passes the free-running bounds: {failed}"
 
 
 @pytest.mark.slow
@@ -210,7 +268,8 @@ def test_step_equals_the_pytorch_reference(name, conv, runs):
     spread = runs(name, "float32")
     failed = []
     for i, (own, f32) in enumerate(zip(runs(name, conv), spread)):
-        failed += [f"step {i + 1}: {v}" for v in violations(own, f32)]
+        flips = f" (against float64 with {own['flips']} own ReLU flips)" if "flips" in own else ""
+        failed += [f"step {i + 1}{flips}: {v}" for v in violations(own, f32)]
     runs.cache.pop((name, conv))
     assert not failed, f"{name}, {conv} convolutions:\n" + "\n".join(failed)
 
