@@ -10,29 +10,13 @@ only the new classifier's `head.weight` and `head.bias` are missing. The weights
 heads the attention has: the usage line gives the registered backbone's where the shape is one of
 them, and the user's config says it otherwise.
 """
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from ppmoco.errors import CheckpointError, ConfigError
+from ppmoco.errors import CheckpointError
 from ppmoco.models.vit import ViTArchitecture, heads_hint
-
-
-def _require_torch():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ConfigError("--to timm: writing a PyTorch file needs torch: pip install torch (the CPU build is "
-                          "enough)") from None
-
-
-def _save_torch(state):
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({name: torch.tensor(value) for name, value in state.items()}, buffer)
-    return buffer.getvalue()
+from ppmoco.transfer.torchvision import require_torch, save_torch
 
 
 def to_timm(tensors):
@@ -71,7 +55,7 @@ class ViTTarget:
 
     @staticmethod
     def requires():
-        _require_torch()
+        require_torch("timm")
 
     def check(self, arch, src):
         if not isinstance(arch, ViTArchitecture):
@@ -86,7 +70,7 @@ class ViTTarget:
 
     @staticmethod
     def serialize(state):
-        return _save_torch(state)
+        return save_torch(state)
 
     @staticmethod
     def usage(arch, dst):

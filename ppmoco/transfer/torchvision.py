@@ -12,15 +12,17 @@ from ppmoco.errors import ConfigError
 from ppmoco.transfer.target import TORCH_BN, TORCH_BN_BUFFERS, Target, paddle_vision_modules
 
 
-def _require_torch():
+def require_torch(target="torchvision"):
+    """Refuse `--to target` before anything is read where torch, which writes its files, is missing."""
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise ConfigError("--to torchvision: writing a PyTorch file needs torch: pip install torch (the CPU "
+        raise ConfigError(f"--to {target}: writing a PyTorch file needs torch: pip install torch (the CPU "
                           "build is enough)") from None
 
 
-def _save_torch(state):
+def save_torch(state):
+    """{name: array} as the bytes of a torch.save file of tensors."""
     import torch
 
     buffer = io.BytesIO()
@@ -43,8 +45,8 @@ TARGET = Target(
     modules=paddle_vision_modules,
     bn_tensors=TORCH_BN,
     bn_buffers=TORCH_BN_BUFFERS,
-    serialize=_save_torch,
+    serialize=save_torch,
     usage=_usage,
     standard_only=False,
-    requires=_require_torch,
+    requires=require_torch,
 )

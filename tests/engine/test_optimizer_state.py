@@ -270,22 +270,9 @@ def engine(out, name, *overrides):
     return Engine(cfg, build_module(cfg["Model"]), env)
 
 
-@pytest.fixture
-def _restore_ppmoco_logger():
-    import logging
-
-    log = logging.getLogger("ppmoco")
-    saved = log.handlers[:], log.propagate, log.level
-    yield
-    for handler in log.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    log.handlers[:], log.propagate, log.level = saved
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_the_engine_resumes_every_optimizer_bit_for_bit(tmp_path, name, _restore_ppmoco_logger):
+def test_the_engine_resumes_every_optimizer_bit_for_bit(tmp_path, name, restore_ppmoco_logger):
     # MoCo v2 on the digits with the optimizer switched by -o alone (the config's Momentum keys set to
     # null), biases and norms excluded from weight decay. Catches: the Engine building or restoring
     # another optimizer than the config names, or losing part of its state.

@@ -2,7 +2,6 @@
 with Engine.skip_nonfinite_steps, is skipped without a trace in weights, queue or optimizer."""
 import dataclasses
 import json
-import logging
 import os
 import sys
 
@@ -38,16 +37,8 @@ JUMP_LR = ("Optimizer.lr.name=MultiStepDecay", "Optimizer.lr.milestones=[0.05]",
 
 
 @pytest.fixture(autouse=True)
-def _restore_ppmoco_logger():
-    """setup_logger reconfigures the process-wide "ppmoco" logger (no propagation, a file handler);
-    put it back so later tests that read logs through caplog still see the records."""
-    log = logging.getLogger("ppmoco")
-    saved = log.handlers[:], log.propagate, log.level
-    yield
-    for handler in log.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+def _restore_logger(restore_ppmoco_logger):
+    """Every test here builds Engines in this process (conftest's restore_ppmoco_logger)."""
 
 
 def _engine(out, *overrides):
