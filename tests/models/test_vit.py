@@ -17,24 +17,13 @@ from ppmoco.models.pretrained import read_backbone
 from ppmoco.models.vit import ViTArchitecture, infer_vit_architecture, read_vit_backbone, sincos_position_embedding
 from ppmoco.modules.moco import MoCo
 
+from vit_helpers import randomised
+
 KEY = "Model.model.base_encoder"
 # Measured: the float32 forward of the randomised vit_mini below is at most 1.2e-6 from the float64 NumPy
 # one (seeds 0-4, features up to 3.5), so 1e-5 leaves 8x; the mutations the test names move it by 4.9e-5
 # (LayerNorm eps 1e-5), 5.5e-4 (GELU's tanh approximation) and more than 1 (qkv split, post-norm, token).
 NUMPY_TOLERANCE = 1e-5
-
-
-def randomised(net, seed):
-    """`net` with every LayerNorm weight, bias and the class token far from moco-v3's init (1, 0, ~0),
-    so that a swapped or ignored tensor changes the features; in eval mode."""
-    rng = np.random.default_rng(seed)
-    for name, tensor in net.state_dict().items():
-        if name.endswith(".weight") and "norm" in name:
-            tensor.set_value(rng.uniform(0.5, 1.5, tensor.shape).astype("float32"))
-        elif name.endswith(".bias") or name == "cls_token":
-            tensor.set_value(rng.normal(0.0, 0.3, tensor.shape).astype("float32"))
-    net.eval()
-    return net
 
 
 def numpy_layer_norm(x, weight, bias, eps=1e-6):

@@ -27,6 +27,7 @@ from ppmoco.transfer import FORMATS, convert
 
 from optional_deps import import_or_skip, torch_or_skip
 from transfer_helpers import random_tensors
+from vit_helpers import randomised
 
 TOOL = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert.py"))
 
@@ -71,15 +72,7 @@ def convert_cli(argv, capsys):
 def randomised_vit(cfg, seed):
     """A ppmoco ViT with LayerNorm weights, biases and the class token far from their init (1, 0, ~0)."""
     paddle.seed(seed)
-    net = build_backbone(cfg, "test")
-    rng = np.random.default_rng(seed)
-    for name, tensor in net.state_dict().items():
-        if name.endswith(".weight") and "norm" in name:
-            tensor.set_value(rng.uniform(0.5, 1.5, tensor.shape).astype("float32"))
-        elif name.endswith(".bias") or name == "cls_token":
-            tensor.set_value(rng.normal(0.0, 0.1, tensor.shape).astype("float32"))
-    net.eval()
-    return net
+    return randomised(build_backbone(cfg, "test"), seed, spread=0.1)
 
 
 def save_moco_checkpoint(net, path):
