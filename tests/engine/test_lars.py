@@ -114,3 +114,19 @@ def test_lars_under_o2_updates_the_float32_master_weights():
     for k in SHAPES:
         assert getattr(net, k).dtype == paddle.bfloat16
         np.testing.assert_array_equal(getattr(net, k).numpy(), paddle.to_tensor(masters[k]).astype("bfloat16").numpy())
+
+
+# Catches: the trust ratio's norms taken with paddle.linalg.norm, whose float32 CPU sum drifts by 2e-3 at
+# this size (ResNet-50's 2048x4096 projector weight): the ratio must match float64 to float32's rounding.
+def test_the_trust_ratio_is_exact_at_resnet50s_projector_size():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2048, 4096)).astype("float32")
+    g = (rng.standard_normal((2048, 4096)) * 1e-3).astype("float32")
+    param = paddle.create_parameter(w.shape, "float32", default_initializer=paddle.nn.initializer.Assign(w))
+    param.grad = paddle.to_tensor(g)
+    opt = LARS(learning_rate=1.0, parameters=[param], momentum=0.0, weight_decay=0.0, trust_coefficient=1.0)
+    opt.step()
+    w64, g64 = w.astype("float64"), g.astype("float64")
+    expected = w64 - np.linalg.norm(w64) / np.linalg.norm(g64) * g64
+    step = (w64 - param.numpy()) / (w64 - expected)  # the applied over the exact trust ratio, per entry
+    assert abs(float(np.median(step)) - 1.0) < 1e-5
