@@ -140,29 +140,31 @@ class ReferenceRunner:
 
 
 class ReluInputs:
-    """MoCoReference.step's `relu`: records every input (numpy), computes the ReLU."""
+    """A PyTorch reference step's `relu` (MoCo v2's and v3's): records every input (numpy), computes the ReLU."""
 
     def __init__(self):
         self.inputs = []
 
     def __call__(self, x):
-        from torch_moco_reference import F
+        import torch.nn.functional as F
         self.inputs.append(x.detach().numpy().copy())
         return F.relu(x)
 
 
 class FlippedRelu:
-    """MoCoReference.step's `relu`: the ReLU with the mask of given units flipped, {call: flat indices}."""
+    """A PyTorch reference step's `relu`: the ReLU with the mask of given units flipped, {call: flat indices}."""
 
     def __init__(self, flips):
         self.flips, self.calls = flips, 0
 
     def __call__(self, x):
-        from torch_moco_reference import F, torch
+        import torch
+        import torch.nn.functional as F
         units, self.calls = self.flips.get(self.calls), self.calls + 1
         if units is None:
             return F.relu(x)
         keep = (x > 0).flatten()
+        units = torch.as_tensor(units)
         keep[units] = ~keep[units]
         return torch.where(keep.view_as(x), x, torch.zeros_like(x))
 

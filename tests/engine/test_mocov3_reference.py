@@ -114,6 +114,7 @@ import numpy as np
 import pytest
 
 from dist_mocov3_worker import GROUPS, PpmocoRunner, Setup, group, step_errors
+from moco_equivalence import FlippedRelu, ReluInputs
 from optional_deps import torch_or_skip
 
 torch_or_skip()
@@ -161,34 +162,6 @@ def violations(own, f32):
 
 def numpy_state(module):
     return {k: v.numpy() for k, v in module.state_dict().items()}  # numpy() copies
-
-
-class ReluInputs:
-    """MoCoV3Reference.step's `relu`: records every input (numpy), computes the ReLU."""
-
-    def __init__(self):
-        self.inputs = []
-
-    def __call__(self, x):
-        from torch_mocov3_reference import F
-        self.inputs.append(x.detach().numpy().copy())
-        return F.relu(x)
-
-
-class FlippedRelu:
-    """MoCoV3Reference.step's `relu`: the ReLU with the mask of given units flipped, {call: flat indices}."""
-
-    def __init__(self, flips):
-        self.flips, self.calls = flips, 0
-
-    def __call__(self, x):
-        from torch_mocov3_reference import F, torch
-        units, self.calls = self.flips.get(self.calls), self.calls + 1
-        if units is None:
-            return F.relu(x)
-        keep = (x > 0).flatten()
-        keep[torch.as_tensor(units)] = ~keep[torch.as_tensor(units)]
-        return torch.where(keep.view_as(x), x, torch.zeros_like(x))
 
 
 def relu_errors(inputs, truth):
