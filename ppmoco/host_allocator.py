@@ -47,14 +47,18 @@ def find_jemalloc(dirs=None):
     return None
 
 
+def user_preloads_allocator(environ):
+    """Whether LD_PRELOAD in `environ` already names a malloc replacement."""
+    return any(name in environ.get("LD_PRELOAD", "") for name in _ALLOCATOR_LIBRARIES)
+
+
 def preload_wanted(environ, find=find_jemalloc):
     """The library to restart with, or None to run on as is. Raises ConfigError for a bad choice."""
     choice = environ.get(CHOICE, "auto")
     if choice not in CHOICES:
         raise ConfigError(f"environment variable {CHOICE}={choice!r}: expected one of {', '.join(CHOICES)}")
-    user_preload = environ.get("LD_PRELOAD", "")
     if (choice == "system" or PRELOADED in environ or not sys.platform.startswith("linux")
-            or any(name in user_preload for name in _ALLOCATOR_LIBRARIES)):
+            or user_preloads_allocator(environ)):
         return None
     library = find()
     if library is None and choice == "jemalloc":

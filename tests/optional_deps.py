@@ -7,6 +7,7 @@ import os
 import pytest
 
 from ppmoco.fast_path import cpu_info, has_bfloat16_units
+from ppmoco.host_allocator import find_jemalloc
 
 INSTALL = "bash tools/install.sh --test"
 
@@ -24,6 +25,18 @@ def import_or_skip(name, switch):
 def torch_or_skip():
     """PyTorch, the reference of the equivalence tests (PPMOCO_REQUIRE_TORCH=1 forbids the skip)."""
     return import_or_skip("torch", "PPMOCO_REQUIRE_TORCH")
+
+
+def jemalloc_or_skip():
+    """The path of jemalloc's library (apt install libjemalloc2); PPMOCO_REQUIRE_JEMALLOC=1 forbids the skip."""
+    path = find_jemalloc()
+    if path is None:
+        if os.environ.get("PPMOCO_REQUIRE_JEMALLOC") == "1":
+            pytest.fail("PPMOCO_REQUIRE_JEMALLOC=1 but no jemalloc library is installed: apt install libjemalloc2",
+                        pytrace=False)
+        pytest.skip("jemalloc is not installed")
+    return path
+
 
 BF16_SWITCH = "PPMOCO_REQUIRE_BF16"
 

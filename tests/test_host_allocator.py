@@ -20,6 +20,8 @@ from ppmoco.host_allocator import (
     preload_wanted,
 )
 
+from optional_deps import jemalloc_or_skip
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LIB = "/opt/lib/libjemalloc.so.2"
 
@@ -34,12 +36,7 @@ def not_found():
 
 @pytest.fixture(scope="module")
 def jemalloc():
-    path = find_jemalloc()
-    if path is None:
-        if os.environ.get("PPMOCO_REQUIRE_JEMALLOC") == "1":
-            pytest.fail("PPMOCO_REQUIRE_JEMALLOC=1 but no jemalloc library is installed: apt install libjemalloc2")
-        pytest.skip("jemalloc is not installed")
-    return path
+    return jemalloc_or_skip()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")

@@ -6,6 +6,7 @@ references; print a table and write JSON.
     python tools/benchmark.py --preset r18c_32 --compare-torch
     python tools/benchmark.py --preset r50_224 --convs onednn paddle
     python tools/benchmark.py --preset r50_224 --precisions float32 bfloat16
+    python tools/benchmark.py --preset r18c_32 --allocators system jemalloc --compare-torch
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
@@ -15,8 +16,9 @@ references; print a table and write JSON.
   nothing here re-implements MoCo. On one process each Engine.conv of --convs and each precision of
   --precisions runs in a fresh process of its own, and so does, with --compare-torch, the official
   MoCo step in PyTorch on the same shapes (tools/torch_reference.py): each reports the peak memory
-  (maximum resident set) of its own process. Under paddle.distributed.launch each rank measures in
-  place. Warm-up steps are excluded.
+  (maximum resident set) of its own process. --allocators measures each of those steps once per
+  malloc (glibc's as `system`; jemalloc with its freed pages kept, as the training tools run on it).
+  Under paddle.distributed.launch each rank measures in place. Warm-up steps are excluded.
 - Data: decode + two augmented views per image in this process (= one loader worker), over the
   same files for ppmoco and, with --compare-torch, the official torchvision MoCo v2 pipeline, passes
   alternating between the two. The files: --data-root, else JPEGs cut from scikit-learn's two
@@ -45,7 +47,14 @@ from ppmoco.cli import run, tool_parser  # noqa: E402
 from ppmoco.config import load_config, resolve_config_path  # noqa: E402
 from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
-from ppmoco.host_allocator import loaded_allocator  # noqa: E402
+from ppmoco.host_allocator import (  # noqa: E402
+    CHOICE,
+    find_jemalloc,
+    library_dirs,
+    loaded_allocator,
+    preload_environment,
+    user_preloads_allocator,
+)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BASE = os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml")
@@ -92,6 +101,9 @@ def parse_args(argv):
                    help="what the convolutions compute in, with each conv (float32; bfloat16: "
                         "Engine.mix_precision bfloat16, CPUs with bfloat16 units); with several, the step "
                         "names end in /precision")
+    p.add_argument("--allocators", nargs="+", choices=("system", "jemalloc"), default=None,
+                   help="measure every step on each malloc (default: ppmoco's as the tools choose it, "
+                        "PyTorch's on glibc's); with several, the step names end in /allocator")
     p.add_argument("--compare-torch", action="store_true",
                    help="also measure the official MoCo step in PyTorch and the torchvision data pipeline")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -313,10 +325,10 @@ def child_command(args, child, extra=()):
                            "--warmup", str(args.warmup), "--child", child, *extra], config_overrides(args))
 
 
-def run_measured(cmd, what):
+def run_measured(cmd, what, env=None):
     """Run `cmd` to its end; (its stdout, the peak resident memory of its own process in MiB)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -326,11 +338,27 @@ def run_measured(cmd, what):
         return out.read(), usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_in_child(args, child, conv=None, precision=None, threads=None):
+def allocator_environment(allocator):
+    """The environment a step child runs in on `allocator` (None: this process's own)."""
+    if allocator is None:
+        return None
+    if user_preloads_allocator(os.environ):
+        raise ConfigError("--allocators: LD_PRELOAD already preloads an allocator; unset it or drop --allocators")
+    if allocator == "system":
+        return {**os.environ, CHOICE: "system"}
+    library = find_jemalloc()
+    if library is None:
+        raise ConfigError(f"--allocators jemalloc: no jemalloc library in {', '.join(library_dirs())}; install it "
+                          "(apt install libjemalloc2, conda install jemalloc) or drop jemalloc")
+    return {**preload_environment(os.environ, library), CHOICE: "jemalloc"}
+
+
+def measure_in_child(args, child, conv=None, precision=None, threads=None, allocator=None):
     """A step measurement in a fresh process: its result with the peak memory of that process."""
     overrides = ([] if conv is None else [f"Engine.conv={conv}"]) + PRECISIONS.get(precision, [])
     extra = with_overrides([] if threads is None else ["--threads", str(threads)], overrides)
-    stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {child} step")
+    stdout, peak_mb = run_measured(child_command(args, child, extra), f"the {child} step",
+                                   allocator_environment(allocator))
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_memory_mb"] = peak_mb
     return result
@@ -400,9 +428,15 @@ def main(argv=None):
     env = setup_environment(cfg["Global"], cfg["Distributed"])
     convs = args.convs or [cfg["Engine"]["conv"]]
     precisions = args.precisions or [None]
-    # (step name, conv, precision) of each measurement
-    steps = [("/".join(["eager"] + [conv] * (len(convs) > 1) + [precision] * (len(precisions) > 1)), conv, precision)
-             for conv in convs for precision in precisions]
+    allocators = args.allocators or [None]
+
+    def named(*parts):  # a step's name: its settings where more than one is measured
+        return "/".join(part for part, several in parts if several)
+
+    # (step name, conv, precision, allocator) of each measurement
+    steps = [(named(("eager", True), (conv, len(convs) > 1), (precision, len(precisions) > 1),
+                    (allocator, len(allocators) > 1)), conv, precision, allocator)
+             for allocator in allocators for conv in convs for precision in precisions]
     result = {"preset": args.preset, "config": os.path.relpath(resolve_config_path(args.config), ROOT),
               "overrides": overrides, "device": env.device, "threads": env.num_threads,
               "processes": env.world_size, "paddle": paddle.__version__, "cpu": cpu_info(),
@@ -410,8 +444,8 @@ def main(argv=None):
               "backbone": cfg["Model"]["model"]["base_encoder"]["name"], "K": cfg["Model"]["model"].get("K"),
               "steps": {}, "ratios": {}}
     if env.world_size > 1 or env.device == "gpu":  # measured in place: a child would leave the process group
-        if len(steps) > 1 or args.compare_torch or args.end_to_end or args.extraction:
-            raise ConfigError("--convs or --precisions with several values, --compare-torch, "
+        if len(steps) > 1 or args.allocators or args.compare_torch or args.end_to_end or args.extraction:
+            raise ConfigError("--convs or --precisions with several values, --allocators, --compare-torch, "
                               "--end-to-end and --extraction measure one process on the CPU; run them without "
                               "paddle.distributed.launch")
         with contextlib.redirect_stdout(sys.stderr):
@@ -420,16 +454,21 @@ def main(argv=None):
         step["malloc"] = loaded_allocator()
         result["steps"][steps[0][0]] = step
     else:
-        for name, conv, precision in steps:
+        for name, conv, precision, allocator in steps:
             result["steps"][name] = measure_in_child(args, "step", conv=conv if args.convs else None,
-                                                     precision=precision)
+                                                     precision=precision, allocator=allocator)
         if args.compare_torch:
-            result["steps"]["pytorch"] = reference = measure_in_child(args, "torch", threads=env.num_threads)
+            references = [named(("pytorch", True), (allocator, len(allocators) > 1)) for allocator in allocators]
+            for reference, allocator in zip(references, allocators):
+                result["steps"][reference] = measure_in_child(args, "torch", threads=env.num_threads,
+                                                              allocator=allocator)
             for name, *_ in steps:
-                ours = result["steps"][name]
-                result["ratios"][f"step_{name}_vs_pytorch"] = ours["images_per_sec"] / reference["images_per_sec"]
-                result["ratios"][f"peak_memory_{name}_vs_pytorch"] = (ours["peak_memory_mb"]
-                                                                      / reference["peak_memory_mb"])
+                for reference in references:
+                    ours, theirs = result["steps"][name], result["steps"][reference]
+                    result["ratios"][f"step_{name}_vs_{reference}"] = (ours["images_per_sec"]
+                                                                       / theirs["images_per_sec"])
+                    result["ratios"][f"peak_memory_{name}_vs_{reference}"] = (ours["peak_memory_mb"]
+                                                                              / theirs["peak_memory_mb"])
     with tempfile.TemporaryDirectory() as tmp:
         # The end-to-end run reads every step's batch from one epoch: an epoch boundary (the loader's
         # workers starting again) at every step would be measured as the pipeline's rate.

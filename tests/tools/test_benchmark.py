@@ -8,7 +8,7 @@ import pytest
 
 from ppmoco.host_allocator import find_jemalloc
 
-from optional_deps import bfloat16_units_or_skip, torch_or_skip
+from optional_deps import bfloat16_units_or_skip, jemalloc_or_skip, torch_or_skip
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -103,6 +103,38 @@ def test_benchmark_measures_each_precision_in_its_own_process(tmp_path):
     assert {name: step["conv_dtype"] for name, step in result["steps"].items()} == {
         "eager/float32": "float32", "eager/bfloat16": "bfloat16"}
     assert "onednn convolutions in bfloat16" in stdout
+
+
+@pytest.mark.slow
+def test_benchmark_measures_each_allocator_in_its_own_process(tmp_path):
+    torch_or_skip()
+    library = jemalloc_or_skip()
+    result, stdout = run_benchmark(tmp_path, "-o", "Model.model.bn_splits=1", "-o",
+                                   "Model.model.base_encoder.widths=[64,128,256,512]",
+                                   "--allocators", "system", "jemalloc", "--compare-torch", "--data-passes", "1")
+    steps = result["steps"]
+    assert list(steps) == ["eager/system", "eager/jemalloc", "pytorch/system", "pytorch/jemalloc"]
+    # Catches: a child on another malloc than its name says (ppmoco's step restarting itself on
+    # jemalloc under `system`, or PyTorch's not preloaded).
+    assert {name: step["malloc"] for name, step in steps.items()} == {
+        "eager/system": "the C library's", "eager/jemalloc": library,
+        "pytorch/system": "the C library's", "pytorch/jemalloc": library}
+    # Catches: a ratio taken against the wrong reference row: each ppmoco step against each PyTorch one.
+    ratios = result["ratios"]
+    for ours in ("eager/system", "eager/jemalloc"):
+        for theirs in ("pytorch/system", "pytorch/jemalloc"):
+            assert ratios[f"step_{ours}_vs_{theirs}"] == pytest.approx(
+                steps[ours]["images_per_sec"] / steps[theirs]["images_per_sec"])
+            assert ratios[f"peak_memory_{ours}_vs_{theirs}"] == pytest.approx(
+                steps[ours]["peak_memory_mb"] / steps[theirs]["peak_memory_mb"])
+    assert "step: eager/jemalloc" in stdout and "malloc: libjemalloc" in stdout
+
+
+def test_benchmark_refuses_an_allocator_preloaded_by_hand():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--allocators", "system"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, LD_PRELOAD="/nowhere/libjemalloc.so.2"))
+    assert proc.returncode == 2 and "LD_PRELOAD already preloads an allocator" in proc.stderr
 
 
 def test_benchmark_refuses_a_model_the_reference_cannot_mirror():
