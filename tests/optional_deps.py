@@ -3,6 +3,7 @@ where CI forbids the skip through its switch (the README's test command installs
 sets PPMOCO_REQUIRE_BF16 where /proc/cpuinfo lists bfloat16 units)."""
 import importlib
 import os
+import sys
 
 import pytest
 
@@ -25,6 +26,27 @@ def import_or_skip(name, switch):
 def torch_or_skip():
     """PyTorch, the reference of the equivalence tests (PPMOCO_REQUIRE_TORCH=1 forbids the skip)."""
     return import_or_skip("torch", "PPMOCO_REQUIRE_TORCH")
+
+
+def torchvision_or_skip():
+    """torchvision beside the CPU torch, through tools/torch_reference.py's import_torchvision (PyPI's
+    wheel is CUDA-only; see there)."""
+    torch_or_skip()
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from torch_reference import import_torchvision
+
+    try:
+        return import_torchvision()
+    except ImportError:
+        return import_or_skip("torchvision", "PPMOCO_REQUIRE_TORCH")
+
+
+def timm_vision_transformer():
+    """timm's VisionTransformer (timm imports torchvision: torchvision_or_skip first)."""
+    torchvision_or_skip()
+    return import_or_skip("timm.models.vision_transformer", "PPMOCO_REQUIRE_TORCH").VisionTransformer
 
 
 def jemalloc_or_skip():

@@ -35,41 +35,18 @@ Weights and states come from and go to ppmoco's state-dict keys and layouts (`pp
 transposed: Paddle stores [in, out], PyTorch [out, in]), as numpy arrays.
 """
 import math
-import sys
-import types
 from functools import partial
 
 import numpy as np
 
-from optional_deps import import_or_skip, torch_or_skip
+from optional_deps import timm_vision_transformer, torch_or_skip, torchvision_or_skip
 
 torch = torch_or_skip()
 nn, F = torch.nn, torch.nn.functional
 
 
-def _import_torchvision_python():
-    """PyPI's torchvision wheel is CUDA-only: beside the CPU torch its import fails registering fake
-    versions of its C++ ops (tests/transfer/test_timm.py). Its models use none of them: import its Python
-    without the two registration modules where the plain import fails."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass  # then the imports below fail, and import_or_skip says so
-    except RuntimeError:  # "operator torchvision::nms does not exist"
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-            sys.modules[name] = types.ModuleType(name)
-
-
 def torchvision_models():
-    _import_torchvision_python()
-    return import_or_skip("torchvision.models", "PPMOCO_REQUIRE_TORCH")
-
-
-def timm_vision_transformer():
-    _import_torchvision_python()
-    return import_or_skip("timm.models.vision_transformer", "PPMOCO_REQUIRE_TORCH").VisionTransformer
+    return torchvision_or_skip().models
 
 
 # ---------------------------------------------------------------- main_moco.py's schedules

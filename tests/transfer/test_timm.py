@@ -3,16 +3,14 @@ features; the PyTorch ViT files ppmoco reads (moco-v3 checkpoints, timm state di
 between ResNets and ViTs.
 
 The reference is timm's own class (the `test` extra pins timm). PyPI's torchvision wheel, which timm
-imports, is CUDA-only: next to the CPU torch its kernels do not load and its import fails registering
-their fake versions. timm's VisionTransformer uses none of them, so `timm_vision_transformer` imports
-torchvision's Python without those two registration modules where the plain import fails. Without
-timm the tests that need it skip, unless PPMOCO_REQUIRE_TORCH=1 (CI) makes that a failure.
+imports, is CUDA-only; tests/optional_deps.py's `timm_vision_transformer` imports it beside the CPU
+torch. Without timm the tests that need it skip, unless PPMOCO_REQUIRE_TORCH=1 (CI) makes that a
+failure.
 """
 import importlib.util
 import os
 import re
 import sys
-import types
 
 import numpy as np
 import paddle
@@ -25,7 +23,7 @@ from ppmoco.models.resnet import Architecture
 from ppmoco.models.vit import read_vit_backbone
 from ppmoco.transfer import FORMATS, convert
 
-from optional_deps import import_or_skip, torch_or_skip
+from optional_deps import timm_vision_transformer, torch_or_skip
 from transfer_helpers import random_tensors
 from vit_helpers import randomised
 
@@ -36,23 +34,6 @@ TOOL = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "tool
 # batch 2, features up to 4.8: timm float32 2.2e-6 from float64, ppmoco (Paddle float32) 1.3e-6, so the
 # bound (6.6e-6) leaves 5x; LayerNorm eps 1e-5 instead of 1e-6 moves ppmoco's by 1.7e-5.
 SPREAD_FACTOR = 3
-
-
-def timm_vision_transformer():
-    """timm.models.vision_transformer.VisionTransformer (see the module docstring for the torchvision detour)."""
-    torch_or_skip()
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass  # then timm's import fails too, and import_or_skip says so
-    except RuntimeError:  # "operator torchvision::nms does not exist": the CUDA-only wheel next to the CPU torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-            sys.modules[name] = types.ModuleType(name)
-    import_or_skip("timm", "PPMOCO_REQUIRE_TORCH")
-    from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer
 
 
 def convert_cli(argv, capsys):
