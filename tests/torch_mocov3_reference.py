@@ -2,19 +2,20 @@
 `moco/optimizer.py`, `vits.py`, `main_moco.py`); it imports nothing from ppmoco.
 
 An independent reference for ppmoco's MoCoV3 step (tests/engine/test_mocov3_reference.py):
-- the networks are the reference's own classes: torchvision's ResNet (`zero_init_residual=True`, as
-  main_moco.py builds it; its `fc` replaced by the projector) and timm's VisionTransformer with vits.py's
+- the networks and builder.py's MoCo are tools/torch_reference.py's, the PyTorch step tools/benchmark.py
+  measures (`TorchMoCoV3`, `backbone_factory`, `build_mlp`): torchvision's ResNet (`zero_init_residual=True`,
+  as main_moco.py builds it; its `fc` replaced by the projector) and timm's VisionTransformer with vits.py's
   settings (patch 16, LayerNorm eps 1e-6, qkv bias, the fixed 2-D sin-cos position embedding as a frozen
-  parameter, `stop_grad_conv1`; its `head` replaced by the projector);
-- builder.py's MoCo: `_build_mlp` (Linear without bias, BatchNorm1d + ReLU between, an affine-free last
-  BatchNorm where `last_bn`), 2-layer projector and predictor without last BatchNorm on a ResNet, 3-layer
-  projector and a predictor with one on a ViT; the momentum encoder (backbone + projector) averaged over
-  its parameters (not its buffers) inside the forward, after the queries and before the keys; the
-  contrastive loss against every process's keys with labels offset by rank x per-process batch, times 2T;
-  the symmetric sum ctr(q1, k2) + ctr(q2, k1);
-- moco/optimizer.py's LARS (weight decay and the trust ratio on parameters of more than one dimension only),
-  or torch.optim.AdamW's update (`AdamW`, written out so that the powers of the betas in its bias corrections
-  can follow another framework's convention) over `model.parameters()`, as main_moco.py builds them;
+  parameter, `stop_grad_conv1`; its `head` replaced by the projector); `_build_mlp` (Linear without bias,
+  BatchNorm1d + ReLU between, an affine-free last BatchNorm where `last_bn`), 2-layer projector and predictor
+  without last BatchNorm on a ResNet, 3-layer projector and a predictor with one on a ViT; the momentum
+  encoder (backbone + projector) averaged over its parameters (not its buffers) after the queries and before
+  the keys; the contrastive loss against every process's keys with labels offset by rank x per-process batch,
+  times 2T; the symmetric sum ctr(q1, k2) + ctr(q2, k1);
+- moco/optimizer.py's LARS (tools/torch_reference.py's: weight decay and the trust ratio on parameters of more
+  than one dimension only), or torch.optim.AdamW's update (`AdamW`, written out so that the powers of the betas
+  in its bias corrections can follow another framework's convention) over `model.parameters()`, as
+  main_moco.py builds them;
 - main_moco.py's per-iteration schedules (`adjust_learning_rate`: linear warmup, then a half cosine over
   the epochs after it; `adjust_moco_momentum`), given here as functions of the fractional epoch.
 
@@ -25,17 +26,18 @@ concatenated in rank order (concat_all_gather), rank r's labels are offset by r 
 that of the mean of the ranks' losses (DDP's average). With R = 1 it is builder.py on one GPU.
 
 One framework convention is Paddle's, not PyTorch's: BatchNorm's running variance is updated with the
-biased batch variance (PyTorch uses the unbiased one; docs/differences.md). `_PaddleRunningVariance` does
-that on every BatchNorm of the networks, so every other difference stays visible. (The test also gives AdamW
+biased batch variance (PyTorch uses the unbiased one; docs/differences.md). `paddle_running_variance` converts
+every BatchNorm of the model to do that, so every other difference stays visible. (The test also gives AdamW
 Paddle's float32 betas and float32 beta powers: tests/engine/dist_mocov3_worker.py Setup.reference.) Every ReLU is
-the same function not in place, so that a test can record or flip the online network's ReLU inputs
+made the same function not in place, so that a test can record or flip the online network's ReLU inputs
 (`step(..., relu=)`).
 
 Weights and states come from and go to ppmoco's state-dict keys and layouts (`ppmoco_key`, Linear weights
 transposed: Paddle stores [in, out], PyTorch [out, in]), as numpy arrays.
 """
 import math
-from functools import partial
+import os
+import sys
 
 import numpy as np
 
@@ -43,11 +45,9 @@ from optional_deps import timm_vision_transformer, torch_or_skip, torchvision_or
 
 torch = torch_or_skip()
 nn, F = torch.nn, torch.nn.functional
-
-
-def torchvision_models():
-    return torchvision_or_skip().models
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+# sincos_position_embedding: test_mocov3_reference.py checks ppmoco's against it, imported from here
+from torch_reference import LARS, TorchMoCoV3, backbone_factory, sincos_position_embedding  # noqa: E402, F401
 
 # ---------------------------------------------------------------- main_moco.py's schedules
 
@@ -63,7 +63,7 @@ def adjust_moco_momentum(base_m, epoch, epochs):
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - base_m)
 
 
-# ---------------------------------------------------------------- networks
+# ---------------------------------------------------------------- Paddle's BatchNorm convention, the ReLU tap
 
 class _PaddleRunningVariance:
     """A torch BatchNorm whose running variance follows Paddle's convention (biased batch variance)."""
@@ -111,119 +111,7 @@ def paddle_running_variance(model):
     return model
 
 
-def sincos_position_embedding(grid, embed_dim, temperature=10000.0):
-    """vits.py's build_2d_sincos_position_embedding, [1, 1 + grid**2, embed_dim] float32, zero row first."""
-    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                                    indexing="ij")
-    pos_dim = embed_dim // 4
-    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
-    out_w, out_h = torch.outer(grid_w.flatten(), omega), torch.outer(grid_h.flatten(), omega)
-    pos = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)[None]
-    return torch.cat([torch.zeros(1, 1, embed_dim), pos], dim=1)
-
-
-def vit_small(num_classes, img_size=224, stop_grad_conv1=False):
-    """vits.py's vit_small on timm's VisionTransformer (its init is irrelevant here: ppmoco's weights are loaded)."""
-    net = timm_vision_transformer()(img_size=img_size, patch_size=16, embed_dim=384, depth=12, num_heads=12,
-                                    mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                                    num_classes=num_classes)
-    net.pos_embed = nn.Parameter(sincos_position_embedding(img_size // 16, 384), requires_grad=False)
-    if stop_grad_conv1:
-        net.patch_embed.proj.weight.requires_grad = False
-        net.patch_embed.proj.bias.requires_grad = False
-    return net
-
-
-def backbone_factory(arch, image_size=224, stop_grad_conv1=False):
-    """main_moco.py's `base_encoder` callable for `arch` (a torchvision ResNet or vit_small)."""
-    if arch == "vit_small":
-        return partial(vit_small, img_size=image_size, stop_grad_conv1=stop_grad_conv1)
-    return partial(getattr(torchvision_models(), arch), zero_init_residual=True)
-
-
-# ---------------------------------------------------------------- builder.py
-
-def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
-    layers = []
-    for i in range(num_layers):
-        last = i == num_layers - 1
-        layers.append(nn.Linear(input_dim if i == 0 else mlp_dim, output_dim if last else mlp_dim, bias=False))
-        if not last:
-            layers += [nn.BatchNorm1d(mlp_dim), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(output_dim, affine=False))  # SimCLR's last BN, without gamma/beta
-    return nn.Sequential(*layers)
-
-
-class MoCo(nn.Module):
-    """builder.py's MoCo_ResNet / MoCo_ViT (by the backbone's type), run as `ranks` processes (module docstring)."""
-
-    def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0):
-        super().__init__()
-        self.T = T
-        self.base_encoder = base_encoder(num_classes=mlp_dim)
-        self.momentum_encoder = base_encoder(num_classes=mlp_dim)
-        self.vit = hasattr(self.base_encoder, "head") and not hasattr(self.base_encoder, "fc")
-        if self.vit:  # MoCo_ViT
-            hidden = self.base_encoder.head.weight.shape[1]
-            del self.base_encoder.head, self.momentum_encoder.head
-            self.base_encoder.head = build_mlp(3, hidden, mlp_dim, dim)
-            self.momentum_encoder.head = build_mlp(3, hidden, mlp_dim, dim)
-            self.predictor = build_mlp(2, dim, mlp_dim, dim)
-        else:  # MoCo_ResNet
-            hidden = self.base_encoder.fc.weight.shape[1]
-            del self.base_encoder.fc, self.momentum_encoder.fc
-            self.base_encoder.fc = build_mlp(2, hidden, mlp_dim, dim)
-            self.momentum_encoder.fc = build_mlp(2, hidden, mlp_dim, dim)
-            self.predictor = build_mlp(2, dim, mlp_dim, dim, False)
-        for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
-            param_m.data.copy_(param_b.data)
-            param_m.requires_grad = False
-        paddle_running_variance(self)
-
-    @torch.no_grad()
-    def update_momentum_encoder(self, m):
-        for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
-            param_m.data = param_m.data * m + param_b.data * (1.0 - m)
-
-    def contrastive_loss(self, q, k_all, rank):
-        """builder.py's contrastive_loss of rank `rank`'s queries against every rank's keys (gathered)."""
-        q = F.normalize(q, dim=1)
-        logits = torch.einsum("nc,mc->nm", q, k_all) / self.T
-        n = logits.shape[0]
-        labels = torch.arange(n, dtype=torch.long) + n * rank
-        return F.cross_entropy(logits, labels) * (2 * self.T)
-
-
-# ---------------------------------------------------------------- moco/optimizer.py
-
-class LARS(torch.optim.Optimizer):
-    """moco-v3's LARS: no weight decay and no trust ratio for parameters of one dimension."""
-
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    p_norm, d_norm = torch.norm(p), torch.norm(d)
-                    one = torch.ones_like(p_norm)
-                    q = torch.where(p_norm > 0.0, torch.where(d_norm > 0, g["trust_coefficient"] * p_norm / d_norm,
-                                                              one), one)
-                    d = d.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(g["momentum"]).add_(d)
-                p.add_(state["mu"], alpha=-g["lr"])
-
+# ---------------------------------------------------------------- torch.optim.AdamW
 
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (its single-tensor path: decoupled weight decay, then the bias-corrected
@@ -298,7 +186,12 @@ class MoCoV3Reference:
                  momentum=0.9, trust_coefficient=0.001, betas=(0.9, 0.999), eps=1e-8, beta_power=None,
                  stop_grad_conv1=False, dtype=torch.float64):
         self.dtype = dtype
-        self.model = MoCo(backbone_factory(arch, image_size, stop_grad_conv1), dim, mlp_dim, T).to(dtype)
+        if arch == "vit_small":  # a skip where timm or torchvision is missing (optional_deps)
+            timm_vision_transformer()
+        else:
+            torchvision_or_skip()
+        model = TorchMoCoV3(backbone_factory(arch, image_size, stop_grad_conv1), dim, mlp_dim, T)
+        self.model = paddle_running_variance(model).to(dtype)
         self.model.train()
         vit = self.model.vit
         self.keys = {k: ppmoco_key(k, vit) for k in self.model.state_dict() if not k.endswith("num_batches_tracked")}
@@ -387,10 +280,11 @@ class MoCoV3Reference:
             k1, k2 = [], []
             for r in range(ranks):
                 self._set_buffers(buffers[r])
-                k1.append(F.normalize(model.momentum_encoder(x1[r]), dim=1))
-                k2.append(F.normalize(model.momentum_encoder(x2[r]), dim=1))
+                k1.append(model.momentum_encoder(x1[r]))
+                k2.append(model.momentum_encoder(x2[r]))
                 buffers[r] = self._buffers()
-            k1_all, k2_all = torch.cat(k1), torch.cat(k2)  # concat_all_gather: rank order
+            # concat_all_gather: rank order; contrastive_loss normalises row by row, as builder.py before the gather
+            k1_all, k2_all = torch.cat(k1), torch.cat(k2)
         losses = [model.contrastive_loss(q1[r], k2_all, r) + model.contrastive_loss(q2[r], k1_all, r)
                   for r in range(ranks)]
         self.optimizer.zero_grad()

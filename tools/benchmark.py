@@ -4,6 +4,8 @@ references; print a table and write JSON.
     python tools/benchmark.py --preset r50_224 --compare-torch --end-to-end 4 --extraction 3 \
         --json output/bench/r50_224.json
     python tools/benchmark.py --preset r18c_32 --compare-torch
+    python tools/benchmark.py --preset r50_v3 --compare-torch --json output/bench/r50_v3.json
+    python tools/benchmark.py --preset vit_small_v3 --compare-torch --json output/bench/vit_small_v3.json
     python tools/benchmark.py --preset r50_224 --convs onednn paddle
     python tools/benchmark.py --preset r50_224 --precisions float32 bfloat16
     python tools/benchmark.py --preset r18c_32 --allocators system jemalloc --compare-torch
@@ -11,18 +13,27 @@ references; print a table and write JSON.
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
 
+- Presets (`--preset`, docs/performance.md): `r50_224` and `r18c_32` are MoCo v2
+  (configs/mocov2_pt_in1k_1n8c.yaml) on ResNet-50 at 224 px, batch 32, and on the CIFAR-stem ResNet-18
+  at 32 px, batch 256; `r50_v3` (configs/mocov3_pt_r50_in1k_2n16c.yaml: LARS) and `vit_small_v3`
+  (configs/mocov3_pt_vit_small_in1k_1n8c.yaml: AdamW) are MoCo v3 on ResNet-50 and ViT-S/16 at 224 px,
+  batch 32, with the configs' heads (projector and predictor 4096 wide, 256 out; their float16 autocast
+  is GPU-only, so on the CPU they compute in float32, as the PyTorch step does). A preset names its
+  config, which -c replaces; its overrides come before the command line's.
 - Step: the one the Engine builds (build_train_step, with Engine.conv's convolutions) on synthetic
-  tensors of the config's image size; phases are timed by wrapping the module's own methods, so
-  nothing here re-implements MoCo. On one process each Engine.conv of --convs and each precision of
+  tensors of the config's image size; phases are timed by wrapping the module's own methods (PHASES),
+  so nothing here re-implements MoCo. On one process each Engine.conv of --convs and each precision of
   --precisions runs in a fresh process of its own, and so does, with --compare-torch, the official
-  MoCo step in PyTorch on the same shapes (tools/torch_reference.py): each reports the peak memory
+  step of the config's method in PyTorch on the same shapes (tools/torch_reference.py: MoCo v2's, or MoCo
+  v3's for a MOCOv3Module config, with its optimizer): each reports the peak memory
   (maximum resident set) of its own process. --allocators measures each of those steps once per
   malloc (glibc's as `system`; jemalloc with its freed pages kept, as the training tools run on it).
-  Under paddle.distributed.launch each rank measures in place. Warm-up steps are excluded.
+  Under paddle.distributed.launch each rank measures in place. Warm-up steps are excluded. Both
+  steps run at the learning rate LR whatever the config's schedule says.
 - Data: decode + two augmented views per image in this process (= one loader worker), over the
-  same files for ppmoco and, with --compare-torch, the official torchvision MoCo v2 pipeline, passes
-  alternating between the two. The files: --data-root, else JPEGs cut from scikit-learn's two
-  sample photographs at ImageNet's typical 500x375.
+  same files for ppmoco and, with --compare-torch, the official torchvision pipeline of the method
+  (MoCo v2's, MoCo v3's), passes alternating between the two. The files: --data-root, else JPEGs cut
+  from scikit-learn's two sample photographs at ImageNet's typical 500x375.
 - End to end (--end-to-end STEPS): tools/train.py pretraining on those files with loader workers,
   its logged step times after the warm-up, against the synthetic-tensor rate of the same step.
 - Evaluation (--extraction BATCHES): feature extraction by the config's ResNet depth (ImageNet
@@ -40,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -58,19 +70,28 @@ from ppmoco.host_allocator import (  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BASE = os.path.join(ROOT, "configs", "mocov2_pt_in1k_1n8c.yaml")
-PRESETS = {  # the two configurations of docs/performance.md's tables
-    "r50_224": ["Model.model.base_encoder.name=resnet50", "Data.Train.sampler.batch_size=32",
-                "Model.model.K=65536", "Model.model.projector.hidden_dim=2048", "Model.model.T=0.2",
-                "Data.Train.dataset.transform_ops.0.RandCropImage.size=224"],
-    "r18c_32": ["Model.model.base_encoder.name=resnet18", "Model.model.base_encoder.cifar_stem=true",
-                "Data.Train.sampler.batch_size=256", "Model.model.K=4096",
-                "Model.model.projector.hidden_dim=512", "Model.model.T=0.2",
-                "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"],
+PRESETS = {  # the configurations of docs/performance.md's tables: (config, -o overrides on it)
+    "r50_224": (BASE, ["Model.model.base_encoder.name=resnet50", "Data.Train.sampler.batch_size=32",
+                       "Model.model.K=65536", "Model.model.projector.hidden_dim=2048", "Model.model.T=0.2",
+                       "Data.Train.dataset.transform_ops.0.RandCropImage.size=224"]),
+    "r18c_32": (BASE, ["Model.model.base_encoder.name=resnet18", "Model.model.base_encoder.cifar_stem=true",
+                       "Data.Train.sampler.batch_size=256", "Model.model.K=4096",
+                       "Model.model.projector.hidden_dim=512", "Model.model.T=0.2",
+                       "Data.Train.dataset.transform_ops.0.RandCropImage.size=32"]),
+    "r50_v3": (os.path.join(ROOT, "configs", "mocov3_pt_r50_in1k_2n16c.yaml"), ["Data.Train.sampler.batch_size=32"]),
+    "vit_small_v3": (os.path.join(ROOT, "configs", "mocov3_pt_vit_small_in1k_1n8c.yaml"),
+                     ["Data.Train.sampler.batch_size=32"]),
 }
 # --precisions: the overrides that make the convolutions compute in each.
 PRECISIONS = {"float32": ["Engine.mix_precision.enable=false"],
               "bfloat16": ["Engine.mix_precision.enable=true", "Engine.mix_precision.dtype=bfloat16"]}
-PHASES = ("momentum_update", "encode_keys", "enqueue")
+# Where the step's time goes: each phase with the module's callables that compute it, as attribute paths
+# (the first the module has is timed): MoCo v1/v2's own methods; MoCo v3's before_step, which is its momentum
+# update, and its momentum encoder, run once per view. The optimizer's update is timed on the optimizer, and
+# query_fwd_bwd is the rest of the step: the query forward, the loss and the backward pass.
+PHASES = {"momentum_update": ("momentum_update", "before_step"),
+          "key_fwd": ("encode_keys", "momentum_encoder.forward"),
+          "enqueue": ("enqueue",)}
 # Environment variables that cap the instruction set the libraries use, e.g. ONEDNN_MAX_CPU_ISA=AVX2
 # with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 to measure an AVX-512 CPU's kernels
 # as on an AVX2-only one (the children inherit them); the JSON records those set.
@@ -91,8 +112,10 @@ def assignments(variables):
 
 def parse_args(argv):
     p = tool_parser(__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a standard configuration (on top of -c)")
-    p.add_argument("-c", "--config", default=BASE, help="YAML config (default: MoCo v2 ImageNet)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a standard configuration: its overrides on its config, or on -c's where given")
+    p.add_argument("-c", "--config", default=None,
+                   help="YAML config (default: the preset's, else MoCo v2 ImageNet)")
     p.add_argument("-o", "--override", action="append", default=[], help="key.path=value")
     p.add_argument("--convs", nargs="+", choices=("auto", "onednn", "paddle"), default=None,
                    help="Engine.conv values to measure (default: the config's); with several, the steps "
@@ -128,25 +151,42 @@ def parse_args(argv):
         p.error("--extraction must be >= 0")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    args.config = args.config or (PRESETS[args.preset][0] if args.preset else BASE)
     return args
 
 
+def random_crop(cfg):
+    """The training pipeline's RandCropImage arguments (None without one)."""
+    return next((op["RandCropImage"] for op in cfg["Data"]["Train"]["dataset"].get("transform_ops") or []
+                 if "RandCropImage" in op), None)
+
+
 def crop_size(cfg):
-    for op in cfg["Data"]["Train"]["dataset"].get("transform_ops") or []:
-        if "RandCropImage" in op:
-            size = op["RandCropImage"]["size"]
-            return (size, size) if isinstance(size, int) else tuple(size)
-    return (224, 224)
+    crop = random_crop(cfg)
+    if crop is None:
+        return (224, 224)
+    size = crop["size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def attribute(obj, path):
+    """obj.a.b for `path` "a.b", or None where there is no such attribute."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 class PhaseTimer:
-    """Wraps named module methods to accumulate their wall time (synchronising on GPU)."""
+    """Wraps callables of an object to accumulate their wall time per phase (synchronising on GPU).
+    `phases` is {phase: its callable's attribute path on `obj` ("name" or "sublayer.name")}."""
 
-    def __init__(self, module, names, sync):
-        self.total = {n: 0.0 for n in names}
+    def __init__(self, obj, phases, sync):
+        self.total = dict.fromkeys(phases, 0.0)
         self.sync = sync
-        for name in names:
-            setattr(module, name, self._timed(name, getattr(module, name)))
+        for phase, path in phases.items():
+            owner, _, name = path.rpartition(".")
+            owner = attribute(obj, owner) if owner else obj
+            setattr(owner, name, self._timed(phase, getattr(owner, name)))
 
     def _timed(self, name, fn):
         def wrapper(*args, **kwargs):
@@ -175,9 +215,10 @@ def bench_step(cfg, env, steps, warmup):
     module.train()
     step = build_train_step(cfg["Engine"], cfg["Optimizer"], module, LR, env)
     sync = paddle.device.synchronize if env.device == "gpu" else (lambda: None)
-    names = [n for n in PHASES if hasattr(module, n)]
-    phases = PhaseTimer(module, names, sync)
-    opt_timer = PhaseTimer(step.optimizer, ["step"], sync)
+    found = {phase: next((path for path in paths if attribute(module, path) is not None), None)
+             for phase, paths in PHASES.items()}
+    phases = PhaseTimer(module, {phase: path for phase, path in found.items() if path}, sync)
+    opt_timer = PhaseTimer(step.optimizer, {"optimizer": "step"}, sync)
     rng = np.random.default_rng(0)
     h, w = crop_size(cfg)
     views = [paddle.to_tensor(rng.standard_normal((batch_size, 3, h, w)).astype("float32")) for _ in range(2)]
@@ -194,9 +235,7 @@ def bench_step(cfg, env, steps, warmup):
         times.append(time.perf_counter() - start)
     measured = times[warmup:]
     per_step = sum(measured) / steps
-    ms = {name: 1000 * t / steps for name, t in phases.total.items()}
-    ms["optimizer"] = 1000 * opt_timer.total["step"] / steps
-    ms["key_fwd"] = ms.pop("encode_keys")
+    ms = {phase: 1000 * t / steps for phase, t in {**phases.total, **opt_timer.total}.items()}
     ms["query_fwd_bwd"] = 1000 * per_step - sum(ms.values())
     return {"execution": "eager", "conv": step.conv, "conv_dtype": step.conv_dtype,
             "images_per_sec": batch_size * env.world_size / per_step,
@@ -244,9 +283,7 @@ def bench_data(cfg, root, samples, passes, compare_torch):
     paths = [path for path, _ in dataset.samples[:n]]
     pipelines = {"ppmoco": dataset.__getitem__}
     if compare_torch:
-        from torch_reference import moco_v2_views
-
-        torchvision_views = moco_v2_views(crop_size(cfg)[0])
+        torchvision_views = TORCH_REFERENCES[cfg["Model"]["module"]].views(cfg)
         pipelines["torchvision"] = lambda i: torchvision_views(paths[i])
     rates = {name: [] for name in pipelines}
     for _ in range(passes):
@@ -263,17 +300,17 @@ def bench_data(cfg, root, samples, passes, compare_torch):
     return out
 
 
-def torch_reference_spec(cfg):
-    """TorchMoCo's arguments for the config's model, or a ConfigError naming what it cannot mirror."""
+STANDARD_WIDTHS = [64, 128, 256, 512]  # torchvision's ResNets' (a literal: the PyTorch child imports no Paddle)
+
+
+def moco_reference_spec(cfg):
+    """TorchMoCo's arguments for a MOCOModule config, or a ConfigError naming what it cannot mirror."""
     model = cfg["Model"]["model"]
     encoder = model["base_encoder"]
-    if cfg["Model"]["module"] != "MOCOModule":
-        raise ConfigError(f"--compare-torch: Model.module: the PyTorch reference is MoCo's step, not "
-                          f"{cfg['Model']['module']}; benchmark a MOCOModule config")
     if encoder["name"] not in ("resnet18", "resnet50"):
         raise ConfigError(f"--compare-torch: Model.model.base_encoder.name: {encoder['name']} has no reference; "
                           "use resnet18 or resnet50")
-    if list(encoder.get("widths") or (64, 128, 256, 512)) != [64, 128, 256, 512]:
+    if list(encoder.get("widths") or STANDARD_WIDTHS) != STANDARD_WIDTHS:
         raise ConfigError("--compare-torch: Model.model.base_encoder.widths: torchvision's ResNet has the "
                           "standard widths only; drop the override")
     if model.get("bn_splits", 1) != 1:
@@ -283,17 +320,115 @@ def torch_reference_spec(cfg):
             "T": model["T"]}
 
 
+def mocov3_reference_spec(cfg):
+    """The MoCo v3 reference's arguments for a MOCOv3Module config (TorchMoCoV3's network and head sizes,
+    the momentum, torch_mocov3_step's optimizer), or a ConfigError naming what it cannot mirror."""
+    from ppmoco.optimizers import settings
+
+    model = cfg["Model"]["model"]
+    encoder = model["base_encoder"]
+    name = encoder["name"]
+    vit = name == "vit_small"
+    if name not in ("resnet18", "resnet50", "vit_small"):
+        raise ConfigError(f"--compare-torch: Model.model.base_encoder.name: {name} has no MoCo v3 reference; use "
+                          "resnet18, resnet50 or vit_small")
+    if not vit and list(encoder.get("widths") or STANDARD_WIDTHS) != STANDARD_WIDTHS:
+        raise ConfigError("--compare-torch: Model.model.base_encoder.widths: torchvision's ResNet has the "
+                          "standard widths only; drop the override")
+    if encoder.get("cifar_stem"):
+        raise ConfigError("--compare-torch: Model.model.base_encoder.cifar_stem: moco-v3's ResNet has the ImageNet "
+                          "stem; set false")
+    if vit:
+        from torch_reference import VIT_SMALL
+
+        for key, value in VIT_SMALL.items():
+            if encoder.get(key) not in (None, value):
+                raise ConfigError(f"--compare-torch: Model.model.base_encoder.{key}: {encoder[key]}; the reference is "
+                                  f"vits.py's vit_small ({key} {value}); drop the override")
+    for key, builder in (("projector_layers", 3 if vit else 2), ("predictor_last_bn", vit)):
+        if model.get(key) not in (None, builder):
+            raise ConfigError(f"--compare-torch: Model.model.{key}: {model[key]}; builder.py's "
+                              f"MoCo_{'ViT' if vit else 'ResNet'} has {builder}; set null")
+    for key in ("dim", "mlp_dim", "T", "m"):
+        if model.get(key) is None:
+            raise ConfigError(f"--compare-torch: Model.model.{key} is not set; the reference needs its value: set it")
+    optimizer, values = settings(cfg["Optimizer"])
+    if optimizer not in ("LARS", "AdamW"):
+        raise ConfigError(f"--compare-torch: Optimizer.name: {optimizer}; main_moco.py trains MoCo v3 with LARS or "
+                          "AdamW: set one of them")
+    for key in ("exclude_from_weight_decay", "lr_mult"):
+        if cfg["Optimizer"].get(key):
+            raise ConfigError(f"--compare-torch: Optimizer.{key}: main_moco.py's optimizer treats every parameter "
+                              "alike; drop it")
+    if optimizer == "LARS":
+        args = {"momentum": values["momentum"], "trust_coefficient": values["trust_coefficient"]}
+    else:
+        args = {"betas": [values["beta1"], values["beta2"]], "eps": values["epsilon"]}
+    return {"arch": name, "image_size": crop_size(cfg)[0], "stop_grad_conv1": bool(encoder.get("stop_grad_conv1")),
+            "dim": model["dim"], "mlp_dim": model["mlp_dim"], "T": model["T"], "m": model["m"],
+            "optimizer": {"optimizer": optimizer, "weight_decay": values["weight_decay"], **args}}
+
+
+def moco_torch_step(spec, cfg):
+    from torch_reference import TorchMoCo, torch_moco_step
+
+    return torch_moco_step(TorchMoCo(**spec), lr=LR, momentum=cfg["Optimizer"]["momentum"],
+                           weight_decay=cfg["Optimizer"]["weight_decay"])
+
+
+def mocov3_torch_step(spec, cfg):
+    from torch_reference import TorchMoCoV3, backbone_factory, torch_mocov3_step
+
+    model = TorchMoCoV3(backbone_factory(spec["arch"], spec["image_size"], spec["stop_grad_conv1"]), spec["dim"],
+                        spec["mlp_dim"], spec["T"])
+    return torch_mocov3_step(model, spec["m"], lr=LR, **spec["optimizer"])
+
+
+def moco_torch_views(cfg):
+    from torch_reference import moco_v2_views
+
+    return moco_v2_views(crop_size(cfg)[0])
+
+
+def mocov3_torch_views(cfg):
+    from torch_reference import moco_v3_views
+
+    crop = random_crop(cfg) or {}  # the crop's smallest area as --crop-min; unset, both default to 0.08
+    return moco_v3_views(crop_size(cfg)[0], **({"crop_min": crop["scale"][0]} if "scale" in crop else {}))
+
+
+class TorchReference(NamedTuple):
+    """A method's PyTorch reference (tools/torch_reference.py): `spec(cfg)` what it mirrors of a config
+    (a ConfigError where it cannot), `step(spec, cfg)` its step(view1, view2) -> loss, `views(cfg)` its
+    data pipeline at the config's crop (path -> [view, view])."""
+
+    spec: Callable
+    step: Callable
+    views: Callable
+
+
+TORCH_REFERENCES = {"MOCOModule": TorchReference(moco_reference_spec, moco_torch_step, moco_torch_views),
+                    "MOCOv3Module": TorchReference(mocov3_reference_spec, mocov3_torch_step, mocov3_torch_views)}
+
+
+def torch_reference_spec(cfg):
+    """The PyTorch reference's arguments for the config's model, or a ConfigError naming what it cannot mirror."""
+    module = cfg["Model"]["module"]
+    if module not in TORCH_REFERENCES:
+        raise ConfigError(f"--compare-torch: Model.module: the PyTorch references are MoCo's and MoCo v3's steps; "
+                          f"{module} has none: benchmark a {' or '.join(TORCH_REFERENCES)} config")
+    return TORCH_REFERENCES[module].spec(cfg)
+
+
 def bench_torch_step(cfg, threads, steps, warmup):
-    """main_moco.py's step (tools/torch_reference.py) on synthetic tensors of the config's shapes."""
+    """The official step in PyTorch (tools/torch_reference.py) on synthetic tensors of the config's shapes."""
     import numpy as np
     import torch
-    from torch_reference import TorchMoCo, torch_moco_step
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     spec = torch_reference_spec(cfg)
-    step = torch_moco_step(TorchMoCo(**spec), lr=LR, momentum=cfg["Optimizer"]["momentum"],
-                           weight_decay=cfg["Optimizer"]["weight_decay"])
+    step = TORCH_REFERENCES[cfg["Model"]["module"]].step(spec, cfg)
     batch_size = cfg["Data"]["Train"]["sampler"]["batch_size"]
     rng = np.random.default_rng(0)
     h, w = crop_size(cfg)
@@ -313,7 +448,7 @@ def bench_torch_step(cfg, threads, steps, warmup):
 
 def config_overrides(args):
     """The -o overrides this invocation measures: the preset's, then the command line's."""
-    return PRESETS.get(args.preset, []) + args.override
+    return (PRESETS[args.preset][1] if args.preset else []) + args.override
 
 
 def with_overrides(cmd, overrides):
@@ -504,7 +639,8 @@ def main(argv=None):
 def print_table(r):
     first = next(iter(r["steps"].values()))
     rows = [("configuration", f"{r['preset'] or r['config']}: {r['backbone']}, {first['image_size'][0]} px, "
-                               f"batch {first['batch_size']} x {r['processes']}, K {r['K']}"),
+                               f"batch {first['batch_size']} x {r['processes']}"
+                               + ("" if r["K"] is None else f", K {r['K']}")),
             ("device / threads", f"{r['device']} / {r['threads']} per process"),
             ("allocator environment", assignments(r["allocator"]) or "none set"),
             ("cpu", f"{r['cpu']['model']} ({', '.join(r['cpu']['flags'])})"

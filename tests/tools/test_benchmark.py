@@ -6,21 +6,33 @@ import sys
 
 import pytest
 
+from ppmoco.config import load_config
+from ppmoco.errors import ConfigError
 from ppmoco.host_allocator import find_jemalloc
 
 from optional_deps import bfloat16_units_or_skip, jemalloc_or_skip, torch_or_skip
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import benchmark  # noqa: E402
 
 PHASES = {"momentum_update", "enqueue", "optimizer", "key_fwd", "query_fwd_bwd"}
+MOCOV3_PHASES = {"momentum_update", "optimizer", "key_fwd", "query_fwd_bwd"}  # no queue
+# (config, overrides): MoCo v2 on the digits, batch 16 and a short queue.
+TINY_MOCO = ("mocov2_pt_digits_1n2c.yaml", ["Data.Train.sampler.batch_size=16", "Model.model.K=64"])
+# MoCo v3 (LARS) on the digits with a network the PyTorch reference mirrors: ResNet-18 of standard widths with
+# the ImageNet stem (16 px: 1x1 maps from layer3 on), batch 8, the config's head (64 out, 256 wide).
+TINY_MOCOV3 = ("mocov3_pt_digits_1n2c.yaml", ["Data.Train.sampler.batch_size=8",
+                                              "Model.model.base_encoder.widths=[64,128,256,512]",
+                                              "Model.model.base_encoder.cifar_stem=false"])
 
 
-def run_benchmark(tmp_path, *args, env=None):
+def run_benchmark(tmp_path, *args, env=None, model=TINY_MOCO):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c",
-           os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml"), "-o", "Data.Train.sampler.batch_size=16",
-           "-o", "Model.model.K=64", "--steps", "2", "--warmup", "1", "--data-samples", "4", "--json", str(out), *args]
+    config, model_overrides = model
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "-c", os.path.join(ROOT, "configs", config),
+           *[arg for o in model_overrides for arg in ("-o", o)], "--steps", "2", "--warmup", "1",
+           "--data-samples", "4", "--json", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=None if env is None else dict(os.environ, **env))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -128,6 +140,95 @@ def test_benchmark_measures_each_allocator_in_its_own_process(tmp_path):
             assert ratios[f"peak_memory_{ours}_vs_{theirs}"] == pytest.approx(
                 steps[ours]["peak_memory_mb"] / steps[theirs]["peak_memory_mb"])
     assert "step: eager/jemalloc" in stdout and "malloc: libjemalloc" in stdout
+
+
+@pytest.mark.slow
+def test_benchmark_measures_mocov3_against_its_pytorch_step(tmp_path):
+    torch_or_skip()
+    result, stdout = run_benchmark(tmp_path, "--compare-torch", "--data-passes", "1", model=TINY_MOCOV3)
+    ours, reference = result["steps"]["eager"], result["steps"]["pytorch"]
+    # Catches: the reference built from other settings than the config's (head, temperature, momentum, the
+    # optimizer and its arguments).
+    assert reference["reference"] == {
+        "arch": "resnet18", "image_size": 16, "stop_grad_conv1": False, "dim": 64, "mlp_dim": 256, "T": 0.2,
+        "m": 0.99, "optimizer": {"optimizer": "LARS", "weight_decay": 1e-6, "momentum": 0.9,
+                                 "trust_coefficient": 0.001}}
+    assert reference["image_size"] == ours["image_size"] == [16, 16] and reference["batch_size"] == 8
+    # MoCo v3's phases found on its module: its before_step (the momentum update) and momentum encoder timed.
+    # Catches: a phase not wrapped where the step calls it (0 ms, its time counted as the query's).
+    phases = ours["phases_ms"]
+    assert set(phases) == MOCOV3_PHASES and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(ours["ms_per_step"], rel=1e-6)
+    assert result["ratios"]["step_eager_vs_pytorch"] == pytest.approx(ours["images_per_sec"]
+                                                                      / reference["images_per_sec"])
+    assert "torchvision" in result["data"] and result["K"] is None
+    assert "batch 8 x 1\n" in stdout and "  key_fwd " in stdout and "enqueue" not in stdout
+
+
+# The presets' configs and what the PyTorch reference mirrors of them (the v3 ones: the configs' heads).
+PRESET_REFERENCES = {
+    "r50_224": {"arch": "resnet50", "cifar_stem": False, "dim": 128, "hidden_dim": 2048, "K": 65536, "m": 0.999,
+                "T": 0.2},
+    "r18c_32": {"arch": "resnet18", "cifar_stem": True, "dim": 128, "hidden_dim": 512, "K": 4096, "m": 0.999,
+                "T": 0.2},
+    "r50_v3": {"arch": "resnet50", "image_size": 224, "stop_grad_conv1": False, "dim": 256, "mlp_dim": 4096,
+               "T": 1.0, "m": 0.99, "optimizer": {"optimizer": "LARS", "weight_decay": 1e-6, "momentum": 0.9,
+                                                  "trust_coefficient": 0.001}},
+    "vit_small_v3": {"arch": "vit_small", "image_size": 224, "stop_grad_conv1": True, "dim": 256, "mlp_dim": 4096,
+                     "T": 0.2, "m": 0.99, "optimizer": {"optimizer": "AdamW", "weight_decay": 0.1,
+                                                        "betas": [0.9, 0.999], "eps": 1e-8}},
+}
+PRESET_BATCH = {"r50_224": 32, "r18c_32": 256, "r50_v3": 32, "vit_small_v3": 32}
+
+
+@pytest.mark.parametrize("preset", sorted(benchmark.PRESETS))
+def test_each_preset_loads_its_config_and_the_reference_mirrors_it(preset):
+    # Catches: a preset on another config or batch than docs/performance.md's table, or one the PyTorch
+    # reference cannot mirror (found only once a measurement starts).
+    args = benchmark.parse_args(["--preset", preset])
+    cfg = load_config(args.config, benchmark.config_overrides(args))
+    assert cfg["Data"]["Train"]["sampler"]["batch_size"] == PRESET_BATCH[preset]
+    assert benchmark.torch_reference_spec(cfg) == PRESET_REFERENCES[preset]
+
+
+def test_a_preset_applies_its_overrides_on_the_config_given():
+    # Catches: -c ignored under --preset, or the preset's overrides put after the command line's.
+    config = os.path.join(ROOT, "configs", "mocov3_pt_digits_1n2c.yaml")
+    args = benchmark.parse_args(["--preset", "r50_v3", "-c", config, "-o", "Data.Train.sampler.batch_size=4"])
+    assert args.config == config
+    assert benchmark.config_overrides(args) == ["Data.Train.sampler.batch_size=32", "Data.Train.sampler.batch_size=4"]
+
+
+# Each MoCo v3 setting the reference (builder.py, main_moco.py on moco-v3's networks) cannot mirror: the
+# overrides on TINY_MOCOV3 (or its config) and the key the refusal names.
+MOCOV3_REFUSALS = {
+    "widths": (["Model.model.base_encoder.widths=[8,16,32,64]"], "Model.model.base_encoder.widths"),
+    "cifar_stem": (["Model.model.base_encoder.cifar_stem=true"], "Model.model.base_encoder.cifar_stem"),
+    "vit_mini": (["Model.model.base_encoder.name=vit_mini", "Model.model.base_encoder.widths=null",
+                  "Model.model.base_encoder.cifar_stem=null"], "Model.model.base_encoder.name: vit_mini"),
+    "vit_depth": (["Model.model.base_encoder.name=vit_small", "Model.model.base_encoder.widths=null",
+                   "Model.model.base_encoder.cifar_stem=null", "Model.model.base_encoder.depth=6"],
+                  "Model.model.base_encoder.depth"),
+    "projector_layers": (["Model.model.projector_layers=3"], "Model.model.projector_layers"),
+    "predictor_last_bn": (["Model.model.predictor_last_bn=true"], "Model.model.predictor_last_bn"),
+    "momentum_optimizer": (["Optimizer.name=Momentum"], "Optimizer.name"),
+    "lr_mult": (["Optimizer.lr_mult={predictor: 10}"], "Optimizer.lr_mult"),
+}
+
+
+@pytest.mark.parametrize("case", MOCOV3_REFUSALS)
+def test_the_mocov3_reference_refuses_what_it_cannot_mirror(case):
+    extra, key = MOCOV3_REFUSALS[case]
+    config, model_overrides = TINY_MOCOV3
+    cfg = load_config(os.path.join(ROOT, "configs", config), model_overrides + extra)
+    with pytest.raises(ConfigError, match="--compare-torch: " + key):
+        benchmark.torch_reference_spec(cfg)
+
+
+def test_the_references_cover_moco_and_mocov3_only():
+    cfg = load_config(os.path.join(ROOT, "configs", "moco_lincls_digits_1n2c.yaml"))
+    with pytest.raises(ConfigError, match="Model.module: .*MOCOModule or MOCOv3Module"):
+        benchmark.torch_reference_spec(cfg)
 
 
 def test_benchmark_refuses_an_allocator_preloaded_by_hand():
