@@ -1,5 +1,6 @@
 """Shared command-line handling for tools/: -c/-o parsing and one-line user errors (exit 2)."""
 import argparse
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -17,6 +18,20 @@ _THREAD_ERRORS = []
 _THREAD_FAILED = threading.Event()
 _MAIN_REPORTS = threading.Event()
 _GRACE_S = 2.0
+_FATAL_HOOKS = []  # see on_fatal
+
+
+def on_fatal(hook):
+    """Call hook(error, line) when the tool fails, before it exits: a user error from any thread, with the
+    line it prints, or an unexpected exception, with `Type: message`; for the rest of run(). The
+    training tool records there where a rank of a restartable job failed (ppmoco/engine/restart.py)."""
+    _FATAL_HOOKS.append(hook)
+
+
+def _fatal(error, line):
+    for hook in _FATAL_HOOKS:
+        with contextlib.suppress(OSError):  # a record that cannot be written (disk full) changes no error
+            hook(error, line)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +78,12 @@ def one_line(err):
     return text
 
 
+def _unexpected(err):
+    """An exception that is no user error as one line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+
+
 def _report(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
 
@@ -102,6 +123,7 @@ def _thread_hook(debug, previous):
         _THREAD_ERRORS.append(args.exc_value)
         _THREAD_FAILED.set()
         if not _MAIN_REPORTS.wait(_GRACE_S):
+            _fatal(args.exc_value, one_line(args.exc_value))
             _report(one_line(args.exc_value))
             for child in multiprocessing.active_children():
                 child.terminate()
@@ -126,22 +148,27 @@ def run(main, argv=None, preferred_allocator=False):
         check_paddle()
         return main(argv)
     except PpmocoError as e:
+        _fatal(e, one_line(e))
         if debug:
             raise
         _report(one_line(e))
         sys.exit(e.exit_code)
     except OSError as e:
         message = _fs_error(e)
+        _fatal(e, message or _unexpected(e))
         if message is None or debug:
             raise
         _report(message)
         sys.exit(PpmocoError.exit_code)
-    except Exception:
+    except Exception as e:
         # A helper thread's user error may be the cause (it broke a queue the main thread reads).
         if not _THREAD_FAILED.wait(_GRACE_S if threading.active_count() > 1 else 0):
+            _fatal(e, _unexpected(e))
             raise
         _MAIN_REPORTS.set()
+        _fatal(_THREAD_ERRORS[0], one_line(_THREAD_ERRORS[0]))
         _report(one_line(_THREAD_ERRORS[0]))
         sys.exit(_THREAD_ERRORS[0].exit_code)
     finally:
         threading.excepthook = previous
+        _FATAL_HOOKS.clear()  # registered by this run's main()

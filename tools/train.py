@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ppmoco.cli import parse_args, run  # noqa: E402
+from ppmoco.cli import on_fatal, parse_args, run  # noqa: E402
 from ppmoco.config import load_config  # noqa: E402
 
 
@@ -16,10 +16,12 @@ def main(argv=None):
     from ppmoco.modules import build_module
 
     env = setup_environment(cfg["Global"], cfg["Distributed"])
-    with training_lock(cfg["Engine"]["save_load"]["output_dir"], env):  # before anything is written there
+    # Before anything is written there; `attempt`: which run of a job the launcher may restart this is.
+    with training_lock(cfg["Engine"]["save_load"]["output_dir"], env) as attempt:
         setup_logger(cfg["Engine"]["save_load"]["output_dir"], env.is_main)
         module = build_module(cfg["Model"])
-        engine = Engine(cfg, module, env)
+        engine = Engine(cfg, module, env, attempt=attempt)
+        on_fatal(engine.record_failure)
         engine.fit()
         if env.is_main:
             from ppmoco.report import write_report

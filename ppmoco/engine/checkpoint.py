@@ -2,8 +2,9 @@
 
 Layout under `output_dir`: `epoch_N/` (end of epoch N), `step_S/` (mid-epoch, global step S),
 each with model.pdparams, optimizer.pdopt, trainer_state.json (progress + RNG) and meta.json
-(the same progress, for listing, and each file's size and SHA-256, checked before any load: see
-`damage`); `latest` names the newest complete one. A folder that exists
+(the same progress, for listing, the launcher job that wrote it, which its restarts go on from: see
+ppmoco/engine/restart.py, and each file's size and SHA-256, checked before any load: see `damage`);
+`latest` names the newest complete one. A folder that exists
 under its final name is complete; a kill during a save leaves only a `.tmp-*` folder behind,
 which is ignored and cleaned up by the next save.
 
@@ -237,9 +238,15 @@ def check_complete(path):
     return path
 
 
-def find_resume_checkpoint(save_load):
-    """The checkpoint to resume from: ckpt_dir when given (it must be intact), else with auto_resume
+def find_resume_checkpoint(save_load, job=None):
+    """The checkpoint to resume from. A restart of launcher job `job` (ppmoco/engine/restart.py) goes on
+    from the newest intact checkpoint that job wrote, whatever the config says; a run without one (or a
+    job that wrote none yet) from ckpt_dir when given (it must be intact), else with auto_resume from
     `latest` or, when that one is damaged, the newest intact checkpoint (saying which and why)."""
+    if job is not None:
+        own = newest_of_job(save_load["output_dir"], job)
+        if own is not None:
+            return own
     if save_load["ckpt_dir"] is not None:
         return check_complete(save_load["ckpt_dir"])
     if not save_load["auto_resume"]:
@@ -261,6 +268,19 @@ def find_resume_checkpoint(save_load):
         raise CheckpointError(f"no intact checkpoint to resume from in {output_dir}: "
                               + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
                               + "; restore one from a copy, or start afresh in another Engine.save_load.output_dir")
+    return None
+
+
+def newest_of_job(output_dir, job):
+    """The newest intact regular checkpoint in `output_dir` written by launcher job `job` (its
+    meta.json's `job`), or None; newer ones of the job that are damaged are named in a warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if os.path.basename(path) == "best" or (_read_meta(path) or {}).get("job") != job:
+            continue
+        problem = damage(path)
+        if problem is None:
+            return path
+        logger.warning(f"not resuming from {path}: {problem}; looking for an older checkpoint of this job")
     return None
 
 

@@ -24,6 +24,7 @@ from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
 from ppmoco.engine.preemption import Preempted, StopSignals
 from ppmoco.engine.profiler import StepProfiler
+from ppmoco.engine.restart import record_failure
 from ppmoco.engine.rng import capture_random_state, restore_random_state
 from ppmoco.engine.step import build_train_step
 from ppmoco.engine.watchdog import Watchdog
@@ -42,9 +43,11 @@ EMBEDDING_POINTS = 2000  # evaluation images per embedding in VisualDL (a log, n
 class Engine:
     """Trains a Module with the Engine/Optimizer/Data sections of a resolved config."""
 
-    def __init__(self, cfg, module, env, evaluation=False):
-        """`evaluation`: the Engine of an evaluation tool, which evaluates whatever Engine.eval_freq says."""
-        self.cfg, self.module, self.env = cfg, module, env
+    def __init__(self, cfg, module, env, evaluation=False, attempt=None):
+        """`evaluation`: the Engine of an evaluation tool, which evaluates whatever Engine.eval_freq says;
+        `attempt`: the restart.Attempt of a training run paddle.distributed.launch started."""
+        self.cfg, self.module, self.env, self.attempt = cfg, module, env, attempt
+        self.resumed_from, self.steps_done = None, 0  # the checkpoint this run went on from; steps done
         engine, train = cfg["Engine"], cfg["Data"]["Train"]
         self.save_load = engine["save_load"]
         self.epochs = engine["num_train_epochs"]
@@ -98,11 +101,14 @@ class Engine:
         return [paddle.to_tensor(t, place=paddle.get_device()) for t in batch]
 
     def _trainer_state(self, epoch, next_batch, global_step):
-        return {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
-                "best": self.best, "rng_state": capture_random_state(self.env.device),
-                "loss_scaler": self.train_step.scaler_state(),
-                "skipped_steps": self.guard.skipped, "processes": self.env.world_size,
-                "batch_size": self.batch_size}
+        state = {"epoch": epoch, "next_batch": next_batch, "global_step": global_step,
+                 "best": self.best, "rng_state": capture_random_state(self.env.device),
+                 "loss_scaler": self.train_step.scaler_state(),
+                 "skipped_steps": self.guard.skipped, "processes": self.env.world_size,
+                 "batch_size": self.batch_size}
+        if self.attempt is not None:  # the launcher job that wrote it: its restarts go on from it
+            state["job"] = self.attempt.job
+        return state
 
     def save(self, name, epoch, next_batch, global_step, regular=True):
         """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
@@ -150,9 +156,14 @@ class Engine:
         self.writer.image("train/views", view_grid(self.train_set, indices, size=64), 0)
 
     def _resume(self):
-        path = agreed_resume_checkpoint(self.save_load, self.env.world_size)
+        restart = self.attempt is not None and self.attempt.number > 0
+        job = self.attempt.job if restart else None
+        path = agreed_resume_checkpoint(self.save_load, self.env.world_size, job)
+        if restart:
+            logger.info(f"restart {self.attempt.number} of this launcher job: going on from {path or 'the start'}")
         if path is None:
             return 0, 0, 0
+        self.resumed_from = os.path.basename(path)
         check_geometry(load_trainer_state(path), path, self.env.world_size, self.batch_size)
         state = load_checkpoint(path, self.module, self.optimizer)
         lost = restore_random_state(state["rng_state"], self.env.device)
@@ -163,7 +174,16 @@ class Engine:
         self.guard.skipped = state.get("skipped_steps", 0)
         logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
                     f"global step {state['global_step']}")
+        self.steps_done = state["global_step"]
         return state["epoch"], state["next_batch"], state["global_step"]
+
+    def record_failure(self, error, line):
+        """The tool's fatal-error hook (ppmoco.cli.on_fatal) and the watchdog's: a rank of a launcher job that
+        fails or hangs leaves the one-line cause `line` and the step it was in for the job's next attempt
+        (ppmoco/engine/restart.py); a stop on a signal (Preempted) is no failure."""
+        if self.attempt is not None and not isinstance(error, Preempted):
+            record_failure(self.save_load["output_dir"], self.attempt, self.env.rank, self.steps_done + 1,
+                           self.resumed_from, line)
 
     def fit(self):
         epoch, start_batch, global_step = self._resume()
@@ -186,7 +206,8 @@ class Engine:
             self._show_views(epoch)
         step_profiler = StepProfiler(self.cfg["Profiler"], self.env.device) if self.cfg["Profiler"]["enable"] else None
         meter = _Meter()
-        self.watchdog = Watchdog(self.cfg["Engine"]["hang_timeout"], self.env.rank)
+        self.watchdog = Watchdog(self.cfg["Engine"]["hang_timeout"], self.env.rank,
+                                 on_hang=functools.partial(self.record_failure, None))
         try:
             with StopSignals() as signals, self.watchdog:
                 return self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
@@ -211,6 +232,7 @@ class Engine:
                                       global_step + 1)
                 self.watchdog.beat()
                 global_step += 1
+                self.steps_done = global_step
                 meter.step_done(out)
                 if step_profiler is not None:
                     step_profiler.step()
@@ -266,8 +288,9 @@ class Engine:
         self.writer.add("train/ips", ips, global_step)
 
 
-def agreed_resume_checkpoint(save_load, processes):
-    """find_resume_checkpoint's answer as rank 0 finds it, the same on every rank.
+def agreed_resume_checkpoint(save_load, processes, job=None):
+    """find_resume_checkpoint's answer (for a restart of launcher job `job`) as rank 0 finds it, the same
+    on every rank.
 
     Only rank 0 writes checkpoints, so a rank on a node that does not share Engine.save_load.output_dir
     would find none (and start afresh) or an older one (and diverge). Rank 0 decides and sends its
@@ -275,11 +298,11 @@ def agreed_resume_checkpoint(save_load, processes):
     fail alike when one cannot, so none waits in a collective for a rank that stopped.
     """
     if processes == 1:
-        return find_resume_checkpoint(save_load)
+        return find_resume_checkpoint(save_load, job)
     decision = [None, None]  # [path, error message]
     if dist.get_rank() == 0:
         try:
-            decision[0] = find_resume_checkpoint(save_load)
+            decision[0] = find_resume_checkpoint(save_load, job)
         except CheckpointError as err:
             decision[1] = str(err)
     dist.broadcast_object_list(decision, src=0)

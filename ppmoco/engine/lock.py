@@ -14,6 +14,12 @@ claim `.ppmoco.lock.takeover` (created like the lock, held for milliseconds), an
 still holds the very bytes it judged stale (a live lock never does: its pid, start and time differ).
 A claim left by a run killed while holding it is stale in turn and is taken over the same way,
 under `.ppmoco.lock.takeover.takeover`.
+
+A run started by `paddle.distributed.launch` also records its launcher job (`launcher_job`): when the
+launcher restarts the job in place (ppmoco/engine/restart.py), the new rank 0 finds the lock of the
+job's previous attempt, whose processes the launcher has ended, and takes it over without a warning
+(the run's log says which restart it is). A holder that still runs is refused as above, and the lock of
+any other run is judged as above.
 """
 import contextlib
 import json
@@ -23,9 +29,9 @@ import socket
 import sys
 import time
 
-import paddle
 import paddle.distributed as dist
 
+from ppmoco.engine.restart import RepeatedFailure, begin_attempt
 from ppmoco.errors import PpmocoError
 
 logger = logging.getLogger("ppmoco")
@@ -45,6 +51,19 @@ def process_start(pid):
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def launcher_job(environ=None):
+    """'host/launcher pid/launcher start/POD_NAME' of the paddle.distributed.launch process that started
+    this one: the same in each of its restarts, and another for every other launch (a recycled pid
+    starts at another time); None for a process the launcher did not start."""
+    environ = os.environ if environ is None else environ
+    pod = environ.get("POD_NAME")
+    if not pod or "PADDLE_TRAINER_ID" not in environ:
+        return None
+    parent = os.getppid()
+    start = process_start(parent)
+    return None if start is None else f"{socket.gethostname()}/{parent}/{start}/{pod}"
 
 
 def holder_alive(holder):
@@ -116,11 +135,12 @@ class OutputDirLock:
 
     TAKEOVER_WAIT = 10.0  # seconds to wait for another run's takeover claim (held for milliseconds)
 
-    def __init__(self, output_dir, command=None):
+    def __init__(self, output_dir, command=None, job=None):
+        """`job`: the launcher job of this run (launcher_job()), None when it has none."""
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.created = False
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-                     "time": time.time(), "command": command or " ".join(sys.argv)}
+                     "time": time.time(), "command": command or " ".join(sys.argv), "job": job}
 
     def _read(self):
         data = _read_bytes(self.path)
@@ -140,8 +160,9 @@ class OutputDirLock:
                     f"{os.path.dirname(self.path)} is in use by the run of {_describe(holder)}; wait for it, set "
                     f"Engine.save_load.output_dir to another folder, or delete {self.path} if that run is gone")
             if self._replace_stale(self.path, data):
-                logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of "
-                               f"{_describe(holder)}, which is gone")
+                if self.info["job"] is None or holder.get("job") != self.info["job"]:  # a restart says so later
+                    logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of "
+                                   f"{_describe(holder)}, which is gone")
                 break
             # Another run replaced (or removed) the stale lock first: look again at what is there now.
         return self
@@ -197,23 +218,32 @@ class OutputDirLock:
 
 @contextlib.contextmanager
 def training_lock(output_dir, env):
-    """The output folder's lock for a training run of `env`'s processes: rank 0 holds it, and every
-    rank learns through a collective whether it got it, so none is left waiting in the next one."""
-    lock, refusal = OutputDirLock(output_dir), None
+    """The output folder's lock for a training run of `env`'s processes, yielding its restart.Attempt
+    (None when paddle.distributed.launch did not start it). Rank 0 holds the lock and records the
+    attempt, and every rank learns rank 0's outcome through a collective, so none is left waiting in
+    the next one: the attempt, or why the run cannot go on (the folder is another run's, the job's
+    failures repeat, the folder cannot be written), which every rank then raises."""
+    lock, refusal, attempt = OutputDirLock(output_dir, job=launcher_job()), None, None
     if env.is_main:
         try:
             lock.acquire()
-        except OutputDirInUse as err:
+            try:
+                attempt = begin_attempt(output_dir, lock.info["job"])
+                if attempt is not None and attempt.repeated:
+                    raise RepeatedFailure(attempt.repeated)
+            except BaseException:
+                lock.release()
+                raise
+        except (OutputDirInUse, RepeatedFailure, OSError) as err:
             refusal = err
     if env.world_size > 1:
-        refused = paddle.to_tensor([int(refusal is not None)])
-        dist.all_reduce(refused)
-        if refusal is None and int(refused.item()):
-            refusal = OutputDirInUse(f"{output_dir} is in use by another run (rank 0 says which)")
+        decision = [refusal, attempt]
+        dist.broadcast_object_list(decision, src=0)
+        refusal, attempt = decision
     if refusal is not None:
         raise refusal
     try:
-        yield
+        yield attempt
     finally:
         if env.is_main:
             lock.release()

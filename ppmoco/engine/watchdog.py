@@ -31,10 +31,11 @@ def where(frame):
 
 
 class Watchdog:
-    """`with Watchdog(timeout, rank) as dog:` watches the block; `timeout` <= 0 watches nothing."""
+    """`with Watchdog(timeout, rank) as dog:` watches the block; `timeout` <= 0 watches nothing.
+    `on_hang(line)` is called with the line that ends the run, before it ends."""
 
-    def __init__(self, timeout, rank, clock=time.monotonic):
-        self.timeout, self.rank, self.clock = timeout, rank, clock
+    def __init__(self, timeout, rank, clock=time.monotonic, on_hang=None):
+        self.timeout, self.rank, self.clock, self.on_hang = timeout, rank, clock, on_hang
         self.last = clock()
         self.pauses = 0
         self._stop = threading.Event()
@@ -69,10 +70,14 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             quiet = self.overdue()
             if quiet is not None:
-                logger.error(self.report(quiet))
+                line = self.report(quiet)
+                logger.error(line)
                 for handler in logger.handlers:
                     handler.flush()
-                print(f"error: {self.report(quiet)}", file=sys.stderr, flush=True)
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                if self.on_hang is not None:
+                    with contextlib.suppress(OSError):
+                        self.on_hang(line)
                 os._exit(EXIT_HUNG)
 
     def __enter__(self):

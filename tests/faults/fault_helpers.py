@@ -117,6 +117,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def training_pids(out):
+    """{pid: global rank} of the tools/train.py processes paddle.distributed.launch started writing to
+    output folder `out`."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(v.split("=", 1) for v in f.read().decode(errors="replace").split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "tools/train.py" in cmdline and f"output_dir={out}\0" in cmdline and "PADDLE_TRAINER_ID" in environ:
+            found[int(pid)] = int(environ["PADDLE_TRAINER_ID"])
+    return found
+
+
 def launch_cmd(log_dir, *launch_args):
     return [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(log_dir), *launch_args]
 

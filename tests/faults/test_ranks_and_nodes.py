@@ -19,6 +19,7 @@ from fault_helpers import (  # noqa: E402
     launch_cmd,
     run,
     train_args,
+    training_pids,
     wait_until,
     worker_logs,
 )
@@ -53,30 +54,15 @@ def reference(tmp_path_factory):
     return out
 
 
-def _worker_pid(out, rank):
-    """pid of the tools/train.py process of global rank `rank` writing to `out`."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "tools/train.py" in cmdline and f"output_dir={out}\0" in cmdline \
-                and f"PADDLE_TRAINER_ID={rank}" in environ:
-            return int(pid)
-    return None
-
-
 def test_dead_rank_stops_the_launch_and_the_run_resumes(tmp_path, reference):
     out = tmp_path / "run"
     with open(tmp_path / "launch.out", "w") as log:
         proc = subprocess.Popen(one_node(tmp_path, out, "logs"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(proc, lambda: (out / "step_4").is_dir(), "checkpoint step_4", poll=0.05)
-        pid = _worker_pid(out, 1)
-        assert pid is not None
+        pids = [pid for pid, rank in training_pids(out).items() if rank == 1]
+        assert len(pids) == 1, pids
+        pid = pids[0]
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         code = proc.wait(timeout=DEAD_RANK_BOUND_S)
