@@ -30,12 +30,13 @@ def test_the_readmes_commands_are_the_demo_and_the_tests():
 
 def test_ci_installs_nothing_beyond_the_readme():
     # catches: a pip install in .ci/run that a newcomer's machine would lack (the suite then passes in
-    # CI only); apt's libjemalloc2 is the one extra, which the README names as optional
+    # CI only), or an apt package the README does not name as optional (libjemalloc2, etcd-server)
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         script = f.read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        optional = re.search(r"Optional: `apt install ([^`]*)`", f.read()).group(1).split()
     assert not re.search(r"pip\b[^\n]*\binstall", script)
-    apt_installs = re.findall(r"apt-get install([^\n|;}]*)", script)
-    assert apt_installs and all([word for word in line.split() if not word.startswith("-") and word != "\\"]
-                                == ["libjemalloc2"] for line in apt_installs)
+    assert re.findall(r'apt-get install [^\n|;}]*"\$\{packages\[@\]\}"', script)
+    assert sorted(re.findall(r"packages\+=\(([^)]*)\)", script)) == sorted(optional) == ["etcd-server", "libjemalloc2"]
     # It runs every command of the README, as written, in a fresh virtual environment.
     assert 'bash -c "$command"' in script and "python -m venv .venv" in script

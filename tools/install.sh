@@ -37,6 +37,8 @@ if [ "$test" = 1 ]; then
     pip_install --no-deps --target .transfer_deps --upgrade -r requirements-transfer.txt
 fi
 python - <<'PY'
+import shutil
+
 from ppmoco.host_allocator import find_jemalloc
 from ppmoco.versions import describe_runtime
 
@@ -44,4 +46,7 @@ print(f"installed: {describe_runtime()}")
 if find_jemalloc() is None:
     print("optional: libjemalloc2 is not installed; the training tools run on glibc's malloc, with more memory "
           "(apt install libjemalloc2), and the tests that need it skip")
+if shutil.which("etcd") is None:
+    print("optional: etcd-server is not installed; paddle.distributed.launch restarts a failed job in place only "
+          "with an etcd master (apt install etcd-server), and the tests that need it skip")
 PY
