@@ -137,7 +137,7 @@ SCHEMA = {
         "metric": {phase: {"name": Choice(("TopkAcc",)), "topk": [1, 5]} for phase in ("train", "eval")},
         "use_recompute": False,
     },
-    # The keys besides lr and exclude_from_weight_decay are the named optimizer's, with its defaults
+    # The keys besides lr, exclude_from_weight_decay and lr_mult are the named optimizer's, with its defaults
     # (ppmoco/optimizers.py: Momentum's momentum, use_nesterov, weight_decay; AdamW's beta1, beta2,
     # epsilon, weight_decay; LARS's momentum, weight_decay, trust_coefficient).
     "Optimizer": ByName({name: spec.keys for name, spec in OPTIMIZERS.items()}, {
@@ -145,6 +145,9 @@ SCHEMA = {
         # Parameters that take no weight decay: bias, norm, or part of a structured parameter name
         # (ppmoco.optimizers.excluded_from_weight_decay). [] decays every parameter (MoCo v1/v2's).
         "exclude_from_weight_decay": [],
+        # {part of a structured parameter name: learning-rate multiplier} (ppmoco.optimizers.lr_multipliers):
+        # mmselfsup's paramwise lr_mult, e.g. {classifier: 100} for a fine-tuned head. {}: every parameter at 1.
+        "lr_mult": OPEN,
     }),
     "Data": {
         "Train": {"dataset": OPEN, "sampler": dict(_SAMPLER), "loader": dict(_LOADER)},

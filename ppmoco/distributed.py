@@ -1,10 +1,12 @@
-"""Collectives shared by methods and the engine: rank-ordered all-gather, shuffle BN, grad averaging.
+"""Collectives shared by methods and the engine: rank-ordered all-gather, shuffle BN, grad averaging,
+BatchNorm over the global batch.
 
 With one process every helper degenerates to the identity/local case, so the methods call them
 unconditionally and the single-process path is the same code as the multi-process one.
 """
 import paddle
 import paddle.distributed as dist
+import paddle.nn as nn
 
 
 def world_size():
@@ -45,6 +47,16 @@ def batch_unshuffle(x, idx_unshuffle):
     x_all = concat_all_gather(x)
     mine = idx_unshuffle.reshape([world_size(), -1])[rank()]
     return paddle.gather(x_all, mine, axis=0)
+
+
+def sync_batchnorm(layer):
+    """`layer` with its BatchNorms as SyncBatchNorm (statistics over the global batch) where several GPU
+    processes train, else `layer` unchanged: Paddle's SyncBatchNorm runs on GPUs only, so CPU processes
+    normalise their own batches. The converted layers share the parameters and statistics of the ones
+    they replace (their stop_gradient included) and keep their names."""
+    if world_size() > 1 and paddle.device.get_device().startswith("gpu"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    return layer
 
 
 def all_reduce_mean(tensors):

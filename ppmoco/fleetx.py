@@ -9,7 +9,8 @@ ppmoco writes the same networks as `base_encoder`, `projector.hidden_dim` and `d
     ppmoco v2: projector {hidden_dim: 2048}, dim: 128          (v1: no projector, dim = num_classes)
 
 The linear-evaluation module's `base_classifier.num_classes` is its `num_classes`, and FleetX's
-`Model.loss` / `Model.metric` sections name the cross-entropy and top-k accuracy both modules compute.
+`Model.loss` / `Model.metric` sections name the cross-entropy and top-k accuracy the modules compute;
+FleetX's label smoothing, `Model.loss.train.epsilon`, is the fine-tuning module's (GeneralClsModule).
 Everything is checked here, once: the momentum parts must mirror the base parts (the key encoder is
 a copy of the query encoder), and the layer sizes must chain (in_dim = the backbone's width).
 Pooling always ends ppmoco's backbone, so the parts' `with_pool` flags only have to be booleans.
@@ -18,9 +19,15 @@ import paddle
 
 from ppmoco.errors import ConfigError
 from ppmoco.models import build_backbone
+from ppmoco.registry import is_number
 
-# The classification probes (names and aliases), whose top-k Model.metric sets.
-CLASSIFIERS = ("MOCOClsModule", "LinearEval", "MOCOMultiHeadClsModule", "MultiHeadLinear")
+# The classifiers (names and aliases), whose top-k Model.metric sets.
+CLASSIFIERS = ("MOCOClsModule", "LinearEval", "MOCOMultiHeadClsModule", "MultiHeadLinear", "GeneralClsModule",
+               "FineTune")
+# The fine-tuning module (names and alias), whose label smoothing is Model.loss.train.epsilon (FleetX's CELoss).
+FINETUNE = ("GeneralClsModule", "FineTune")
+# FleetX's GeneralClsModule's own model keys (a ViT by name, ppfleetx/models/vision_model).
+FLEETX_CLS_KEYS = ("name", "class_num", "drop_rate")
 PARTS = ("base_projector", "base_classifier", "momentum_encoder", "momentum_projector", "momentum_classifier")
 PART_NAMES = {"projector": "MoCoV2Projector", "classifier": "MoCoClassifier"}
 PART_KEYS = {"projector": ("name", "in_dim", "out_dim", "with_pool"),
@@ -34,7 +41,11 @@ def uses_fleetx_parts(model_args):
 def module_args(module_name, model_section):
     """ppmoco's keyword arguments for `module_name` from the `Model` section (FleetX's or ppmoco's)."""
     args = dict(model_section["model"])
-    _check_loss(model_section.get("loss", {}))  # absent in a section built by code, not load_config
+    loss = model_section.get("loss", {})  # absent in a section built by code, not load_config
+    if module_name in FINETUNE:
+        _finetune_args(args, loss)
+    else:
+        _check_loss(loss)
     metric = model_section.get("metric", {"train": {"topk": [1, 5]}, "eval": {"topk": [1, 5]}})
     if "topk" in args:
         raise ConfigError("Model.model.topk: set the reported top-k as Model.metric.train.topk and "
@@ -60,6 +71,25 @@ def _check_loss(loss):
         if spec["epsilon"] not in (None, 0, 0.0):
             raise ConfigError(f"Model.loss.{phase}.epsilon: label smoothing is not part of MoCo or its "
                               "linear evaluation (facebookresearch/moco uses plain cross-entropy); remove it")
+
+
+def _finetune_args(args, loss):
+    """The fine-tuning module's `label_smoothing` from Model.loss.train.epsilon, checked, into `args`."""
+    fleetx = [key for key in FLEETX_CLS_KEYS if key in args]
+    if fleetx:
+        raise ConfigError(f"Model.model.{fleetx[0]}: FleetX's GeneralClsModule names its network in Model.model; "
+                          "ppmoco's takes base_encoder {name, pretrained} and num_classes (docs/finetune.md)")
+    if "label_smoothing" in args:
+        raise ConfigError("Model.model.label_smoothing: set the label smoothing as Model.loss.train.epsilon "
+                          "(FleetX's CELoss key)")
+    if loss.get("eval", {}).get("epsilon") not in (None, 0, 0.0):
+        raise ConfigError("Model.loss.eval.epsilon: validation reports top-k accuracy, not a loss; remove it "
+                          "(Model.loss.train.epsilon smooths the training labels)")
+    epsilon = loss.get("train", {}).get("epsilon")
+    if epsilon is not None and not is_number(epsilon):
+        raise ConfigError(f"Model.loss.train.epsilon: expected a number in [0, 1), got {epsilon!r}")
+    if epsilon is not None:
+        args["label_smoothing"] = epsilon
 
 
 def _metric_topk(metric):

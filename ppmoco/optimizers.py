@@ -12,8 +12,11 @@ reads the keys before the tools set Paddle's environment); the builders import i
   tests/engine/test_optimizer.py checks it against torch.optim.AdamW).
 - `LARS`: MoCo v3's (ppmoco/engine/lars.py; Paddle's LarsMomentumOptimizer computes another update).
 
-`Optimizer.exclude_from_weight_decay` takes the weight decay off some parameters, for every optimizer,
-through a parameter group of weight decay 0 (weight_decay_groups).
+`Optimizer.exclude_from_weight_decay` takes the weight decay off some parameters, and `Optimizer.lr_mult`
+scales the learning rate of some ({part of a parameter name: multiplier}, mmselfsup's paramwise
+`custom_keys` lr_mult: a fine-tuned head's x100), for every optimizer, through parameter groups
+(parameter_groups): Paddle's optimizers and LARS multiply the run's learning rate by a group's
+`learning_rate`, and update with it whole, weight decay included, as torch's group `lr` does.
 """
 import logging
 import re
@@ -34,6 +37,10 @@ KEY_LIMITS = {
     "exclude_from_weight_decay": (
         lambda v: all(isinstance(rule, str) and rule for rule in v) and len(set(v)) == len(v),
         "must be a list of distinct, non-empty rules (bias, norm, or part of a parameter name)", "[bias,norm]"),
+    "lr_mult": (
+        lambda v: all(isinstance(rule, str) and rule and isinstance(m, (int, float)) and not isinstance(m, bool)
+                      and m > 0 for rule, m in v.items()),
+        "must map parts of parameter names to learning-rate multipliers > 0", "'{classifier: 100}'"),
 }
 
 # The rules of exclude_from_weight_decay that name a kind of parameter rather than part of a name.
@@ -100,6 +107,22 @@ def _norm_layer_types():
             nn.GroupNorm, nn.InstanceNorm1D, nn.InstanceNorm2D, nn.InstanceNorm3D)
 
 
+def _trainable_names(module):
+    """(structured name, parameter) of the module's trainable parameters (Module.trainable_parameters)."""
+    trainable = {id(p) for p in module.trainable_parameters()}
+    return [(name, p) for name, p in module.named_parameters() if id(p) in trainable]
+
+
+def _names_holding(names, rule, key, module, fix):
+    """The names of `names` ((name, parameter) pairs) that contain `rule`; none is a ConfigError on `key`
+    (a misspelt name), ending with what to do, `fix`."""
+    matched = {name for name, _ in names if rule in name}
+    if not matched:
+        raise ConfigError(f"{key}: '{rule}' is in no trainable parameter's name of {type(module).__name__} "
+                          f"(e.g. {names[0][0] if names else 'none'}); {fix}")
+    return matched
+
+
 def excluded_from_weight_decay(module, rules):
     """Structured names of the module's trainable parameters that `rules` exclude from weight decay.
 
@@ -109,8 +132,7 @@ def excluded_from_weight_decay(module, rules):
     any other rule: the parameters whose structured name contains it (`encoder_q.head`, `pos_embed`).
     A rule of the third kind that matches nothing is a ConfigError (a misspelt name).
     """
-    trainable = {id(p) for p in module.trainable_parameters()}
-    names = [(name, p) for name, p in module.named_parameters() if id(p) in trainable]
+    names = _trainable_names(module)
     norms = set()
     if NORM in rules:
         kinds = _norm_layer_types()
@@ -124,36 +146,59 @@ def excluded_from_weight_decay(module, rules):
         elif rule == NORM:
             matched = {name for name, p in names if id(p) in norms}
         else:
-            matched = {name for name, _ in names if rule in name}
-            if not matched:
-                raise ConfigError(f"Optimizer.exclude_from_weight_decay: '{rule}' is in no trainable parameter's "
-                                  f"name of {type(module).__name__} (e.g. {names[0][0] if names else 'none'}); "
-                                  "correct it, or use bias or norm")
+            matched = _names_holding(names, rule, "Optimizer.exclude_from_weight_decay", module,
+                                     "correct it, or use bias or norm")
         excluded |= matched
     return excluded
 
 
-def weight_decay_groups(module, rules, weight_decay):
-    """The module's trainable parameters as parameter groups: those `rules` exclude
-    (excluded_from_weight_decay) in a group of weight decay 0, the others in one of `weight_decay`
-    (empty groups left out). Without rules: one group, the same update as the plain parameter list."""
+def lr_multipliers(module, lr_mult):
+    """{structured name: multiplier} of the module's trainable parameters that `lr_mult` ({part of a
+    structured name: multiplier}, Optimizer.lr_mult) names. A rule that matches no trainable parameter,
+    or a parameter two rules match, is a ConfigError."""
+    names = _trainable_names(module)
+    multipliers = {}
+    for rule, multiplier in lr_mult.items():
+        for name in sorted(_names_holding(names, rule, "Optimizer.lr_mult", module, "correct it")):
+            other = next((r for r in lr_mult if r != rule and r in name), None)
+            if other is not None:
+                raise ConfigError(f"Optimizer.lr_mult: {name} holds both '{rule}' and '{other}'; give each "
+                                  "parameter one rule (a longer part of its name)")
+            multipliers[name] = float(multiplier)
+    return multipliers
+
+
+def parameter_groups(module, rules, weight_decay, lr_mult=None):
+    """The module's trainable parameters as parameter groups, one per (learning-rate multiplier, weight
+    decay): those `rules` exclude (excluded_from_weight_decay) take weight decay 0, the others
+    `weight_decay`; those `lr_mult` names (lr_multipliers) their multiplier as the group's
+    `learning_rate`, the others 1. Groups at multiplier 1 come first, the decayed before the excluded.
+    Without rules or multipliers: one group, the same update as the plain parameter list."""
     params = module.trainable_parameters()
     structured = {id(p): name for name, p in module.named_parameters()}
     excluded = excluded_from_weight_decay(module, rules) if rules else set()
-    decayed = [p for p in params if structured.get(id(p), p.name) not in excluded]
-    kept = [p for p in params if structured.get(id(p), p.name) in excluded]
+    multipliers = lr_multipliers(module, lr_mult) if lr_mult else {}
+    groups = {}  # (multiplier, excluded) -> parameters
+    for p in params:
+        name = structured.get(id(p), p.name)
+        groups.setdefault((multipliers.get(name, 1.0), name in excluded), []).append(p)
     if rules:
-        logger.info(f"Optimizer.exclude_from_weight_decay {rules}: {len(kept)} of {len(params)} trainable "
+        logger.info(f"Optimizer.exclude_from_weight_decay {rules}: {len(excluded)} of {len(params)} trainable "
                     "parameters take no weight decay")
-    return [group for group in ({"params": decayed, "weight_decay": float(weight_decay)},
-                                {"params": kept, "weight_decay": 0.0}) if group["params"]]
+    if multipliers:
+        logger.info(f"Optimizer.lr_mult {lr_mult}: {len(multipliers)} of {len(params)} trainable parameters train at "
+                    "their multiple of the learning rate")
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], key[1]))
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else float(weight_decay), "learning_rate": key[0]}
+            for key in order]
 
 
 def build_optimizer(opt_cfg, module, learning_rate):
     """The optimizer `opt_cfg` (the Optimizer section; keys it lacks at their defaults) names, over
-    the module's trainable parameters (Module.trainable_parameters) in weight-decay groups."""
+    the module's trainable parameters (Module.trainable_parameters) in parameter groups."""
     name, values = settings(opt_cfg)
-    groups = weight_decay_groups(module, opt_cfg.get("exclude_from_weight_decay") or [], values["weight_decay"])
+    groups = parameter_groups(module, opt_cfg.get("exclude_from_weight_decay") or [], values["weight_decay"],
+                              opt_cfg.get("lr_mult"))
     return OPTIMIZERS[name].build(groups, learning_rate, values)
 
 

@@ -8,11 +8,12 @@ equivalence tests (tests/engine/test_moco_reference.py, tests/eval/test_static_i
 Each entry says what it is for and which public alternative was tried:
 - `set_cpu_threads`: `paddle.base.core.set_num_threads`. The CPU wheel ignores OMP_NUM_THREADS and
   has no public setter; without it every kernel runs on one thread.
-- `batchnorm_layers`, `batchnorm_statistics`: BatchNorm layers (`nn.layer.norm._BatchNormBase`, the common base of
-  BatchNorm1D/2D/3D and SyncBatchNorm) and their `_mean`/`_variance`, which Paddle lists among
-  `parameters()`. Public alternative: matching state-dict names ending in `_mean`/`_variance`, which
-  would also catch any user parameter so named. The evaluation fast path gives the BatchNorms without
-  affine parameters a unit scale while it traces them (ppmoco/eval/static_inference.py).
+- `batchnorm_layers`, `batchnorm_running_statistics`, `batchnorm_statistics`: BatchNorm layers
+  (`nn.layer.norm._BatchNormBase`, the common base of BatchNorm1D/2D/3D and SyncBatchNorm) and their
+  `_mean`/`_variance`, which Paddle lists among `parameters()`. Public alternative: matching
+  state-dict names ending in `_mean`/`_variance`, which would also catch any user parameter so named.
+  The evaluation fast path gives the BatchNorms without affine parameters a unit scale while it traces
+  them (ppmoco/eval/static_inference.py); fine-tuning averages the running statistics over processes.
 - `parameter_tables`: `Layer._parameters` / `Layer._buffers`: the evaluation fast path gives a
   BatchNorm without affine parameters a unit scale while it traces it, and takes it away after
   (`named_parameters()` gives the tensors but not the slots that hold them).
@@ -49,9 +50,14 @@ def batchnorm_layers(layer):
             if isinstance(sub, paddle.nn.layer.norm._BatchNormBase)]
 
 
+def batchnorm_running_statistics(layer):
+    """The running mean and variance tensors of every BatchNorm in `layer`."""
+    return [t for sub, _ in batchnorm_layers(layer) for t in (sub._mean, sub._variance)]
+
+
 def batchnorm_statistics(layer):
     """ids of the running mean/variance tensors of every BatchNorm in `layer`."""
-    return {id(t) for sub, _ in batchnorm_layers(layer) for t in (sub._mean, sub._variance)}
+    return {id(t) for t in batchnorm_running_statistics(layer)}
 
 
 def parameter_tables(layer):

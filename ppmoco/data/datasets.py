@@ -14,6 +14,7 @@ import paddle
 from PIL import Image, ImageFile
 
 from ppmoco.data.digits import build_digits
+from ppmoco.data.subsets import check_subset_keys, label_subset
 from ppmoco.data.transforms import build_transforms
 from ppmoco.errors import ConfigError, DataError
 from ppmoco.progress import Progress
@@ -250,11 +251,13 @@ class SeededDataset(paddle.io.Dataset):
     where = the image's file or another name for it), `labels` (int64: [N] class indices, UNLABELLED
     where a sample has none, or [N, C] targets of multi-label data), `num_classes`, `source` (what the
     data came from) and `labelled_form` (the registered views=1 dataset of the same images: the
-    memory bank of the feature protocols); `class_names` where the listing knows them.
+    memory bank of the feature protocols); `class_names` where the listing knows them; `drawn_split`
+    (subsets.DrawnSplit) where it drew a label subset, for subsets.write_drawn_split.
     """
 
     multi_label = False
     class_names = None
+    drawn_split = None
 
     def __init__(self, transform_ops, views, seed, config_key, view_trans=None):
         if views < 1:
@@ -319,15 +322,19 @@ class _ImageDataset(FileDataset):
     `labelled` says whether the samples need labels: then `root` must hold class folders and every
     list-file line a label. Otherwise any folder of images and bare list-file paths do, and a sample
     without a label gets UNLABELLED; labels a list file does give are still checked.
+
+    `split_file` (SimCLR's format) or `label_fraction` (+ `label_seed`) keep a subset of the images
+    (ppmoco/data/subsets.py); labels, classes and num_classes stay those of the whole listing.
     """
 
     labelled = True
     labelled_form = "GeneralClsDataset"
 
     def __init__(self, root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
-                 builtin, seed, config_key, view_trans=None):
+                 builtin, subset, seed, config_key, view_trans=None):
         # its checks before the listing
         super().__init__(transform_ops, views, skip_bad_images, seed, config_key, view_trans)
+        check_subset_keys(*subset, config_key)
         if root is not None and (image_root is not None or cls_label_path is not None):
             raise ConfigError(f"{config_key}.root: set either root or image_root + cls_label_path, not both")
         if root is None and (image_root is None or cls_label_path is None):
@@ -368,6 +375,11 @@ class _ImageDataset(FileDataset):
         found = len(classes) if root is not None else int(labels.max(initial=-1)) + 1
         self.num_classes = class_num if class_num is not None else found
         self.class_names = classes if root is not None and classes else None
+        kept, self.drawn_split = label_subset([path for path, _ in self.samples], root or image_root, self.labels,
+                                              *subset, config_key, self.source, IMAGE_EXTENSIONS)
+        if kept is not None:
+            self.samples = [self.samples[i] for i in kept]
+            self.labels = self.labels[kept]
 
 
 @DATASETS.register(aliases=("ContrativeLearningDataset",))
@@ -383,10 +395,11 @@ class ContrastiveLearningDataset(_ImageDataset):
     labelled = False
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
-                 views=2, skip_bad_images=False, builtin=None, view_trans1=None, view_trans2=None, seed=0,
-                 config_key="dataset"):
+                 views=2, skip_bad_images=False, builtin=None, view_trans1=None, view_trans2=None, split_file=None,
+                 label_fraction=None, label_seed=None, seed=0, config_key="dataset"):
         super().__init__(root, image_root, cls_label_path, class_num, transform_ops, views, skip_bad_images,
-                         builtin, seed, config_key, (view_trans1, view_trans2))
+                         builtin, (split_file, label_fraction, label_seed), seed, config_key,
+                         (view_trans1, view_trans2))
 
 
 @DATASETS.register()
@@ -394,9 +407,10 @@ class GeneralClsDataset(_ImageDataset):
     """(image, label) of image files, the image as float32 CHW: for linear evaluation and kNN."""
 
     def __init__(self, root=None, image_root=None, cls_label_path=None, class_num=None, transform_ops=None,
-                 skip_bad_images=False, builtin=None, seed=0, config_key="dataset"):
+                 skip_bad_images=False, builtin=None, split_file=None, label_fraction=None, label_seed=None, seed=0,
+                 config_key="dataset"):
         super().__init__(root, image_root, cls_label_path, class_num, transform_ops, 1, skip_bad_images,
-                         builtin, seed, config_key)
+                         builtin, (split_file, label_fraction, label_seed), seed, config_key)
 
 
 def require_labels(dataset, key_path, user):

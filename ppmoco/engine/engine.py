@@ -9,7 +9,7 @@ import paddle
 import paddle.distributed as dist
 
 from ppmoco.config import dump_config
-from ppmoco.data import build_dataloader, build_dataset, require_labels
+from ppmoco.data import build_dataloader, build_dataset, require_labels, write_drawn_split
 from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
 from ppmoco.engine.checkpoint import (
@@ -189,6 +189,7 @@ class Engine:
         epoch, start_batch, global_step = self._resume()
         if self.env.is_main:
             dump_config(self.cfg, os.path.join(self.save_load["output_dir"], "config.yaml"))
+            write_drawn_split(self.train_set, self.save_load["output_dir"])
         steps_per_epoch = len(self.train_sampler)
         max_steps = self.cfg["Engine"]["max_steps"]
         total_steps = steps_per_epoch * self.epochs

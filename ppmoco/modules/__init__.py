@@ -1,6 +1,7 @@
 """Methods (Modules) by the name a config's `Model.module` gives them."""
 from ppmoco.fleetx import module_args
 from ppmoco.modules.base import Module, Progress, StepOutput
+from ppmoco.modules.finetune import FineTune
 from ppmoco.modules.linear_eval import LinearEval
 from ppmoco.modules.mhead_linear import MultiHeadLinearEval
 from ppmoco.modules.moco import MoCo
@@ -13,6 +14,7 @@ MODULES.register(MoCo, name="MOCOModule", aliases=("MoCo",))
 MODULES.register(MoCoV3, name="MOCOv3Module", aliases=("MoCoV3",))
 MODULES.register(LinearEval, name="MOCOClsModule", aliases=("LinearEval",))
 MODULES.register(MultiHeadLinearEval, name="MOCOMultiHeadClsModule", aliases=("MultiHeadLinear",))
+MODULES.register(FineTune, name="GeneralClsModule", aliases=("FineTune",))
 MODULES.register(SupConIn, name="MOCOSupConInModule", aliases=("SupConIn",))
 MODULES.register(SupConOut, name="MOCOSupConOutModule", aliases=("SupConOut",))
 MODULES.register(SupConSuploss, name="MOCOSupConSuplossModule", aliases=("SupConSuploss",))
@@ -27,5 +29,5 @@ def build_module(model_cfg):
     return cls(**args)
 
 
-__all__ = ["Module", "Progress", "StepOutput", "MoCo", "MoCoV3", "LinearEval", "MultiHeadLinearEval", "SupConIn",
-           "SupConOut", "SupConSuploss", "MODULES", "build_module"]
+__all__ = ["Module", "Progress", "StepOutput", "MoCo", "MoCoV3", "LinearEval", "MultiHeadLinearEval", "FineTune",
+           "SupConIn", "SupConOut", "SupConSuploss", "MODULES", "build_module"]

@@ -3,6 +3,7 @@
 Every backbone weight is frozen and the backbone stays in eval mode (its BatchNorm statistics never
 change); only the fc layer, initialised N(0, 0.01) with zero bias, is trained. After the first epoch
 the backbone is compared with the pretrained file, as the reference's sanity check does.
+FineTune (ppmoco/modules/finetune.py) is this module with the backbone trained too.
 """
 import logging
 
@@ -31,10 +32,21 @@ def _frozen_as(frozen, tensor):
     return _as_float32(paddle.to_tensor(frozen, place=tensor.place).astype(tensor.dtype))
 
 
+def _under(name, prefixes):
+    """Whether structured name `name` lies under one of `prefixes` ("" holds every name; `layer1` holds
+    `layer1.0.conv1.weight` but not `layer10...`)."""
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
 class FrozenBackboneProbe(Module):
-    """What the probes of a frozen backbone share (LinearEval, MultiHeadLinearEval): the backbone
-    built and loaded from `base_encoder`, every weight frozen, kept in eval mode, checked against the
-    pretrained weights after the first epoch; the reported top-k. A subclass adds its classifier."""
+    """What the classifiers on a pretrained backbone share (LinearEval, MultiHeadLinearEval, and FineTune,
+    which freezes a part only): the backbone built and loaded from `base_encoder`; its frozen part, the
+    tensors under `frozen_prefixes` (structured-name prefixes; "" the whole backbone, as the probes
+    freeze it), which takes no gradient, stays in eval mode (its BatchNorm statistics never change) and
+    is checked against the loaded weights after the first epoch; the reported top-k. A subclass adds its
+    classifier."""
+
+    frozen_prefixes = ("",)  # what __init__ freezes (see freeze)
 
     def __init__(self, base_encoder, topk):
         super().__init__()
@@ -49,14 +61,27 @@ class FrozenBackboneProbe(Module):
         else:
             logger.warning("Model.model.base_encoder.pretrained is not set: evaluating a randomly "
                            "initialised backbone (the baseline)")
-        self._frozen = {k: v.numpy().copy() for k, v in self.backbone.state_dict().items()}
-        for p in self.backbone.parameters():
-            p.stop_gradient = True
+        self.freeze(self.frozen_prefixes)
+
+    def freeze(self, prefixes):
+        """Freeze the backbone tensors under `prefixes` (structured-name prefixes, "" every tensor): their
+        parameters take no gradient, their layers stay in eval mode, and after the first epoch they must
+        equal their values now. Called while the module is built: by __init__ with `frozen_prefixes`, then
+        by a subclass that freezes a part it knows only once the backbone is built (FineTune, whose
+        `frozen_prefixes` are empty); a parameter frozen once stays frozen."""
+        self.frozen_prefixes = tuple(prefixes)
+        self._frozen = {k: v.numpy().copy() for k, v in self.backbone.state_dict().items()
+                        if _under(k, self.frozen_prefixes)}
+        for name, p in self.backbone.named_parameters():
+            if _under(name, self.frozen_prefixes):
+                p.stop_gradient = True
 
     def train(self):
-        """Train the classifier only; the frozen backbone keeps eval-mode BatchNorm."""
+        """Train the rest; the frozen layers keep eval-mode BatchNorm."""
         super().train()
-        self.backbone.eval()
+        for name, layer in self.backbone.named_sublayers(include_self=True):
+            if _under(name, self.frozen_prefixes):
+                layer.eval()
         return self
 
     def extract_features(self, images):
@@ -70,21 +95,22 @@ class FrozenBackboneProbe(Module):
         return super().supports(hook) and (hook != "extract_stages" or hasattr(self.backbone, "forward_stages"))
 
     def on_epoch_end(self, epoch):
-        if epoch == 1:
+        if epoch == 1 and self._frozen:
             self.check_backbone_unchanged()
 
     def check_backbone_unchanged(self):
-        """The reference's sanity check: training the classifier must not touch the backbone.
+        """The reference's sanity check: training must not touch the frozen backbone tensors.
 
         The snapshot is float32, taken before O2 mixed precision casts the backbone's convolutions to
         float16/bfloat16 (paddle.amp.decorate, when the Engine builds its step): a tensor in another
         dtype is compared with the snapshot cast the same way, exactly, so any change the backbone
         can hold in its dtype (one unit in its last place) still fails the check."""
-        for name, value in self.backbone.state_dict().items():
-            if not np.array_equal(_as_float32(value), _frozen_as(self._frozen[name], value)):
-                raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; "
-                                  "the backbone must stay frozen (a ppmoco bug: please report it)")
-        logger.info("sanity check passed: the backbone equals the pretrained weights")
+        state = self.backbone.state_dict()
+        for name, frozen in self._frozen.items():
+            if not np.array_equal(_as_float32(state[name]), _frozen_as(frozen, state[name])):
+                raise RuntimeError(f"backbone tensor {name} changed during training although it is frozen "
+                                   "(a ppmoco bug: please report it)")
+        logger.info("sanity check passed: the frozen backbone tensors equal the loaded weights")
 
 
 class LinearEval(FrozenBackboneProbe):
@@ -99,10 +125,13 @@ class LinearEval(FrozenBackboneProbe):
             features = self.backbone(images)
         return self.classifier(features)
 
+    def _loss(self, logits, labels):
+        return F.cross_entropy(logits, labels)
+
     def training_step(self, batch):
         images, labels = batch[0], batch[-1]
         logits = self._logits(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = self._loss(logits, labels)
         # a k at or above the number of classes counts every row (ppmoco.metrics)
         accuracies = topk_accuracy(logits, labels, self.topk)
         return StepOutput(loss, {f"acc{k}": acc for k, acc in zip(self.topk, accuracies)})

@@ -17,7 +17,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppmoco.distributed import concat_all_gather, rank, world_size
+from ppmoco.distributed import concat_all_gather, rank, sync_batchnorm
 from ppmoco.errors import ConfigError
 from ppmoco.metrics import topk_accuracy
 from ppmoco.models import BatchNormMLP, VisionTransformer, build_backbone, load_pretrained_backbone
@@ -72,12 +72,12 @@ class MoCoV3(Module):
             p.stop_gradient = True
 
     def setup(self, global_batch_size):
-        # main_moco.py normalises over the global batch (SyncBatchNorm); Paddle's runs on GPUs only,
-        # so CPU processes normalise their own batches (docs/mocov3.md). The converted layers share
-        # the parameters and statistics of the ones they replace, so the momentum pairs still hold.
-        if self.sync_bn and world_size() > 1 and paddle.device.get_device().startswith("gpu"):
+        # main_moco.py normalises over the global batch (SyncBatchNorm; on GPUs only, docs/mocov3.md). The
+        # converted layers share the parameters and statistics of the ones they replace, so the momentum
+        # pairs still hold.
+        if self.sync_bn:
             for name in ("base_encoder", "momentum_encoder", "predictor"):
-                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+                setattr(self, name, sync_batchnorm(getattr(self, name)))
 
     def momentum_at(self, progress):
         """The momentum of the step at `progress` (a Progress)."""

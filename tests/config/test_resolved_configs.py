@@ -5,7 +5,8 @@ from configs/*_digits_1n2c.yaml as they stood before their shared parts moved to
 Values and their types must match (JSON keeps 30.0 apart from 30); the order of keys inside a section
 may differ, since a base file's keys come first when merged, and no consumer reads that order.
 Keys the schema gained later (FleetX's, ppmoco.fleetx; Eval.svm and Eval.lowshot; Optimizer.use_nesterov;
-Engine.hang_timeout; Engine.conv; Optimizer.exclude_from_weight_decay) were added to it at their defaults
+Engine.hang_timeout; Engine.conv; Optimizer.exclude_from_weight_decay; Optimizer.lr_mult) were added to it at
+their defaults
 (Eval.svm.costs since at mmselfsup's full grid);
 the configs set Inference.model_dir later still (a folder of each run's own, for tools/export.py).
 """

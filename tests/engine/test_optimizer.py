@@ -1,5 +1,6 @@
 """The optimizers Optimizer.name chooses (ppmoco/optimizers.py): Momentum as torch SGD, AdamW as
-torch.optim.AdamW, weight-decay exclusion for all three, and the loss scaler's skipped steps. LARS's
+torch.optim.AdamW, weight-decay exclusion and learning-rate multipliers for all three, and the loss scaler's
+skipped steps. LARS's
 update: tests/engine/test_lars.py; their state in checkpoints: tests/engine/test_optimizer_state.py."""
 import numpy as np
 import paddle
@@ -8,7 +9,7 @@ import pytest
 from ppmoco.engine.step import build_optimizer
 from ppmoco.errors import ConfigError
 from ppmoco.modules.base import Module
-from ppmoco.optimizers import excluded_from_weight_decay
+from ppmoco.optimizers import excluded_from_weight_decay, lr_multipliers
 
 from optimizer_cases import case, largest_difference, numpy_adamw, run
 from optional_deps import torch_or_skip
@@ -142,13 +143,13 @@ def test_a_name_rule_that_matches_nothing_is_a_config_error():
         excluded_from_weight_decay(Net(), ["bias", "haed"])
 
 
-def train_net(cfg, seed=0, steps=3):
+def train_net(cfg, seed=0, steps=3, lr=0.1):
     paddle.seed(seed)
     net = Net()
-    opt = build_optimizer(cfg, net, 0.1)
+    opt = build_optimizer(cfg, net, lr)
     x = paddle.randn([2, 3, 6, 6])
     for i in range(steps):
-        opt.set_lr(0.1 * (i + 1))
+        opt.set_lr(lr * (i + 1))
         net(x).backward()
         opt.step()
         opt.clear_grad()
@@ -172,6 +173,36 @@ def test_excluded_parameters_train_as_without_weight_decay(name, decay):
     assert not np.array_equal(decayed["head.weight"], undecayed["head.weight"])  # the decay shows
     assert [len(g["params"]) for g in opt._param_groups] == [len(Net().trainable_parameters()) - len(excluded),
                                                                len(excluded)]
+
+
+@pytest.mark.parametrize("name", ["Momentum", "AdamW", "LARS"])
+def test_a_parameter_with_a_multiplier_trains_as_at_that_multiple_of_the_learning_rate(name):
+    """From the same weights and gradients each parameter's step is its own: after one step a parameter
+    that lr_mult names must be where a step at m times the learning rate puts it (its weight decay
+    scaled with it: torch's group lr), every other one where the plain step does."""
+    rules = {"head": 10.0, "gate": 0.5}
+    scaled = lr_multipliers(Net(), rules)
+    assert scaled == {"head.weight": 10.0, "head.bias": 10.0, "gate.weight": 0.5, "gate.bias": 0.5}
+    with_mult, opt = train_net({"name": name, "weight_decay": 0.05, "lr_mult": rules}, steps=1)
+    runs = {m: train_net({"name": name, "weight_decay": 0.05}, steps=1, lr=0.1 * m)[0] for m in (1.0, 10.0, 0.5)}
+    # Catches: the multiplier ignored (Paddle's optimizers and LARS read a group's learning_rate), applied to
+    # every group, or applied to the gradient only (the decay at the plain rate, visible under AdamW and LARS).
+    for key in runs[1.0]:
+        np.testing.assert_allclose(with_mult[key], runs[scaled.get(key, 1.0)][key], rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+    assert not np.allclose(runs[10.0]["head.weight"], runs[1.0]["head.weight"])
+    assert sorted(g["learning_rate"] for g in opt._param_groups) == [0.5, 1.0, 10.0]
+
+
+def test_lr_mult_rules_that_match_nothing_or_overlap_are_config_errors():
+    # Catches: a misspelt rule leaving the head at the backbone's rate, and two rules fighting over one
+    # parameter (which one wins would depend on the order of the YAML mapping).
+    with pytest.raises(ConfigError, match=r"^Optimizer.lr_mult: 'haed' is in no trainable parameter's name of Net "
+                                          r"\(e\.g\. bias_table\); correct it$"):
+        lr_multipliers(Net(), {"haed": 10.0})
+    with pytest.raises(ConfigError, match=r"^Optimizer.lr_mult: head.bias holds both 'head' and 'bias'; give each "
+                                          r"parameter one rule"):
+        lr_multipliers(Net(), {"head": 10.0, "bias": 2.0})
 
 
 def test_momentum_in_a_parameter_group_is_bit_identical_to_the_plain_parameter_list():

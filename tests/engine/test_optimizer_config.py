@@ -21,13 +21,13 @@ def test_each_optimizer_resolves_to_its_own_keys_at_their_defaults():
     # config.yaml records as what ran.
     lr = optimizer()["lr"]
     assert optimizer() == {"name": "Momentum", "momentum": 0.9, "use_nesterov": False, "weight_decay": 0.0005,
-                           "lr": lr, "exclude_from_weight_decay": []}
+                           "lr": lr, "exclude_from_weight_decay": [], "lr_mult": {}}
     assert optimizer("Optimizer.name=AdamW", "Optimizer.momentum=null", "Optimizer.weight_decay=null") == {
         "name": "AdamW", "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "weight_decay": 0.01, "lr": lr,
-        "exclude_from_weight_decay": []}
+        "exclude_from_weight_decay": [], "lr_mult": {}}
     assert optimizer("Optimizer.name=LARS", "Optimizer.trust_coefficient=0.002") == {
         "name": "LARS", "momentum": 0.9, "weight_decay": 0.0005, "trust_coefficient": 0.002, "lr": lr,
-        "exclude_from_weight_decay": []}
+        "exclude_from_weight_decay": [], "lr_mult": {}}
     assert set(OPTIMIZERS) == {"Momentum", "AdamW", "LARS"}
 
 
@@ -36,7 +36,8 @@ def test_a_section_without_optimizer_keys_is_momentum_as_before(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("Model: {module: MOCOModule}\n")
     assert load_config(str(path))["Optimizer"] == {"name": "Momentum", "momentum": 0.9, "use_nesterov": False,
-                                                   "weight_decay": 0.0001, "lr": {}, "exclude_from_weight_decay": []}
+                                                   "weight_decay": 0.0001, "lr": {}, "exclude_from_weight_decay": [],
+                                                   "lr_mult": {}}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -63,6 +64,13 @@ def test_a_section_without_optimizer_keys_is_momentum_as_before(tmp_path):
     (["Optimizer.exclude_from_weight_decay=[bias,'']"], r"Optimizer.exclude_from_weight_decay: \['bias', ''\] must "
                                                         r"be a list of distinct, non-empty rules"),
     (["Optimizer.exclude_from_weight_decay=[norm,norm]"], r"Optimizer.exclude_from_weight_decay: .* distinct"),
+    # Catches: a multiplier that is not a positive number reaching Paddle (a zero or negative learning rate).
+    (["Optimizer.lr_mult=100"], r"Optimizer.lr_mult: expected a mapping, got int 100"),
+    (["Optimizer.lr_mult.classifier=0"], r"Optimizer.lr_mult: \{'classifier': 0\} must map parts of parameter "
+                                         r"names to learning-rate multipliers > 0; e\.g\. -o "
+                                         r"Optimizer.lr_mult='\{classifier: 100\}'"),
+    (["Optimizer.lr_mult.classifier=high"], r"Optimizer.lr_mult: \{'classifier': 'high'\} must map"),
+    (["Optimizer.lr_mult.classifier=true"], r"Optimizer.lr_mult: \{'classifier': True\} must map"),
 ])
 def test_optimizer_errors_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

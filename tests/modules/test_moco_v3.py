@@ -7,6 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
+from ppmoco import distributed
 from ppmoco.errors import ConfigError
 from ppmoco.modules import MoCoV3, Progress, build_module
 from ppmoco.modules import moco_v3 as moco_v3_module
@@ -153,7 +154,7 @@ def test_the_base_encoders_backbone_loads_from_a_moco_v3_checkpoint(tmp_path, en
 @pytest.mark.parametrize("device, processes, synced", [("gpu:0", 2, True), ("cpu", 2, False), ("gpu:0", 1, False)])
 def test_batchnorm_syncs_across_gpu_processes_only(monkeypatch, device, processes, synced):
     moco = make()
-    monkeypatch.setattr(moco_v3_module, "world_size", lambda: processes)
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
     monkeypatch.setattr(paddle.device, "get_device", lambda: device)
     pairs = [(id(b), id(k)) for b, k in moco._ema_pairs]
     moco.setup(16)
