@@ -58,7 +58,7 @@ def test_misspelt_config_name_lists_the_closest_shipped_configs(tmp_path):
     # Catches: a multi-line or traceback error, and a hint that lists nothing or the wrong names.
     proc = run(train_cmd(tmp_path / "run", config="mocov2_pt_in1k_1n4c.yaml"), timeout=120)
     assert_user_error(proc, "config file not found: mocov2_pt_in1k_1n4c.yaml; check the -c path",
-                      "(closest: mocov2_pt_in1k_1n8c.yaml, mocov1_pt_in1k_1n8c.yaml, mocov2_pt_cifar10_1n2c.yaml)")
+                      "(closest: mocov2_pt_in1k_1n8c.yaml, mocov1_pt_in1k_1n8c.yaml, mocov2_pt_in100_1n8c.yaml)")
     assert not (tmp_path / "run").exists()
 
 
