@@ -76,6 +76,8 @@ SCHEMA = {
         # FleetX's batch keys. The per-process batch is Data.Train.sampler.batch_size (as in FleetX's
         # vision engine); these are checked against it: global = batch_size x processes, local =
         # batch_size (or 1, the placeholder of FleetX's vis/base.yaml), micro = local (no accumulation).
+        # With Data.Train.sampler.batch_size null, global_batch_size is divided among the processes
+        # (train_batch_size), so a job whose process count changes keeps its global batch.
         "global_batch_size": None,
         "local_batch_size": None,
         "micro_batch_size": None,
@@ -475,6 +477,15 @@ def _check_supported(cfg):
 def _check_batch_keys(global_cfg, batch_size):
     """FleetX's Global batch keys against the sampler (the number of processes: Engine)."""
     local, micro = global_cfg["local_batch_size"], global_cfg["micro_batch_size"]
+    if batch_size is None:
+        if global_cfg["global_batch_size"] is None:
+            raise ConfigError("Data.Train.sampler.batch_size: null divides Global.global_batch_size among the "
+                              "processes, but that is null too; set one of them")
+        if local not in (None, 1):
+            raise ConfigError(f"Global.local_batch_size: {local} fixes the batch of each process, but "
+                              "Data.Train.sampler.batch_size: null divides Global.global_batch_size among the "
+                              "processes; remove local_batch_size or set the sampler's batch_size")
+        return
     if local not in (None, 1, batch_size):
         raise ConfigError(f"Global.local_batch_size: {local} but Data.Train.sampler.batch_size is {batch_size}, "
                           "the batch each process trains on; make them equal or remove local_batch_size")
@@ -485,6 +496,21 @@ def _check_batch_keys(global_cfg, batch_size):
     if total is not None and total % batch_size:
         raise ConfigError(f"Global.global_batch_size: {total} is not a multiple of Data.Train.sampler.batch_size "
                           f"{batch_size}; it must be batch_size x processes")
+
+
+def train_batch_size(cfg, processes):
+    """The batch each of `processes` training processes takes: Data.Train.sampler.batch_size, or where that
+    is null, Global.global_batch_size divided among them (the same global batch for any process count that
+    divides it: a job that lost or gained a node resumes at the same image); a one-line ConfigError where
+    it does not divide."""
+    batch_size, total = cfg["Data"]["Train"]["sampler"]["batch_size"], cfg["Global"]["global_batch_size"]
+    if batch_size is not None:
+        return batch_size
+    if total % processes:
+        raise ConfigError(f"Global.global_batch_size: {total} images cannot be divided among {processes} processes "
+                          "(Data.Train.sampler.batch_size is null); launch a number of processes that divides it, "
+                          "or set another global batch")
+    return total // processes
 
 
 def _check_eval_sampler(evaluation):

@@ -56,7 +56,7 @@ from typing import Callable, NamedTuple
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppmoco.cli import run, tool_parser  # noqa: E402
-from ppmoco.config import load_config, resolve_config_path  # noqa: E402
+from ppmoco.config import load_config, resolve_config_path, train_batch_size  # noqa: E402
 from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 from ppmoco.host_allocator import (  # noqa: E402
@@ -551,6 +551,8 @@ def main(argv=None):
     args = parse_args(argv)
     overrides = config_overrides(args)
     cfg = load_config(args.config, overrides)
+    sampler = cfg["Data"]["Train"]["sampler"]  # a batch divided among the processes: fixed for those measured
+    sampler["batch_size"] = train_batch_size(cfg, int(os.environ.get("PADDLE_TRAINERS_NUM", "1")))
     if args.child:
         return child_main(args, cfg)
     if args.compare_torch:

@@ -8,7 +8,7 @@ import time
 import paddle
 import paddle.distributed as dist
 
-from ppmoco.config import dump_config
+from ppmoco.config import dump_config, train_batch_size
 from ppmoco.data import build_dataloader, build_dataset, require_labels, write_drawn_split
 from ppmoco.data.preview import spread_indices, view_grid
 from ppmoco.distributed import all_reduce_mean
@@ -47,7 +47,8 @@ class Engine:
         """`evaluation`: the Engine of an evaluation tool, which evaluates whatever Engine.eval_freq says;
         `attempt`: the restart.Attempt of a training run paddle.distributed.launch started."""
         self.cfg, self.module, self.env, self.attempt = cfg, module, env, attempt
-        self.resumed_from, self.steps_done = None, 0  # the checkpoint this run went on from; steps done
+        # The checkpoint this run went on from; the steps done (a step's checkpoint is part of it).
+        self.resumed_from, self.steps_done = None, 0
         engine, train = cfg["Engine"], cfg["Data"]["Train"]
         self.save_load = engine["save_load"]
         self.epochs = engine["num_train_epochs"]
@@ -55,7 +56,7 @@ class Engine:
         if sampler["name"] != "DistributedBatchSampler":
             raise ConfigError(f"Data.Train.sampler.name: '{sampler['name']}' is not supported; "
                               "use DistributedBatchSampler")
-        self.batch_size = sampler["batch_size"]  # per process
+        self.batch_size = train_batch_size(cfg, env.world_size)  # per process
         self.global_batch = self.batch_size * env.world_size
         declared = cfg["Global"]["global_batch_size"]
         if declared is not None and declared != self.global_batch:
@@ -69,7 +70,7 @@ class Engine:
         if module.needs_labels:
             require_labels(self.train_set, "Data.Train.dataset", type(module).__name__)
         self.train_loader, self.train_sampler = build_dataloader(
-            self.train_set, sampler["batch_size"], env.world_size, env.rank, sampler["shuffle"],
+            self.train_set, self.batch_size, env.world_size, env.rank, sampler["shuffle"],
             sampler["drop_last"], seed, **train["loader"])
         if len(self.train_sampler) == 0:
             raise ConfigError(f"Data.Train.sampler.batch_size: the global batch {self.global_batch} "
@@ -112,6 +113,7 @@ class Engine:
 
     def save(self, name, epoch, next_batch, global_step, regular=True):
         """Rank 0 writes; `regular` checkpoints move `latest` and rotate, `best` does neither."""
+        self.steps_done = global_step - 1  # a failure before the checkpoint is written is in its step
         self.guard.check(global_step, state=True)
         if self.env.is_main:
             with self.watchdog.paused():
@@ -119,6 +121,7 @@ class Engine:
                                        self._trainer_state(epoch, next_batch, global_step),
                                        self.save_load["keep_last"], regular=regular)
             logger.info(f"saved checkpoint {path}")
+        self.steps_done = global_step
 
     def evaluate(self, global_step=0):
         """Run the configured protocol and return its {protocol: {name: value}}.
@@ -164,7 +167,9 @@ class Engine:
         if path is None:
             return 0, 0, 0
         self.resumed_from = os.path.basename(path)
-        check_geometry(load_trainer_state(path), path, self.env.world_size, self.batch_size)
+        saved = load_trainer_state(path)
+        self.steps_done = saved.get("global_step", 0)  # a failure from here on is in the step after it
+        check_geometry(saved, path, self.env.world_size, self.batch_size)
         state = load_checkpoint(path, self.module, self.optimizer)
         lost = restore_random_state(state["rng_state"], self.env.device)
         if lost:
@@ -174,7 +179,6 @@ class Engine:
         self.guard.skipped = state.get("skipped_steps", 0)
         logger.info(f"resumed from {path}: epoch {state['epoch'] + 1}, batch {state['next_batch']}, "
                     f"global step {state['global_step']}")
-        self.steps_done = state["global_step"]
         return state["epoch"], state["next_batch"], state["global_step"]
 
     def record_failure(self, error, line):
@@ -336,7 +340,8 @@ def check_geometry(state, path, processes, batch_size):
         raise CheckpointError(
             f"{path} was written by {saved[0]} process(es) x batch {saved[1]} (global batch {was}); this run is "
             f"{processes} x {batch_size} ({now}): resuming at the same image needs the same global batch: {fix}, "
-            f"or run {saved[0]} x {saved[1]} as before")
+            f"or run {saved[0]} x {saved[1]} as before (Data.Train.sampler.batch_size=null with "
+            f"Global.global_batch_size={was} keeps that global batch for any number of processes that divides it)")
     logger.warning(f"resuming {path} of {saved[0]} process(es) x batch {saved[1]} with {processes} x {batch_size}: "
                    f"the same global batch {now}, so training continues at the same image; BatchNorm statistics "
                    f"now come from {batch_size} images per process (were {saved[1]}), so the run is no longer "

@@ -15,11 +15,12 @@ still holds the very bytes it judged stale (a live lock never does: its pid, sta
 A claim left by a run killed while holding it is stale in turn and is taken over the same way,
 under `.ppmoco.lock.takeover.takeover`.
 
-A run started by `paddle.distributed.launch` also records its launcher job (`launcher_job`): when the
-launcher restarts the job in place (ppmoco/engine/restart.py), the new rank 0 finds the lock of the
-job's previous attempt, whose processes the launcher has ended, and takes it over without a warning
-(the run's log says which restart it is). A holder that still runs is refused as above, and the lock of
-any other run is judged as above.
+A run started by `paddle.distributed.launch` also records who launched it (restart.Launch: each node's
+launcher, `launcher_job`, and PADDLE_JOB_ID): when the launchers restart the job in place, or a lost node
+rejoins it (ppmoco/engine/restart.py), the new rank 0, on whichever node, finds the lock of the job's
+previous attempt, whose processes the launchers have ended, and takes it over without a warning (the
+run's log says which restart it is), also when it was held from another host. A holder on this host that
+still runs is refused as above, and the lock of any other run is judged as above.
 """
 import contextlib
 import json
@@ -31,7 +32,7 @@ import time
 
 import paddle.distributed as dist
 
-from ppmoco.engine.restart import RepeatedFailure, begin_attempt
+from ppmoco.engine.restart import Launch, RepeatedFailure, begin_attempt
 from ppmoco.errors import PpmocoError
 
 logger = logging.getLogger("ppmoco")
@@ -64,6 +65,14 @@ def launcher_job(environ=None):
     parent = os.getppid()
     start = process_start(parent)
     return None if start is None else f"{socket.gethostname()}/{parent}/{start}/{pod}"
+
+
+def launch_job_id(environ=None):
+    """The PADDLE_JOB_ID a launched process runs under (the launcher reads it as --job_id; given as --job_id
+    alone it does not reach the processes), None where it is unset or Paddle's placeholder 'default'."""
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("PADDLE_JOB_ID")
+    return job_id if job_id and job_id != "default" and "PADDLE_TRAINER_ID" in environ else None
 
 
 def holder_alive(holder):
@@ -135,12 +144,19 @@ class OutputDirLock:
 
     TAKEOVER_WAIT = 10.0  # seconds to wait for another run's takeover claim (held for milliseconds)
 
-    def __init__(self, output_dir, command=None, job=None):
-        """`job`: the launcher job of this run (launcher_job()), None when it has none."""
+    def __init__(self, output_dir, command=None, launch=None):
+        """`launch`: the restart.Launch of this run, None when paddle.distributed.launch did not start it."""
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.created = False
+        self.launch = launch
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-                     "time": time.time(), "command": command or " ".join(sys.argv), "job": job}
+                     "time": time.time(), "command": command or " ".join(sys.argv),
+                     "launchers": None if launch is None else list(launch.launchers),
+                     "job_id": None if launch is None else launch.job_id}
+
+    def _earlier_attempt(self, holder):
+        """Whether the lock's holder ran an earlier attempt of this run's job (restart.Launch.continues)."""
+        return self.launch is not None and self.launch.continues(holder)
 
     def _read(self):
         data = _read_bytes(self.path)
@@ -155,12 +171,14 @@ class OutputDirLock:
             if data is None:  # released meanwhile
                 continue
             holder = _parse(data)
-            if holder_alive(holder):
+            earlier = self._earlier_attempt(holder)
+            # The launchers ended an earlier attempt's processes; on this host that is checked all the same.
+            if holder_alive(holder) and not (earlier and holder.get("host") != socket.gethostname()):
                 raise OutputDirInUse(
                     f"{os.path.dirname(self.path)} is in use by the run of {_describe(holder)}; wait for it, set "
                     f"Engine.save_load.output_dir to another folder, or delete {self.path} if that run is gone")
             if self._replace_stale(self.path, data):
-                if self.info["job"] is None or holder.get("job") != self.info["job"]:  # a restart says so later
+                if not earlier:  # a restart says so in the log later
                     logger.warning(f"took over the lock of {os.path.dirname(self.path)} from the run of "
                                    f"{_describe(holder)}, which is gone")
                 break
@@ -216,6 +234,18 @@ class OutputDirLock:
         self.release()
 
 
+def current_launch(env):
+    """The restart.Launch of this training run's processes (every rank calls it: a collective), None when
+    paddle.distributed.launch did not start them: each node's launcher once, rank 0's first."""
+    own = launcher_job()
+    launchers = [own]
+    if env.world_size > 1:
+        launchers = []
+        dist.all_gather_object(launchers, own)
+    launchers = tuple(dict.fromkeys(job for job in launchers if job is not None))
+    return Launch(launchers, launch_job_id()) if launchers else None
+
+
 @contextlib.contextmanager
 def training_lock(output_dir, env):
     """The output folder's lock for a training run of `env`'s processes, yielding its restart.Attempt
@@ -223,12 +253,12 @@ def training_lock(output_dir, env):
     attempt, and every rank learns rank 0's outcome through a collective, so none is left waiting in
     the next one: the attempt, or why the run cannot go on (the folder is another run's, the job's
     failures repeat, the folder cannot be written), which every rank then raises."""
-    lock, refusal, attempt = OutputDirLock(output_dir, job=launcher_job()), None, None
+    lock, refusal, attempt = OutputDirLock(output_dir, launch=current_launch(env)), None, None
     if env.is_main:
         try:
             lock.acquire()
             try:
-                attempt = begin_attempt(output_dir, lock.info["job"])
+                attempt = begin_attempt(output_dir, lock.launch)
                 if attempt is not None and attempt.repeated:
                     raise RepeatedFailure(attempt.repeated)
             except BaseException:

@@ -9,9 +9,13 @@ the steps between two agreements: they happen about every CHECK_SECONDS (each ag
 how many steps away the next one is, the same for every rank), and go through a gloo (CPU) process
 group, so no GPU tensor is read and the GPU's queue of work never drains for them. The Engine then
 writes a `step_S` checkpoint and raises Preempted: exit code EXIT_PREEMPTED, and `auto_resume`
-continues bit-identically. A second signal restores the default action and delivers itself again
-(a second Ctrl-C ends the run at once; a checkpoint being written stays whole, as every write is
-atomic). Data-loader workers ignore these signals (ppmoco/data/loader.py): their process stops them.
+continues bit-identically. A SIGINT after the first signal restores the default action and delivers
+itself again (a second Ctrl-C ends the run at once; a checkpoint being written stays whole, as every
+write is atomic). A repeated SIGTERM or SIGUSR1 changes nothing: those come from schedulers and
+launchers, which repeat them (paddle.distributed.launch sends its processes SIGTERM up to three times
+0.2 s apart; Slurm signals every process of a step, so a launched one gets Slurm's and the launcher's)
+and end a process that outlasts their grace period with SIGKILL. Data-loader workers ignore these
+signals (ppmoco/data/loader.py): their process stops them.
 """
 import logging
 import os
@@ -67,12 +71,13 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            self._restore()
-            os.kill(os.getpid(), signum)
+            if signum == signal.SIGINT:  # Ctrl-C again
+                self._restore()
+                os.kill(os.getpid(), signum)
             return
         self.received = signal.Signals(signum).name
         when = "this step" if world_size() == 1 else f"the step the ranks agree on (about {self.check_seconds:g} s)"
-        logger.warning(f"received {self.received}: stopping after {when} with a checkpoint (again: stop at once)")
+        logger.warning(f"received {self.received}: stopping after {when} with a checkpoint (Ctrl-C: stop at once)")
 
     def _restore(self):
         for signum, handler in self._previous.items():

@@ -1,21 +1,27 @@
 """Restarts in place: the attempts of one `paddle.distributed.launch` job, and failures that repeat.
 
 With `--elastic_level 1` and an etcd master (`--master etcd://HOST:PORT`, also for one node) the
-launcher restarts every process of the job when one fails, up to `--max_restart` times, with the same
-command, and tells the processes nothing about it (no restart count, no job id). What it leaves
-unchanged across its restarts, and what tells no other job, is the launcher process itself (their
-parent) and its POD_NAME: ppmoco.engine.lock.launcher_job. A job started anew by hand, even on the same
-output folder and from the same shell, has another launcher, so it is a new job.
+launcher of each node restarts every process of the job when one fails, up to `--max_restart` times,
+with the same command, and tells the processes nothing about it (no restart count; the job id only where
+it was given as the environment variable PADDLE_JOB_ID). A node lost with its launcher is started again by
+the cluster's scheduler, whose new launcher joins the others. What tells an attempt of the same job from
+another run is therefore its launchers (`Launch`): each node's launcher process and POD_NAME
+(ppmoco.engine.lock.launcher_job), unchanged across its restarts and another for every other launch. An
+attempt that shares a launcher with the previous one continues its job (one node's restart, or a lost node
+that rejoined the others); so does one under the previous attempt's PADDLE_JOB_ID (a job its scheduler
+started again on every node: a requeued Slurm job). A job started anew by hand on the same output folder
+has other launchers and, unless it reuses the job id, is a new job.
 
-Rank 0 keeps the job's attempts in `output_dir/.ppmoco.job`: the job, and per attempt its number and
-the failures its ranks recorded. A rank that fails (or hangs: the watchdog) writes one failure record,
+Rank 0 keeps the job's attempts in `output_dir/.ppmoco.job`: the job (the launcher of its first attempt's
+rank 0, which names it in its checkpoints), its PADDLE_JOB_ID, and per attempt its number, its launchers
+and the failures its ranks recorded. A rank that fails (or hangs: the watchdog) writes one failure record,
 `.ppmoco.failure.<rank>`: the attempt, the checkpoint the attempt resumed from, the step it was in, the
-one-line cause and the time; the next attempt's rank 0 moves the records into `.ppmoco.job`. A restart
-goes on from the newest intact checkpoint its job wrote, whatever Engine.save_load says (the first
-attempt followed it). When the last two attempts with recorded failures resumed from the same
-checkpoint and failed on the same rank with the same cause (a corrupt input, a bug reached at one
-step), no restart can get past it: every further attempt stops before training with one line that
-says so, the line the launcher shows when it gives up after --max_restart.
+one-line cause and the time; the next attempt's rank 0, wherever it runs (output_dir is shared), moves the
+records into `.ppmoco.job`. A restart goes on from the newest intact checkpoint its job wrote, whatever
+Engine.save_load says (the first attempt followed it). When the last two attempts with recorded failures
+resumed from the same checkpoint and failed on the same rank with the same cause (a corrupt input, a bug
+reached at one step), no restart can get past it: every further attempt stops before training with one
+line that says so, the line the launcher shows when it gives up after --max_restart.
 """
 import dataclasses
 import json
@@ -33,9 +39,26 @@ class RepeatedFailure(PpmocoError):
     """The job's last two attempts failed alike: restarting again cannot get past the failure."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Who runs an attempt: `launchers`, the launcher of each node (ppmoco.engine.lock.launcher_job), rank
+    0's first, and `job_id`, the PADDLE_JOB_ID they were started under (None where it is unset)."""
+    launchers: tuple
+    job_id: str = None
+
+    def continues(self, earlier):
+        """Whether `earlier`, a lock's holder or the record of a job's last attempt (a dict with its
+        `launchers` and `job_id`), was an attempt of the job this one continues: they share a launcher, or
+        a job id. A launcher ends the processes of an attempt before it starts the next one, so such a
+        holder is gone, on whichever host it ran."""
+        launchers = earlier.get("launchers")
+        shared = isinstance(launchers, list) and any(launcher in self.launchers for launcher in launchers)
+        return shared or (self.job_id is not None and earlier.get("job_id") == self.job_id)
+
+
 @dataclasses.dataclass
 class Attempt:
-    """Attempt `number` (0: the first run; then each restart) of launcher job `job`; `repeated`: the
+    """Attempt `number` (0: the first run; then each restart) of the job named `job`; `repeated`: the
     one-line reason to stop at once, when the failures of the last attempts repeat."""
     job: str
     number: int
@@ -58,26 +81,32 @@ def _failure_files(output_dir):
             if name.startswith(FAILURE_PREFIX) and not name.endswith(".tmp")]
 
 
-def begin_attempt(output_dir, job):
-    """Rank 0, holding the output folder's lock: record a new attempt of launcher job `job` (None: not
-    launched, nothing to record) in `output_dir/.ppmoco.job` and return it, with the reason to stop
-    when the job's failures repeat. Another job's record and failure records are replaced."""
-    if job is None:
+def begin_attempt(output_dir, launch):
+    """Rank 0, holding the output folder's lock: record a new attempt of `launch` (a Launch; None: not
+    launched, nothing to record) in `output_dir/.ppmoco.job` and return it, with the reason to stop when
+    the job's failures repeat. The attempt continues the job recorded there when it continues its last
+    attempt (Launch.continues); otherwise it starts a new job, whose first attempt's rank 0 launcher names
+    it, and another job's record and failure records are replaced."""
+    if launch is None:
         return None
     path = os.path.join(output_dir, JOB_FILE)
     record = _read_json(path)
-    attempts = record.get("attempts") if record.get("job") == job else None
-    if not isinstance(attempts, list):
-        attempts = []
+    attempts = record.get("attempts")
+    last = attempts[-1] if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict) else None
+    job = record.get("job")
+    if not (isinstance(job, str) and last is not None
+            and launch.continues({"launchers": last.get("launchers"), "job_id": record.get("job_id")})):
+        job, attempts = launch.launchers[0], []  # a new job
     for file in _failure_files(output_dir):
         failure = _read_json(file)
         number = failure.pop("attempt", None)
         if failure.pop("job", None) == job and isinstance(number, int) and 0 <= number < len(attempts):
             attempts[number]["failures"].append(failure)
         os.remove(file)
-    attempt = Attempt(job, len(attempts), repeated_failure(attempts))
-    attempts.append({"attempt": attempt.number, "pid": os.getpid(), "started": time.time(), "failures": []})
-    write_text_atomic(path, json.dumps({"job": job, "attempts": attempts}, indent=1) + "\n")
+    attempt = Attempt(job, len(attempts), repeated_failure(attempts, launch.job_id))
+    attempts.append({"attempt": attempt.number, "launchers": list(launch.launchers), "pid": os.getpid(),
+                     "started": time.time(), "failures": []})
+    write_text_atomic(path, json.dumps({"job": job, "job_id": launch.job_id, "attempts": attempts}, indent=1) + "\n")
     return attempt
 
 
@@ -93,10 +122,11 @@ def _key(failure):
     return failure.get("resumed"), failure.get("rank"), failure.get("cause")
 
 
-def repeated_failure(attempts):
+def repeated_failure(attempts, job_id=None):
     """The one-line reason to stop when the last two attempts with recorded failures share one: the same
     checkpoint resumed, the same rank, the same cause (an attempt killed without a word records none
-    and changes nothing; one that got further wrote a newer checkpoint, which the next one resumed)."""
+    and changes nothing; one that got further wrote a newer checkpoint, which the next one resumed).
+    `job_id`: the job's PADDLE_JOB_ID, under which a new run would continue the job (and stop again)."""
     failed = [a for a in attempts if a["failures"]]
     if len(failed) < 2:
         return None
@@ -109,7 +139,8 @@ def repeated_failure(attempts):
     failure = min(same, key=lambda f: f.get("time", 0))
     steps = sorted({f["step"] for f in before["failures"] + last["failures"] if _key(f) == _key(failure)})
     start = failure["resumed"] or "the start"
+    again = "" if job_id is None else f" under another PADDLE_JOB_ID than {job_id}"
     return (f"attempts {before['attempt']} and {last['attempt']} of this job both went on from {start} and failed "
             f"on rank {failure['rank']} in step {' and '.join(map(str, steps))}: {failure['cause']}; restarting "
             "cannot get past that, so this attempt stops before training: fix the cause, then run the command "
-            f"again (Engine.save_load.auto_resume=true continues from {start})")
+            f"again{again} (Engine.save_load.auto_resume=true continues from {start})")

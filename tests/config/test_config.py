@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from ppmoco.config import load_config, merge, parse_value, resolve_config_path
+from ppmoco.config import load_config, merge, parse_value, resolve_config_path, train_batch_size
 from ppmoco.errors import ConfigError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -187,3 +187,19 @@ def test_cifar10_linear_evaluation_uses_the_seeds_views():
     assert crop == {"size": 32}  # RandCropImage's default scale is torchvision's (0.08, 1)
     test = cfg["Data"]["Eval"]["dataset"]["transform_ops"]
     assert test[:2] == [{"ResizeImage": {"size": 36}}, {"CenterCropImage": {"size": 32}}]
+
+
+def test_a_null_train_batch_divides_the_global_batch_among_the_processes():
+    # For jobs whose process count changes (an elastic launch that lost a node). Catches a per-process batch
+    # that does not follow the process count, a global batch that does not divide silently rounded, and a
+    # null batch without a global one (or with a fixed local one) accepted.
+    digits = os.path.join(ROOT, "configs", "mocov2_pt_digits_1n2c.yaml")
+    cfg = load_config(digits, ["Data.Train.sampler.batch_size=null", "Global.global_batch_size=48"])
+    assert [train_batch_size(cfg, n) for n in (1, 2, 3)] == [48, 24, 16]
+    with pytest.raises(ConfigError, match=r"^Global.global_batch_size: 48 images cannot be divided among 5 "):
+        train_batch_size(cfg, 5)
+    assert train_batch_size(load_config(digits, ["Data.Train.sampler.batch_size=8"]), 3) == 8
+    for extra, key in (([], "Data.Train.sampler.batch_size: null"),
+                       (["Global.global_batch_size=48", "Global.local_batch_size=24"], "Global.local_batch_size: 24")):
+        with pytest.raises(ConfigError, match=f"^{key}"):
+            load_config(digits, ["Data.Train.sampler.batch_size=null", *extra])

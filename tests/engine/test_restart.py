@@ -1,7 +1,8 @@
-"""The bookkeeping of restarts in place (ppmoco/engine/restart.py), without processes: which launcher job a
-process belongs to, the attempts and failures of a job, when its failures repeat, which checkpoint a restart
-goes on from, the lock of a job's previous attempt, and the fatal-error hook that records a failure.
-The launcher itself restarting a job: tests/faults/test_elastic_restart.py."""
+"""The bookkeeping of restarts in place (ppmoco/engine/restart.py), without processes: which launcher and job id
+a process belongs to, the attempts and failures of a job (also across nodes that leave and rejoin), when its
+failures repeat, which checkpoint a restart goes on from, the lock of a job's previous attempt (also from
+another host), and the fatal-error hook that records a failure. The launcher itself restarting a job:
+tests/faults/test_elastic_restart.py and test_elastic_nodes.py."""
 import json
 import os
 import socket
@@ -14,11 +15,12 @@ import pytest
 
 from ppmoco import cli
 from ppmoco.engine.checkpoint import find_resume_checkpoint, newest_of_job, save_checkpoint
-from ppmoco.engine.lock import LOCK_NAME, OutputDirInUse, OutputDirLock, launcher_job, process_start
-from ppmoco.engine.restart import JOB_FILE, Attempt, begin_attempt, record_failure, repeated_failure
+from ppmoco.engine.lock import LOCK_NAME, OutputDirInUse, OutputDirLock, launch_job_id, launcher_job, process_start
+from ppmoco.engine.restart import JOB_FILE, Attempt, Launch, begin_attempt, record_failure, repeated_failure
 from ppmoco.errors import DataError
 
 JOB, OTHER = "host/100/5000/abcdef", "host/100/7000/abcdef"  # the same launcher pid, started another time
+ONE, ANOTHER = Launch((JOB,)), Launch((OTHER,))  # one node's launch, and a later launch on that node
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
@@ -40,10 +42,10 @@ def test_attempts_of_one_job_are_counted_and_a_new_job_starts_afresh(tmp_path):
     # Catches a restart counted as a first run (no resume of the job's own checkpoints), another job's
     # attempts or failure records taken as this job's, and failure records left behind.
     assert begin_attempt(str(tmp_path), None) is None and not os.listdir(tmp_path)  # not launched: nothing
-    first = begin_attempt(str(tmp_path), JOB)
+    first = begin_attempt(str(tmp_path), ONE)
     assert (first.number, first.repeated) == (0, None)
     _fail(tmp_path, first, 1, 7, None)
-    second = begin_attempt(str(tmp_path), JOB)
+    second = begin_attempt(str(tmp_path), ONE)
     assert (second.number, second.repeated) == (1, None)
     record = json.loads((tmp_path / JOB_FILE).read_text())
     assert [a["attempt"] for a in record["attempts"]] == [0, 1]
@@ -52,7 +54,7 @@ def test_attempts_of_one_job_are_counted_and_a_new_job_starts_afresh(tmp_path):
         "rank": 1, "step": 7, "resumed": None, "cause": "cannot decode image a/7.png: the file is empty (0 bytes)"}
     assert sorted(os.listdir(tmp_path)) == [JOB_FILE]
     _fail(tmp_path, second, 1, 7, "step_4")
-    other = begin_attempt(str(tmp_path), OTHER)
+    other = begin_attempt(str(tmp_path), ANOTHER)
     assert other.number == 0 and json.loads((tmp_path / JOB_FILE).read_text())["attempts"][0]["failures"] == []
     assert sorted(os.listdir(tmp_path)) == [JOB_FILE]
 
@@ -61,24 +63,24 @@ def test_the_same_failure_twice_from_the_same_checkpoint_stops_every_further_att
     # Catches a restart loop that retries a failure no restart can get past, one that names the rank that
     # waited for the failed one (its error repeats too, and sorts first), and one stopped by failures that
     # only look alike (test below).
-    attempt = begin_attempt(str(tmp_path), JOB)
+    attempt = begin_attempt(str(tmp_path), ONE)
     _fail(tmp_path, attempt, 1, 7, None)  # the first run: from the start
-    attempt = begin_attempt(str(tmp_path), JOB)
+    attempt = begin_attempt(str(tmp_path), ONE)
     _fail(tmp_path, attempt, 1, 7, "step_4")
     _fail(tmp_path, attempt, 0, 7, "step_4", "RuntimeError: connection reset by peer")  # waited for rank 1
-    attempt = begin_attempt(str(tmp_path), JOB)
+    attempt = begin_attempt(str(tmp_path), ONE)
     assert attempt.repeated is None  # once from the start, once from step_4: not yet the same
     _fail(tmp_path, attempt, 1, 7, "step_4")
     _fail(tmp_path, attempt, 0, 7, "step_4", "RuntimeError: connection reset by peer")  # waited for rank 1
-    killed = begin_attempt(str(tmp_path), JOB)  # killed without a word: no record, no evidence either way
-    stopped = begin_attempt(str(tmp_path), JOB)
+    killed = begin_attempt(str(tmp_path), ONE)  # killed without a word: no record, no evidence either way
+    stopped = begin_attempt(str(tmp_path), ONE)
     assert stopped.number == killed.number + 1 == 4
     assert stopped.repeated == (
         "attempts 1 and 2 of this job both went on from step_4 and failed on rank 1 in step 7: cannot decode image "
         "a/7.png: the file is empty (0 bytes); restarting cannot get past that, so this attempt stops before "
         "training: fix the cause, then run the command again (Engine.save_load.auto_resume=true continues from "
         "step_4)")
-    assert begin_attempt(str(tmp_path), JOB).repeated == stopped.repeated  # and so does every later one
+    assert begin_attempt(str(tmp_path), ONE).repeated == stopped.repeated  # and so does every later one
 
 
 @pytest.mark.parametrize("change", ["resumed", "rank", "cause"])
@@ -123,13 +125,14 @@ def test_the_lock_of_the_jobs_previous_attempt_is_taken_over_without_a_warning(t
     # (two writers), and a dead foreign run's lock taken over silently.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    holder = {"host": socket.gethostname(), "pid": gone.pid, "start": 1, "time": 0.0, "command": "x", "job": JOB}
+    holder = {"host": socket.gethostname(), "pid": gone.pid, "start": 1, "time": 0.0, "command": "x",
+              "launchers": [JOB], "job_id": None}
     (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
-    with OutputDirLock(str(tmp_path), job=JOB) as lock:
-        assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock.info and lock.info["job"] == JOB
+    with OutputDirLock(str(tmp_path), launch=ONE) as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock.info and lock.info["launchers"] == [JOB]
     assert "took over" not in caplog.text
-    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(holder, job=OTHER)))
-    with OutputDirLock(str(tmp_path), job=JOB):
+    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(holder, launchers=[OTHER])))
+    with OutputDirLock(str(tmp_path), launch=ONE):
         pass
     assert "took over the lock" in caplog.text
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -137,10 +140,77 @@ def test_the_lock_of_the_jobs_previous_attempt_is_taken_over_without_a_warning(t
         live = dict(holder, pid=sleeper.pid, start=process_start(sleeper.pid))
         (tmp_path / LOCK_NAME).write_text(json.dumps(live))
         with pytest.raises(OutputDirInUse, match=f"pid {sleeper.pid}"):
-            OutputDirLock(str(tmp_path), job=JOB).acquire()
+            OutputDirLock(str(tmp_path), launch=ONE).acquire()
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# Two nodes: A's launcher and B's; A is lost and its scheduler starts A2 (a new launcher) on some node.
+A, B, A2 = "node-a/10/500/qwerty", "node-b/20/600/asdfgh", "node-a2/30/700/zxcvbn"
+
+
+def test_a_node_that_rejoins_continues_the_job_wherever_rank_0_now_runs(tmp_path):
+    # Catches a job told apart by rank 0's launcher alone (after the lost node rejoins, rank 0 may run under
+    # the new launcher or the survivor's: either way the job would start afresh, overwriting its checkpoints),
+    # and a new launch on the folder (all launchers new) or another PADDLE_JOB_ID taken as this job.
+    first = begin_attempt(str(tmp_path), Launch((A, B)))
+    assert (first.job, first.number) == (A, 0)
+    _fail(tmp_path, first, 1, 7, None, "RuntimeError: gloo: connection closed by peer")  # B's rank saw A go
+    for rank0_moved in (Launch((B, A2)), Launch((A2, B))):
+        again = begin_attempt(str(tmp_path), rank0_moved)
+        assert again.job == A and again.repeated is None  # the job keeps the name its checkpoints carry
+    assert again.number == 2
+    record = json.loads((tmp_path / JOB_FILE).read_text())
+    assert [a["launchers"] for a in record["attempts"]] == [[A, B], [B, A2], [A2, B]]
+    assert [len(a["failures"]) for a in record["attempts"]] == [1, 0, 0]
+    assert begin_attempt(str(tmp_path), Launch((B,))).number == 3  # A2 lost for good: B goes on alone
+    anew = begin_attempt(str(tmp_path), Launch(("node-c/1/1/aaaaaa", "node-d/1/1/bbbbbb")))
+    assert (anew.job, anew.number) == ("node-c/1/1/aaaaaa", 0)
+
+
+def test_a_job_started_again_on_every_node_under_its_job_id_continues(tmp_path):
+    # A requeued Slurm job: every launcher is new, PADDLE_JOB_ID (SLURM_JOB_ID) is the same. Catches a
+    # requeued job taken for a new one (it would not go on from its own checkpoints), another job id taken
+    # for this job, and a repeated failure whose advice (run the command again) a requeue under the same job
+    # id could never follow.
+    first = begin_attempt(str(tmp_path), Launch((A, B), "4242"))
+    _fail(tmp_path, first, 0, 5, "step_4")
+    second = begin_attempt(str(tmp_path), Launch((A2, "node-b2/1/1/bbbbbb"), "4242"))
+    assert (second.job, second.number) == (A, 1)
+    _fail(tmp_path, second, 0, 5, "step_4")
+    third = begin_attempt(str(tmp_path), Launch((A, B), "4242"))
+    assert third.number == 2 and third.repeated.endswith(
+        "fix the cause, then run the command again under another PADDLE_JOB_ID than 4242 "
+        "(Engine.save_load.auto_resume=true continues from step_4)")
+    assert begin_attempt(str(tmp_path), Launch((A2,), "4243")).number == 0
+
+
+def test_the_lock_of_an_earlier_attempt_on_another_host_is_taken_over_and_a_foreign_one_is_not(tmp_path, caplog):
+    # This host cannot see a process on another one: only the job's launchers (one of them went on) or its
+    # job id tell that the holder belongs to an earlier attempt, which the launchers ended. Catches such a
+    # lock refused (the job cannot go on after its rank 0 node was lost) and another run's lock from another
+    # host taken (two runs would write one folder).
+    holder = {"host": "node-a", "pid": 4321, "start": 99, "time": 0.0, "command": "x", "launchers": [A, B],
+              "job_id": "4242"}
+    for launch in (Launch((A2, B)), Launch((B,)), Launch((A2,), "4242")):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+        with OutputDirLock(str(tmp_path), launch=launch) as lock:
+            assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock.info
+    assert "took over" not in caplog.text
+    for launch in (Launch((A2,)), Launch((A2,), "4243"), None):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+        with pytest.raises(OutputDirInUse, match="in use by the run of pid 4321 on node-a"):
+            OutputDirLock(str(tmp_path), launch=launch).acquire()
+
+
+def test_the_job_id_is_paddles_environment_variable_of_a_launched_process():
+    # Catches Paddle's placeholder 'default' (every job without an id) taken as one job, and an id read in a
+    # process the launcher did not start.
+    launched = {"PADDLE_TRAINER_ID": "0"}
+    assert launch_job_id(dict(launched, PADDLE_JOB_ID="4242")) == "4242"
+    assert launch_job_id(dict(launched, PADDLE_JOB_ID="default")) is None
+    assert launch_job_id(launched) is None and launch_job_id({"PADDLE_JOB_ID": "4242"}) is None
 
 
 @pytest.fixture

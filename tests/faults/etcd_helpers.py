@@ -1,4 +1,5 @@
-"""A real etcd server on loopback and paddle.distributed.launch commands that rendezvous through it.
+"""A real etcd server on loopback, paddle.distributed.launch commands that rendezvous through it, and what
+the training log of a job they restart says.
 
 Paddle's launcher restarts a failed job in place only with an etcd master (`--master etcd://HOST:PORT`,
 its CollectiveElasticController); without one it runs the job once, whatever --elastic_level and
@@ -9,7 +10,9 @@ PPMOCO_REQUIRE_ETCD=1 forbids the skip.
 """
 import contextlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +20,8 @@ import subprocess
 import time
 
 import pytest
+
+from ppmoco.engine.restart import JOB_FILE
 
 from fault_helpers import free_port, launch_cmd, training_pids
 
@@ -74,11 +79,12 @@ def etcd_server(folder, timeout=30):
             proc.wait()
 
 
-def elastic_launch_cmd(log_dir, master, *args, max_restart=3, nproc=2):
+def elastic_launch_cmd(log_dir, master, *args, max_restart=3, nproc=2, nnodes="1", launch_args=()):
     """One node's `paddle.distributed.launch` that restarts the job in place (elastic level 1) through
-    etcd `master`, followed by `args` (the script and its arguments)."""
-    return launch_cmd(log_dir, "--master", master, "--nnodes", "1", "--nproc_per_node", str(nproc),
-                      "--elastic_level", "1", "--max_restart", str(max_restart), *args)
+    etcd `master`, of a job of `nnodes` nodes ('MIN:MAX': elastic), with `launch_args` besides, followed by
+    `args` (the script and its arguments)."""
+    return launch_cmd(log_dir, "--master", master, "--nnodes", nnodes, "--nproc_per_node", str(nproc),
+                      "--elastic_level", "1", "--max_restart", str(max_restart), *launch_args, *args)
 
 
 def launcher_env():
@@ -95,3 +101,38 @@ def stop_launch(proc, out):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
+
+
+def steps_logged(out):
+    log = out / "train.log"
+    return log.read_text().count("[train] epoch") if log.exists() else 0
+
+
+def restart_line(out, number):
+    """The checkpoint named by the log line of restart `number` (`... going on from <checkpoint>`), or None."""
+    log = out / "train.log"
+    found = re.search(rf"restart {number} of this launcher job: going on from (\S+)", log.read_text()) \
+        if log.exists() else None
+    return found and found.group(1)
+
+
+def before_restart(out):
+    """(the last checkpoint saved, the steps logged) before the log's first restart line."""
+    text = (out / "train.log").read_text().split("restart 1 of this launcher job")[0]
+    return re.findall(r"saved checkpoint (\S+)", text)[-1], text.count("[train] epoch")
+
+
+def stepped_after_restart(out):
+    text = (out / "train.log").read_text() if (out / "train.log").exists() else ""
+    return "restart 1 of this launcher job" in text and "[train] epoch" in text.split("restart 1 of this")[1]
+
+
+def attempts(out):
+    return json.loads((out / JOB_FILE).read_text())["attempts"]
+
+
+def stopped_at(source, checkpoint, out):
+    """`out` as a run stopped at `source`'s `checkpoint` leaves it: that checkpoint (a copy), named by `latest`."""
+    shutil.copytree(source / checkpoint, out / checkpoint)
+    (out / "latest").write_text(checkpoint + "\n")
+    return out

@@ -125,6 +125,43 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert (out / "latest").read_text().strip() == f"step_{steps[0][1]}", describe(launcher)
 
 
+def test_a_repeated_sigterm_or_sigusr1_is_ignored_and_a_second_ctrl_c_stops_at_once():
+    # Catches a repeated SIGTERM (the launcher's three, Slurm's and the launcher's) taken for a second Ctrl-C:
+    # the process would die before the step its ranks agree on, without its checkpoint.
+    code = ("import os, signal, time\nfrom ppmoco.engine.preemption import StopSignals\n"
+            "with StopSignals() as stop:\n"
+            "    for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM):\n"
+            "        os.kill(os.getpid(), signum)\n"
+            "        time.sleep(0.05)\n"
+            "    print('still running after', stop.received, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(10)\n"
+            "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout == "still running after SIGTERM\n" and proc.returncode != 0, describe(proc)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    # paddle.distributed.launch passes a SIGTERM on to its processes up to three times, 0.2 s apart (and Slurm
+    # signals them itself besides). Catches a repeated SIGTERM taken for a second Ctrl-C: the processes would
+    # die before the step they agree on, without the checkpoint, and the launcher would not exit with 15.
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = launch_cmd(logs, "--nproc_per_node", "2", TRAIN,
+                     *train_args(out, *COMMON, "Engine.max_steps=1000",
+                                 "Model.model.base_encoder.widths=[32,64,64,64]"))
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(launcher, lambda: steps_logged(out) >= 3, "three steps")
+    launcher.send_signal(signal.SIGTERM)  # in a step of about 0.5 s: the second SIGTERM comes before its end
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == signal.SIGTERM, output[-2000:]
+    text = worker_logs(logs)
+    steps = re.findall(r"error: stopped by (?:SIGTERM|a stop signal on another rank) after step (\d+)", text)
+    assert len(steps) == 2 and steps[0] == steps[1], text[-3000:]
+    check_complete(str(out / f"step_{steps[0]}"))
+    assert (out / "latest").read_text().strip() == f"step_{steps[0]}"
+
+
 def test_ranks_agree_on_each_stop_check_without_a_collective_every_step(tmp_path):
     # StopSignals alone in two real processes (stop_signals_worker.py), 2 ms steps, rank 1 signalled at
     # step SIGNAL_AT. Catches: a collective after every step (on a GPU run its .item() drains the GPU's
