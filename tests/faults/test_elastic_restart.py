@@ -159,12 +159,15 @@ def straight_images(tmp_path_factory):
     return images, plain_launch(tmp, "straight", tmp / "run", *list_data(images))
 
 
-def break_image(images):
-    """Replace the image rank 1 reads in step BAD_STEP by bytes that are no image; return (path, good bytes)."""
+def broken_copy(tmp_path, source):
+    """A copy of the images in `source` under tmp_path/images in which the image rank 1 reads in step
+    BAD_STEP is bytes that are no image: (the copy, that image's path, its good bytes)."""
+    images = tmp_path / "images"
+    shutil.copytree(source, images)
     bad = images / f"{BAD_INDEX:03d}.png"
     good = bad.read_bytes()
     bad.write_bytes(b"not an image\n")
-    return bad, good
+    return images, bad, good
 
 
 def test_a_rank_that_fails_once_is_restarted_and_the_job_goes_on(tmp_path, straight_images):
@@ -172,9 +175,7 @@ def test_a_rank_that_fails_once_is_restarted_and_the_job_goes_on(tmp_path, strai
     # rewritten, a storage hiccup). Catches the failing rank's cause or step left unrecorded, a restart that
     # starts afresh or from the wrong checkpoint, and a restart stopped as a repeated failure after one.
     source, straight = straight_images
-    images = tmp_path / "images"
-    shutil.copytree(source, images)
-    bad, good = break_image(images)
+    images, bad, good = broken_copy(tmp_path, source)
     out = tmp_path / "run"
     with etcd_server(tmp_path / "etcd") as master:
         proc = start_elastic(tmp_path, master, out, *list_data(images))
@@ -203,9 +204,7 @@ def test_a_rank_that_fails_in_the_same_step_every_time_ends_the_restarts_with_on
     # traceback or an unrelated rank's error (the rank waiting for the failed one) as its last line, and one
     # that retrains up to the failing step again after the failure has repeated.
     source, _ = straight_images
-    images = tmp_path / "images"
-    shutil.copytree(source, images)
-    bad, _ = break_image(images)
+    images, bad, _ = broken_copy(tmp_path, source)
     out = tmp_path / "run"
     started = time.monotonic()
     with etcd_server(tmp_path / "etcd") as master:
