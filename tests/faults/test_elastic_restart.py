@@ -199,6 +199,19 @@ def test_a_rank_that_fails_once_is_restarted_and_the_job_goes_on(tmp_path, strai
     assert_same_weights(by_hand / f"step_{STEPS}", out / f"step_{STEPS}")
 
 
+def launch_to_its_end(tmp_path, out, *args, **kwargs):
+    """An elastic launch (start_elastic's arguments after `out`) on an etcd of its own, waited for to its end:
+    (its exit code, the seconds it took, the launcher's output)."""
+    started = time.monotonic()
+    with etcd_server(tmp_path / "etcd") as master:
+        proc = start_elastic(tmp_path, master, out, *args, **kwargs)
+        try:
+            code = proc.wait(timeout=LAUNCH_BOUND_S)
+        finally:
+            stop_launch(proc, out)
+    return code, time.monotonic() - started, (tmp_path / "launch.out").read_text(errors="replace")
+
+
 def test_a_rank_that_fails_in_the_same_step_every_time_ends_the_restarts_with_one_line(tmp_path, straight_images):
     # Catches a restart loop that fails silently (the launcher's own last words are its exit code) or with a
     # traceback or an unrelated rank's error (the rank waiting for the failed one) as its last line, and one
@@ -206,15 +219,7 @@ def test_a_rank_that_fails_in_the_same_step_every_time_ends_the_restarts_with_on
     source, _ = straight_images
     images, bad, _ = broken_copy(tmp_path, source)
     out = tmp_path / "run"
-    started = time.monotonic()
-    with etcd_server(tmp_path / "etcd") as master:
-        proc = start_elastic(tmp_path, master, out, *list_data(images))
-        try:
-            code = proc.wait(timeout=LAUNCH_BOUND_S)
-        finally:
-            stop_launch(proc, out)
-    took = time.monotonic() - started
-    launcher = (tmp_path / "launch.out").read_text(errors="replace")
+    code, took, launcher = launch_to_its_end(tmp_path, out, *list_data(images))
     assert code != 0, launcher[-3000:]
     history = attempts(out)
     # Paddle 3.3.1's launcher deploys the job max_restart + 2 times: `while restarts <= max_restart` counts
@@ -241,15 +246,7 @@ def test_a_full_disk_ends_the_restarts_with_one_line(tmp_path):
     # Rank 0 cannot write its first checkpoint, and no restart changes that. Catches a restart loop that trains
     # up to the same save again until --max_restart runs out, and one that ends with another line than the cause.
     out = tmp_path / "run"
-    started = time.monotonic()
-    with etcd_server(tmp_path / "etcd") as master:
-        proc = start_elastic(tmp_path, master, out, max_restart=1, preexec_fn=_small_files)
-        try:
-            code = proc.wait(timeout=LAUNCH_BOUND_S)
-        finally:
-            stop_launch(proc, out)
-    took = time.monotonic() - started
-    launcher = (tmp_path / "launch.out").read_text(errors="replace")
+    code, took, launcher = launch_to_its_end(tmp_path, out, max_restart=1, preexec_fn=_small_files)
     assert code != 0, launcher[-3000:]
     cause = (f"cannot write checkpoint {out / f'step_{SAVE}'}: File too large; free disk space or set "
              "Engine.save_load.output_dir to a writable folder (earlier checkpoints are intact)")
