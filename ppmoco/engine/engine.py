@@ -22,9 +22,9 @@ from ppmoco.engine.checkpoint import (
 )
 from ppmoco.engine.logger import VisualDLWriter
 from ppmoco.engine.lr import build_schedule
-from ppmoco.engine.preemption import Preempted, StopSignals
+from ppmoco.engine.preemption import ANOTHER_RANK, Preempted, StopSignals
 from ppmoco.engine.profiler import StepProfiler
-from ppmoco.engine.restart import record_failure
+from ppmoco.engine.restart import record_failure, restarts_across_nodes, wait_for_launcher
 from ppmoco.engine.rng import capture_random_state, restore_random_state
 from ppmoco.engine.step import build_train_step
 from ppmoco.engine.watchdog import Watchdog
@@ -217,6 +217,11 @@ class Engine:
             with StopSignals() as signals, self.watchdog:
                 return self._loop(epoch, start_batch, global_step, steps_per_epoch, total_steps, meter,
                                   step_profiler, signals)
+        except Exception as error:
+            cause = failed_elsewhere(error) if self.env.world_size > 1 else None
+            if cause is not None and restarts_across_nodes():
+                wait_for_launcher(cause)
+            raise
         finally:  # also when stopped by a signal (Preempted)
             if step_profiler is not None:
                 step_profiler.close()
@@ -272,7 +277,7 @@ class Engine:
         self.save(name, epoch, next_batch, global_step)
         raise Preempted(f"stopped by {signal_name} after step {global_step}: saved "
                         f"{os.path.join(self.save_load['output_dir'], name)}; run the same command with "
-                        "-o Engine.save_load.auto_resume=true to continue")
+                        "-o Engine.save_load.auto_resume=true to continue", signal_name)
 
     def _log(self, meter, epoch, batch_idx, steps_per_epoch, global_step, total_steps, lr):
         values, batch_cost, reader_cost = meter.summary()
@@ -291,6 +296,18 @@ class Engine:
             self.writer.add(f"train/{k}", v, global_step)
         self.writer.add("train/lr", lr, global_step)
         self.writer.add("train/ips", ips, global_step)
+
+
+def failed_elsewhere(error):
+    """Why training stopped with `error` where another process stopped or failed first (a stop signal
+    received elsewhere, a collective of gloo or NCCL that lost its peer); None where the cause is this
+    process's own."""
+    if isinstance(error, Preempted):
+        return error.signal_name if error.signal_name == ANOTHER_RANK else None
+    text = str(error).strip()
+    if not isinstance(error, PpmocoError) and ("gloo" in text or "NCCL" in text):
+        return f"{type(error).__name__}: {text.splitlines()[0]}"
+    return None
 
 
 def agreed_resume_checkpoint(save_load, processes, job=None):

@@ -39,10 +39,18 @@ MAX_STEPS_BETWEEN_CHECKS = 10000
 _cpu_groups = {}
 
 
+ANOTHER_RANK = "a stop signal on another rank"  # what a rank that received none stopped on
+
+
 class Preempted(PpmocoError):
-    """Training stopped on a signal after saving a checkpoint to resume from."""
+    """Training stopped on a signal after saving a checkpoint to resume from; `signal_name`: the
+    signal's, or ANOTHER_RANK."""
 
     exit_code = EXIT_PREEMPTED
+
+    def __init__(self, message, signal_name=None):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def _cpu_group():
@@ -116,5 +124,5 @@ class StopSignals:
         self.checks += 1
         self._steps_to_check, self._steps_since_check, self._last_check = -minus_steps, 0, time.monotonic()
         if stop and self.received is None:
-            self.received = "a stop signal on another rank"
+            self.received = ANOTHER_RANK
         return bool(stop)

@@ -22,10 +22,20 @@ Engine.save_load says (the first attempt followed it). When the last two attempt
 resumed from the same checkpoint and failed on the same rank with the same cause (a corrupt input, a bug
 reached at one step), no restart can get past it: every further attempt stops before training with one
 line that says so, the line the launcher shows when it gives up after --max_restart.
+
+A job of several nodes restarts when a launcher sees another node go (its heartbeat in etcd, a lease of
+10 s, lapses or is cleared): it stops its own processes and waits for its peers. A launcher whose process
+ends first, failed because another node's did (a collective that lost its peer, a stop signal received
+elsewhere), takes that failure for its own node's, and Paddle 3.3.1's launcher then checks for its peers
+before its watch of etcd has reset its state, finds none and gives up when that watch is late (a loaded
+machine). Such a process therefore waits for its launcher to stop it (wait_for_launcher).
 """
 import dataclasses
 import json
+import logging
 import os
+import signal
+import threading
 import time
 
 from ppmoco.errors import PpmocoError
@@ -33,6 +43,9 @@ from ppmoco.fileio import write_text_atomic
 
 JOB_FILE = ".ppmoco.job"
 FAILURE_PREFIX = ".ppmoco.failure."
+# The launcher sees a lost node when its heartbeat lease (10 s) lapses and polls its processes every 2 s.
+LAUNCHER_GRACE_S = 30
+logger = logging.getLogger("ppmoco")
 
 
 class RepeatedFailure(PpmocoError):
@@ -144,3 +157,54 @@ def repeated_failure(attempts, job_id=None):
             f"on rank {failure['rank']} in step {' and '.join(map(str, steps))}: {failure['cause']}; restarting "
             "cannot get past that, so this attempt stops before training: fix the cause, then run the command "
             f"again{again} (Engine.save_load.auto_resume=true continues from {start})")
+
+
+def _launcher_setting(pid, flag, variable):
+    """The value of option `flag` of paddle.distributed.launch process `pid` (`flag VALUE`, `flag=VALUE`, or
+    its environment variable `variable`), None where it is not set or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(v.split("=", 1) for v in f.read().decode(errors="replace").split("\0") if "=" in v)
+    except OSError:
+        return None
+    for arg, value in zip(args, args[1:] + [None]):
+        if arg == flag:
+            return value
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return environ.get(variable)
+
+
+def restarts_across_nodes(environ=None):
+    """Whether this process is one of a job of several nodes that its launcher restarts in place: an etcd
+    master and an elastic level of 1 or more (module docstring)."""
+    environ = os.environ if environ is None else environ
+    nodes = environ.get("PADDLE_NNODES", "1")
+    if "PADDLE_TRAINER_ID" not in environ or not nodes.isdigit() or int(nodes) < 2:
+        return False
+    launcher = os.getppid()
+    master = _launcher_setting(launcher, "--master", "PADDLE_MASTER") or ""
+    level = (_launcher_setting(launcher, "--elastic_level", "PADDLE_ELASTIC_LEVEL") or "").strip()
+    return master.startswith("etcd://") and level.lstrip("-").isdigit() and int(level) > 0
+
+
+def wait_for_launcher(cause, grace_s=LAUNCHER_GRACE_S):
+    """Wait until this node's launcher ends this process (SIGTERM or SIGINT, which end the wait only) or
+    `grace_s` seconds pass: the failure `cause` came from another node, which this node's launcher sees go
+    and restarts the job for (module docstring). Only the main thread can receive the signals."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    ended = []
+    handlers = {signum: signal.signal(signum, lambda signum, frame: ended.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    logger.warning(f"stopped by another node's process ({cause}): waiting up to {grace_s:g} s for this node's "
+                   "launcher to restart the job")
+    try:
+        end = time.monotonic() + grace_s
+        while not ended and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import paddle
 import pytest
@@ -16,7 +17,15 @@ import pytest
 from ppmoco import cli
 from ppmoco.engine.checkpoint import find_resume_checkpoint, newest_of_job, save_checkpoint
 from ppmoco.engine.lock import LOCK_NAME, OutputDirInUse, OutputDirLock, launch_job_id, launcher_job, process_start
-from ppmoco.engine.restart import JOB_FILE, Attempt, Launch, begin_attempt, record_failure, repeated_failure
+from ppmoco.engine.restart import (
+    JOB_FILE,
+    Attempt,
+    Launch,
+    begin_attempt,
+    record_failure,
+    repeated_failure,
+    wait_for_launcher,
+)
 from ppmoco.errors import DataError
 
 JOB, OTHER = "host/100/5000/abcdef", "host/100/7000/abcdef"  # the same launcher pid, started another time
@@ -285,3 +294,61 @@ def test_an_attempt_crosses_to_every_rank_as_plain_data():
 
     attempt = Attempt(JOB, 3, "why")
     assert pickle.loads(pickle.dumps(attempt)) == attempt
+
+
+@pytest.mark.parametrize("launcher_args, launcher_env, nodes, expected", [
+    (["--master", "etcd://127.0.0.1:2379", "--elastic_level", "1"], {}, "2", True),
+    (["--master=etcd://127.0.0.1:2379", "--elastic_level=2"], {}, "2", True),
+    ([], {"PADDLE_MASTER": "etcd://127.0.0.1:2379", "PADDLE_ELASTIC_LEVEL": "1"}, "2", True),
+    (["--master", "127.0.0.1:8090", "--elastic_level", "1"], {}, "2", False),  # no etcd: never restarts
+    (["--master", "etcd://127.0.0.1:2379"], {}, "2", False),  # elastic level -1 by default: no restart
+    (["--master", "etcd://127.0.0.1:2379", "--elastic_level", "0"], {}, "2", False),
+    (["--master", "etcd://127.0.0.1:2379", "--elastic_level", "1"], {}, "1", False),  # one node
+], ids=["args", "args=value", "environment", "no-etcd", "no-level", "level-0", "one-node"])
+def test_a_process_tells_whether_its_launcher_restarts_a_job_of_several_nodes(launcher_args, launcher_env, nodes,
+                                                                              expected):
+    # The launcher's options are read off the parent process: here a Python process with the launcher's arguments
+    # that starts the child asking. Catches options read from the wrong process, a form of them not understood,
+    # and a process that would wait for a launcher that never restarts the job (and so never ends it).
+    child = ("import os\nfrom ppmoco.engine.restart import restarts_across_nodes\n"
+             f"print(restarts_across_nodes({{'PADDLE_TRAINER_ID': '1', 'PADDLE_NNODES': {nodes!r}}}))\n")
+    parent = ("import subprocess, sys\n"
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)\n")
+    proc = subprocess.run([sys.executable, "-c", parent, *launcher_args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": ROOT, **launcher_env})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(expected)
+
+
+def test_a_process_stopped_by_another_waits_for_its_launcher_and_no_longer(caplog):
+    # Catches a wait that a launcher's SIGTERM does not end (the launcher would kill the process after its own
+    # 30 s), one that never ends without it, and handlers left in place after it.
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.monotonic()
+    wait_for_launcher("RuntimeError: gloo TIMEOUT", grace_s=20)
+    assert time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert "(RuntimeError: gloo TIMEOUT): waiting up to 20 s for this node's launcher" in caplog.text
+    started = time.monotonic()
+    wait_for_launcher("a stop signal on another rank", grace_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+
+
+def test_only_a_stop_or_failure_that_came_from_another_process_is_left_to_the_launcher():
+    # Catches this process's own failures taken for another's (it would keep its peers waiting for it) and a
+    # collective that lost its peer, or a stop signal received elsewhere, taken for its own.
+    from ppmoco.engine.engine import failed_elsewhere
+    from ppmoco.engine.preemption import ANOTHER_RANK, Preempted
+
+    gloo = RuntimeError("[/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:584] TIMEOUT self_rank = 1\nmore")
+    assert failed_elsewhere(gloo) == "RuntimeError: [/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:584] " \
+                                     "TIMEOUT self_rank = 1"
+    assert failed_elsewhere(RuntimeError("NCCL error: unhandled system error")) is not None
+    assert failed_elsewhere(Preempted("stopped by ...", ANOTHER_RANK)) == ANOTHER_RANK
+    assert failed_elsewhere(Preempted("stopped by SIGTERM ...", "SIGTERM")) is None
+    assert failed_elsewhere(DataError("cannot decode image gloo.png")) is None
+    assert failed_elsewhere(ValueError("a bug")) is None

@@ -182,6 +182,8 @@ def test_a_node_that_rejoins_after_it_was_lost_or_drained_goes_on_with_the_job(t
         logs = nodes.logs()
     assert codes == [0, 0], logs
     assert code == (-signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM), logs
+    # Its launcher, not its own exit, ended the survivor's process (ppmoco/engine/restart.py, wait_for_launcher).
+    assert "waiting up to 30 s for this node's launcher to restart the job" in worker_logs(tmp_path / survivor)
     newest, done = before_restart(out)
     assert restart_line(out, 1) == newest and restart_line(out, 2) is None, logs
     lost = done - int(newest.rsplit("_", 1)[1])
@@ -271,19 +273,23 @@ def test_a_lost_node_that_does_not_return_stops_a_job_whose_global_batch_cannot_
     assert code != 0, output[-3000:]
     newest, done = before_restart(out)
     resumed = int(newest.rsplit("_", 1)[1])
-    assert restart_line(out, 1) == restart_line(out, 2) == newest and not stepped_after_restart(out)
+    history = attempts(out)
+    # --max_restart 1: Paddle 3.3.1 starts the job up to max_restart + 2 times, fewer where its launcher, its own
+    # process failed, checks for its peers before its watch of etcd resets its state (a loaded machine).
+    assert 2 <= len(history) <= 3, history
+    assert [restart_line(out, n) for n in range(1, len(history))] == [newest] * (len(history) - 1)
+    assert restart_line(out, len(history)) is None and not stepped_after_restart(out)
     line = (f"error: {newest} was written by 2 process(es) x batch 8 (global batch 16); this run is 1 x 8 (8): "
             "resuming at the same image needs the same global batch: set Data.Train.sampler.batch_size=16, or run "
             "2 x 8 as before (Data.Train.sampler.batch_size=null with Global.global_batch_size=16 keeps that global "
             "batch for any number of processes that divides it)")
     errors = [text for text in output.splitlines() if text.startswith("error: ")]
     assert errors and errors[-1] == line, errors[-3:]
-    history = attempts(out)
-    assert len(history) == 3, history  # --max_restart 1: Paddle 3.3.1 starts the job max_restart + 2 times
     # Each attempt alone failed on rank 0 before its first step; the next attempt files the last one's record.
     last = json.loads((out / f"{FAILURE_PREFIX}0").read_text())
-    assert [(f["rank"], f["step"], f["resumed"]) for f in history[1]["failures"]] + [
-        (last["rank"], last["step"], last["resumed"])] == [(0, resumed + 1, os.path.basename(newest))] * 2
+    assert [(f["rank"], f["step"], f["resumed"]) for attempt in history[1:-1] for f in attempt["failures"]] + [
+        (last["rank"], last["step"], last["resumed"])] == [(0, resumed + 1, os.path.basename(newest))] * (
+        len(history) - 1)
     print(f"\nnode lost for good after step {done}, global batch not kept: the launcher gave up {took:.0f} s after "
           f"the kill, after {len(history) - 1} attempts alone")
 
