@@ -20,18 +20,20 @@ def cpu_info():
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return {"model": None, "flags": []}
+        return {"model": None, "vendor": None, "flags": []}
     return parse_cpu_info(text)
 
 
 def parse_cpu_info(text):
-    """{"model": the first processor's model name, "flags": its flags among CPU_FLAGS, sorted} of the
-    /proc/cpuinfo `text` (None and [] where it names none)."""
-    info = {"model": None, "flags": []}
+    """{"model": the first processor's model name, "vendor": its vendor_id, "flags": its flags among
+    CPU_FLAGS, sorted} of the /proc/cpuinfo `text` (None and [] where it names none)."""
+    info = {"model": None, "vendor": None, "flags": []}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and info["model"] is None:
             info["model"] = value.strip()
+        elif key.strip() == "vendor_id" and info["vendor"] is None:
+            info["vendor"] = value.strip()
         elif key.strip() == "flags":
             flags = set(value.split())
             info["flags"] = sorted(f for f in flags if f in CPU_FLAGS)
@@ -42,6 +44,15 @@ def parse_cpu_info(text):
 def has_bfloat16_units(info):
     """Whether the CPU described by cpu_info() has bfloat16 matrix or vector units."""
     return any(flag in info["flags"] for flag in BF16_UNITS)
+
+
+def mkl_code_path(info):
+    """The environment that makes MKL run its AVX2 code on the CPU described by cpu_info(), {} where it
+    needs none. MKL picks its kernels by CPU vendor: on an AMD CPU it runs its generic SSE code, which
+    made Paddle's matrix products (MKL's sgemm: linear layers, attention, the contrastive logits) about
+    2x slower than PyTorch's (docs/performance.md). The MKL that Paddle ships reads MKL_DEBUG_CPU_TYPE=5
+    as "this CPU has AVX2"; it must be set before MKL's first call."""
+    return {"MKL_DEBUG_CPU_TYPE": "5"} if info.get("vendor") == "AuthenticAMD" and "avx2" in info["flags"] else {}
 
 
 def disagreement(expected, got, bound):

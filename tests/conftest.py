@@ -9,7 +9,12 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+from ppmoco.fast_path import cpu_info, mkl_code_path  # noqa: E402
+
 os.environ.setdefault("FLAGS_call_stack_level", "0")
+# MKL's kernels as every ppmoco tool runs them (setup_environment), whichever test calls MKL first.
+for name, value in mkl_code_path(cpu_info()).items():
+    os.environ.setdefault(name, value)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import paddle
 import paddle.distributed as dist
 
 from ppmoco.errors import ConfigError
+from ppmoco.fast_path import cpu_info, mkl_code_path
 from ppmoco.paddle_internals import set_cpu_threads
 
 logger = logging.getLogger("ppmoco")
@@ -150,6 +151,8 @@ def setup_environment(global_cfg, distributed_cfg):
     apply_flags(global_cfg["flags"])
     threads = global_cfg["num_threads"] or max(1, _cpu_count() // local_size)
     if device == "cpu":
+        for name, value in mkl_code_path(cpu_info()).items():  # before MKL's first call; the user's value wins
+            os.environ.setdefault(name, value)
         # Paddle's CPU wheel runs one thread unless told otherwise; OMP_NUM_THREADS is ignored.
         set_cpu_threads(threads)
         keep_freed_memory()

@@ -1,7 +1,8 @@
 """Whether the CPU has bfloat16 units decides whether the bfloat16 tests run, and ppmoco.fast_path
 decides it: cpu_info() on /proc/cpuinfo texts written here, the tests' skip
 (optional_deps.bfloat16_units_or_skip) and CI's PPMOCO_REQUIRE_BF16 switch, which turns that skip
-into a failure where /proc/cpuinfo lists the units. Each test names the mutation it catches."""
+into a failure where /proc/cpuinfo lists the units; and MKL's code path on AMD CPUs, which the same
+/proc/cpuinfo decides. Each test names the mutation it catches."""
 import io
 import os
 import subprocess
@@ -17,10 +18,10 @@ from optional_deps import bfloat16_units_or_skip
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def processor(number, model, flags):
+def processor(number, model, flags, vendor="GenuineIntel"):
     """One processor's block of /proc/cpuinfo as Linux writes it (tab-aligned keys; a "vmx flags" line
     after "flags" on Intel)."""
-    return (f"processor\t: {number}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+    return (f"processor\t: {number}\nvendor_id\t: {vendor}\ncpu family\t: 6\nmodel\t\t: 143\n"
             f"model name\t: {model}\nstepping\t: 8\ncpu MHz\t\t: 2000.000\ncache size\t: 107520 KB\n"
             f"fpu\t\t: yes\nflags\t\t: {flags}\nvmx flags\t: vnmi preemption_timer invvpid ept_x_only\n"
             f"bugs\t\t: spectre_v1 spectre_v2\nbogomips\t: 4000.00\n\n")
@@ -36,30 +37,42 @@ TWO_SAPPHIRE_RAPIDS = processor(0, SAPPHIRE_RAPIDS, SAPPHIRE_RAPIDS_FLAGS) + pro
     1, SAPPHIRE_RAPIDS, SAPPHIRE_RAPIDS_FLAGS)
 
 
-@pytest.mark.parametrize("text, model, flags, units", [
-    pytest.param(TWO_SAPPHIRE_RAPIDS, SAPPHIRE_RAPIDS,
+AVX2 = {"MKL_DEBUG_CPU_TYPE": "5"}  # MKL's AVX2 code on an AMD CPU
+
+
+@pytest.mark.parametrize("text, model, vendor, flags, units, mkl", [
+    pytest.param(TWO_SAPPHIRE_RAPIDS, SAPPHIRE_RAPIDS, "GenuineIntel",
                  ["amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512_vnni", "avx512f", "fma"], True,
-                 id="sapphire_rapids"),
-    pytest.param(processor(0, SKYLAKE, SKYLAKE_FLAGS), SKYLAKE, ["avx2", "avx512f", "fma"], False, id="skylake"),
-    pytest.param(processor(0, "AMD EPYC 9654", "fpu sse2 avx2 fma avx512f avx512_bf16"), "AMD EPYC 9654",
-                 ["avx2", "avx512_bf16", "avx512f", "fma"], True, id="zen4_avx512_bf16_only"),
-    pytest.param(processor(0, "Emulated", "fpu sse2 amx_bf16"), "Emulated", ["amx_bf16"], True, id="amx_bf16_only"),
-    pytest.param("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n", None, [], False,
+                 {}, id="sapphire_rapids"),
+    pytest.param(processor(0, SKYLAKE, SKYLAKE_FLAGS), SKYLAKE, "GenuineIntel", ["avx2", "avx512f", "fma"], False, {},
+                 id="skylake"),
+    pytest.param(processor(0, "AMD EPYC 9654", "fpu sse2 avx2 fma avx512f avx512_bf16", "AuthenticAMD"),
+                 "AMD EPYC 9654", "AuthenticAMD", ["avx2", "avx512_bf16", "avx512f", "fma"], True, AVX2,
+                 id="zen4_avx512_bf16_only"),
+    pytest.param(processor(0, "AMD EPYC 7B12", "fpu sse2 avx2 fma", "AuthenticAMD"), "AMD EPYC 7B12", "AuthenticAMD",
+                 ["avx2", "fma"], False, AVX2, id="zen2_avx2"),
+    pytest.param(processor(0, "AMD Opteron(tm) Processor 6174", "fpu sse2 sse4a", "AuthenticAMD"),
+                 "AMD Opteron(tm) Processor 6174", "AuthenticAMD", [], False, {}, id="amd_without_avx2"),
+    pytest.param(processor(0, "Emulated", "fpu sse2 amx_bf16"), "Emulated", "GenuineIntel", ["amx_bf16"], True, {},
+                 id="amx_bf16_only"),
+    pytest.param("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n", None, None, [], False, {},
                  id="arm64_no_such_keys"),
 ])
-def test_cpu_info_reads_the_model_and_the_flags_of_proc_cpuinfo(monkeypatch, text, model, flags, units):
+def test_cpu_info_reads_the_model_and_the_flags_of_proc_cpuinfo(monkeypatch, text, model, vendor, flags, units, mkl):
     # Catches: the key "flags" misread (e.g. "flag": no line matches, no flags, and every bfloat16
-    # test skips), "model name" misread, flags kept that CPU_FLAGS lacks, a flag dropped from
-    # CPU_FLAGS or BF16_UNITS, the file's name changed.
+    # test skips), "model name" or "vendor_id" misread, flags kept that CPU_FLAGS lacks, a flag dropped from
+    # CPU_FLAGS or BF16_UNITS, the file's name changed; MKL told "AVX2" on an Intel CPU (its AVX-512 code
+    # would give way to AVX2) or on an AMD CPU without AVX2 (illegal instructions), or not on an AMD one.
     def fake_open(path, *args, **kwargs):
         assert path == "/proc/cpuinfo"
         return io.StringIO(text)
 
     monkeypatch.setattr(fast_path, "open", fake_open, raising=False)
     info = fast_path.cpu_info()
-    assert info == {"model": model, "flags": flags}
+    assert info == {"model": model, "vendor": vendor, "flags": flags}
     assert fast_path.parse_cpu_info(text) == info
     assert fast_path.has_bfloat16_units(info) is units
+    assert fast_path.mkl_code_path(info) == mkl
 
 
 def test_cpu_info_without_proc_cpuinfo_is_no_model_and_no_flags(monkeypatch):
@@ -68,7 +81,26 @@ def test_cpu_info_without_proc_cpuinfo_is_no_model_and_no_flags(monkeypatch):
 
     monkeypatch.setattr(fast_path, "open", fake_open, raising=False)
     info = fast_path.cpu_info()
-    assert info == {"model": None, "flags": []} and not fast_path.has_bfloat16_units(info)
+    assert info == {"model": None, "vendor": None, "flags": []} and not fast_path.has_bfloat16_units(info)
+    assert fast_path.mkl_code_path(info) == {}
+
+
+@pytest.mark.parametrize("vendor, preset, expected", [
+    ("AuthenticAMD", None, "5"), ("AuthenticAMD", "0", "0"), ("GenuineIntel", None, None),
+])
+def test_a_cpu_process_sets_mkls_code_path_before_its_first_call_and_keeps_the_users(monkeypatch, vendor, preset,
+                                                                                       expected):
+    # Catches the setting left out of setup_environment (every tool's start), a user's value overwritten, and
+    # the setting applied to an Intel CPU.
+    from ppmoco.engine import env
+
+    monkeypatch.setattr(env, "cpu_info", lambda: {"model": "Test CPU", "vendor": vendor, "flags": ["avx2", "fma"]})
+    if preset is None:
+        monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", preset)
+    env.setup_environment({"device": "cpu", "flags": {}, "num_threads": 1, "seed": 0}, {})
+    assert os.environ.get("MKL_DEBUG_CPU_TYPE") == expected
 
 
 @pytest.mark.parametrize("flags, switch, outcome", [
