@@ -544,6 +544,8 @@ def child_main(args, cfg):
             result = bench_step(cfg, env, args.steps, args.warmup)
         result["threads"] = env.num_threads
     result["malloc"] = loaded_allocator()
+    # What MKL was told of an AMD CPU (set by setup_environment, or empty for MKL's generic code).
+    result["mkl_debug_cpu_type"] = os.environ.get("MKL_DEBUG_CPU_TYPE")
     print(json.dumps(result))
 
 

@@ -44,7 +44,8 @@ def test_benchmark_measures_each_convolution_in_its_own_process(tmp_path):
     # Measured as on an AVX2-only CPU and with an allocator setting: both recorded and printed.
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.base_encoder.widths=[4,8,8,8]",
                                    "--convs", "onednn", "paddle", "--data-passes", "2",
-                                   env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CONF": "dirty_decay_ms:-1"})
+                                   env={"ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CONF": "dirty_decay_ms:-1",
+                                        "MKL_DEBUG_CPU_TYPE": ""})
     assert result["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and ", ONEDNN_MAX_CPU_ISA=AVX2" in stdout
     assert result["allocator"] == {"MALLOC_CONF": "dirty_decay_ms:-1"} and "MALLOC_CONF=dirty_decay_ms:-1" in stdout
     assert list(result["steps"]) == ["eager/onednn", "eager/paddle"]
@@ -52,8 +53,9 @@ def test_benchmark_measures_each_convolution_in_its_own_process(tmp_path):
         assert step["batch_size"] == 16 and step["image_size"] == [16, 16] and step["steps"] == 2
         phases = step["phases_ms"]
         assert set(phases) == PHASES and step["execution"] == "eager"
-        # Catches: a child measuring the config's convolution instead of the one it was given.
-        assert step["conv"] == name.split("/")[1]
+        # Catches: a child measuring the config's convolution instead of the one it was given, and one that
+        # overrode the MKL code path the user chose (empty: MKL's generic code on an AMD CPU).
+        assert step["conv"] == name.split("/")[1] and step["mkl_debug_cpu_type"] == ""
         assert all(v >= 0 for v in phases.values())
         assert sum(phases.values()) == pytest.approx(step["ms_per_step"], rel=1e-6)
         assert step["images_per_sec"] == pytest.approx(16 / (step["ms_per_step"] / 1000), rel=1e-9)
