@@ -49,7 +49,9 @@ from fault_helpers import (  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-STEPS, SAVE = 16, 4  # the kill comes after step SAVE + 2: ample steps to go
+# The kill comes after step SAVE + 2. A SIGTERM stops the ranks at their next agreement, about 0.5 s of steps
+# later (10 steps of this model on an idle machine): the run must still be going then.
+STEPS, SAVE = 40, 4
 # auto_resume stays off: a restart goes on from its job's checkpoints by itself.
 COMMON = (f"Engine.max_steps={STEPS}", f"Engine.save_load.save_steps={SAVE}", "Engine.save_load.keep_last=0")
 # Each process takes half of the global batch of 16 on two nodes, all of it alone.
