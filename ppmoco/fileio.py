@@ -37,6 +37,12 @@ def _fsync(path):
         os.close(fd)
 
 
+def cache_dir(*parts):
+    """A folder of ppmoco's build cache: $XDG_CACHE_HOME/ppmoco/<parts> (default ~/.cache/ppmoco/...)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "ppmoco", *parts)
+
+
 def replace_dir(new, final):
     """Put the finished folder `new` at `final` (on the same file system), replacing a folder there.
 

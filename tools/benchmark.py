@@ -8,7 +8,7 @@ references; print a table and write JSON.
     python tools/benchmark.py --preset vit_small_v3 --compare-torch --json output/bench/vit_small_v3.json
     python tools/benchmark.py --preset r50_224 --convs onednn paddle
     python tools/benchmark.py --preset r50_224 --precisions float32 bfloat16
-    python tools/benchmark.py --preset r18c_32 --allocators system jemalloc --compare-torch
+    python tools/benchmark.py --preset r18c_32 --allocators system large_blocks jemalloc --compare-torch
     python tools/benchmark.py -c configs/mocov2_pt_digits_1n2c.yaml --steps 20
     python -m paddle.distributed.launch --nproc_per_node 2 tools/benchmark.py --preset r18c_32 \
         -o Data.Train.sampler.batch_size=128
@@ -27,7 +27,8 @@ references; print a table and write JSON.
   step of the config's method in PyTorch on the same shapes (tools/torch_reference.py: MoCo v2's, or MoCo
   v3's for a MOCOv3Module config, with its optimizer): each reports the peak memory
   (maximum resident set) of its own process. --allocators measures each of those steps once per
-  malloc (glibc's as `system`; jemalloc with its freed pages kept, as the training tools run on it).
+  malloc (glibc's as `system`; ppmoco's large-block cache as `large_blocks`; jemalloc with its freed
+  pages kept; the last two as the training tools run on them).
   Under paddle.distributed.launch each rank measures in place. Warm-up steps are excluded. Both
   steps run at the learning rate LR whatever the config's schedule says.
 - Data: decode + two augmented views per image in this process (= one loader worker), over the
@@ -61,6 +62,7 @@ from ppmoco.errors import ConfigError  # noqa: E402
 from ppmoco.fileio import write_text_atomic  # noqa: E402
 from ppmoco.host_allocator import (  # noqa: E402
     CHOICE,
+    build_large_blocks,
     find_jemalloc,
     library_dirs,
     loaded_allocator,
@@ -124,7 +126,7 @@ def parse_args(argv):
                    help="what the convolutions compute in, with each conv (float32; bfloat16: "
                         "Engine.mix_precision bfloat16, CPUs with bfloat16 units); with several, the step "
                         "names end in /precision")
-    p.add_argument("--allocators", nargs="+", choices=("system", "jemalloc"), default=None,
+    p.add_argument("--allocators", nargs="+", choices=("system", "large_blocks", "jemalloc"), default=None,
                    help="measure every step on each malloc (default: ppmoco's as the tools choose it, "
                         "PyTorch's on glibc's); with several, the step names end in /allocator")
     p.add_argument("--compare-torch", action="store_true",
@@ -481,6 +483,8 @@ def allocator_environment(allocator):
         raise ConfigError("--allocators: LD_PRELOAD already preloads an allocator; unset it or drop --allocators")
     if allocator == "system":
         return {**os.environ, CHOICE: "system"}
+    if allocator == "large_blocks":
+        return {**preload_environment(os.environ, build_large_blocks(os.environ)), CHOICE: allocator}
     library = find_jemalloc()
     if library is None:
         raise ConfigError(f"--allocators jemalloc: no jemalloc library in {', '.join(library_dirs())}; install it "

@@ -44,8 +44,8 @@ from ppmoco.versions import describe_runtime
 
 print(f"installed: {describe_runtime()}")
 if find_jemalloc() is None:
-    print("optional: libjemalloc2 is not installed; the training tools run on glibc's malloc, with more memory "
-          "(apt install libjemalloc2), and the tests that need it skip")
+    print("optional: libjemalloc2 is not installed; the training tools run on ppmoco's large-block cache "
+          "(apt install libjemalloc2 to use jemalloc), and the tests that need jemalloc skip")
 if shutil.which("etcd") is None:
     print("optional: etcd-server is not installed; paddle.distributed.launch restarts a failed job in place only "
           "with an etcd master (apt install etcd-server), and the tests that need it skip")

@@ -33,6 +33,7 @@ import paddle
 
 from ppmoco import paddle_internals as internals
 from ppmoco.errors import PpmocoError
+from ppmoco.fileio import cache_dir
 
 logger = logging.getLogger("ppmoco")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
@@ -147,8 +148,7 @@ def check_onednn_version(include_dir):
 
 def cache_root():
     """Where built operators are kept: $XDG_CACHE_HOME/ppmoco/ops (default ~/.cache/ppmoco/ops)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "ppmoco", "ops")
+    return cache_dir("ops")
 
 
 def build_directory(include_dir):

@@ -125,18 +125,23 @@ def test_benchmark_measures_each_allocator_in_its_own_process(tmp_path):
     library = jemalloc_or_skip()
     result, stdout = run_benchmark(tmp_path, "-o", "Model.model.bn_splits=1", "-o",
                                    "Model.model.base_encoder.widths=[64,128,256,512]",
-                                   "--allocators", "system", "jemalloc", "--compare-torch", "--data-passes", "1")
+                                   "--allocators", "system", "large_blocks", "jemalloc", "--compare-torch",
+                                   "--data-passes", "1")
     steps = result["steps"]
-    assert list(steps) == ["eager/system", "eager/jemalloc", "pytorch/system", "pytorch/jemalloc"]
+    allocators = ("system", "large_blocks", "jemalloc")
+    names = [f"{side}/{allocator}" for side in ("eager", "pytorch") for allocator in allocators]
+    assert list(steps) == names
     # Catches: a child on another malloc than its name says (ppmoco's step restarting itself on
     # jemalloc under `system`, or PyTorch's not preloaded).
+    built = steps["eager/large_blocks"]["malloc"]
+    assert built.endswith("/libppmoco_large_blocks.so")
     assert {name: step["malloc"] for name, step in steps.items()} == {
-        "eager/system": "the C library's", "eager/jemalloc": library,
-        "pytorch/system": "the C library's", "pytorch/jemalloc": library}
+        "eager/system": "the C library's", "eager/large_blocks": built, "eager/jemalloc": library,
+        "pytorch/system": "the C library's", "pytorch/large_blocks": built, "pytorch/jemalloc": library}
     # Catches: a ratio taken against the wrong reference row: each ppmoco step against each PyTorch one.
     ratios = result["ratios"]
-    for ours in ("eager/system", "eager/jemalloc"):
-        for theirs in ("pytorch/system", "pytorch/jemalloc"):
+    for ours in names[:3]:
+        for theirs in names[3:]:
             assert ratios[f"step_{ours}_vs_{theirs}"] == pytest.approx(
                 steps[ours]["images_per_sec"] / steps[theirs]["images_per_sec"])
             assert ratios[f"peak_memory_{ours}_vs_{theirs}"] == pytest.approx(
