@@ -10,7 +10,8 @@ best speed (docs/performance.md, "Memory"). A process cannot change its malloc o
 tool starts itself again with the allocator preloaded (LD_PRELOAD), once, before it imports Paddle;
 as PyTorch's CPU launcher (torch.backends.xeon.run_cpu) preloads tcmalloc or jemalloc when it finds
 one. The large-block cache is compiled with the C compiler (`cc`, or $CC) at first use into
-$XDG_CACHE_HOME/ppmoco/malloc/<hash>; where it cannot be, the tools say why once and run on glibc's.
+$XDG_CACHE_HOME/ppmoco/malloc/<hash>; where it cannot be, the tools say why once and run on the C
+library's.
 
 PPMOCO_ALLOCATOR chooses: `auto` (the default: the first of the three that is available),
 `jemalloc`, `large_blocks` (each an error where it is not available), `system` (the C library's
@@ -65,9 +66,10 @@ def user_preloads_allocator(environ):
 
 
 def large_blocks_directory(compiler):
-    """Where the large-block cache built from this source with `compiler` is kept."""
+    """Where the large-block cache built from this source with `compiler` for this machine's
+    architecture is kept (a home folder may be shared between machines)."""
     with open(LARGE_BLOCKS_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + compiler.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f.read() + f"{compiler}\0{platform.machine()}".encode()).hexdigest()[:16]
     return cache_dir("malloc", digest)
 
 
@@ -132,7 +134,7 @@ def preload_wanted(environ, find=find_jemalloc, build=build_large_blocks):
     except ConfigError as err:
         if choice == "large_blocks":
             raise
-        print(f"warning: {err}; this run uses glibc's malloc, with more memory (docs/performance.md, Memory)",
+        print(f"warning: {err}; this run uses the C library's malloc, with more memory (docs/performance.md, Memory)",
               file=sys.stderr, flush=True)
         return None
 

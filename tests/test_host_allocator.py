@@ -60,7 +60,7 @@ def test_which_runs_restart_on_which_allocator(capsys):
     # auto without either: glibc's malloc, said once; a chosen one missing: the one-line error.
     assert preload_wanted({}, not_found, build_fails) is None
     assert capsys.readouterr().err == ("warning: ppmoco's large-block cache cannot be built: the C compiler 'cc' "
-                                       "does not run; this run uses glibc's malloc, with more memory "
+                                       "does not run; this run uses the C library's malloc, with more memory "
                                        "(docs/performance.md, Memory)\n")
     with pytest.raises(ConfigError, match="large-block cache cannot be built"):
         preload_wanted({CHOICE: "large_blocks"}, found, build_fails)
