@@ -13,11 +13,15 @@ Hooks a subclass defines:
   `validation_end(outputs) -> {name: float}`: the Engine gathers the per-sample outputs over the
   exact evaluation set (dataset order, padding removed) before calling `validation_end`
   (the `linear` evaluation protocol).
-- optionally `extract_features(images) -> [N, D]`: backbone features for the `knn` protocol.
-- optionally `extract_stages(images) -> [stem, res2, res3, res4, res5]` feature maps: for the
-  `svm` and `lowshot_svm` protocols (ppmoco/eval/features.py pools them).
-  The base versions of these four optional hooks raise UnsupportedHook; `module.supports(hook)`
-  tells whether a method defines one, so a protocol can refuse a module before any data is read.
+- optionally `feature_backbone() -> Layer`: the backbone the evaluation protocols read. Naming it
+  gives the method `extract_features(images) -> [N, D]` (the backbone's output, for the `knn`
+  protocol) and, where the backbone has stage maps (`forward_stages`: the ResNets, not the Vision
+  Transformers), `extract_stages(images) -> [stem, res2, res3, res4, res5]` (for the `svm` and
+  `lowshot_svm` protocols; ppmoco/eval/features.py pools them). A method may define those two
+  itself instead.
+  The base versions of the four optional hooks (validation_step, validation_end, extract_features,
+  extract_stages) raise UnsupportedHook where the method provides none; `module.supports(hook)`
+  tells whether it does, so a protocol can refuse a module before any data is read.
   On one CPU process the evaluation hooks run on checked Paddle Inference predictors
   (ppmoco/eval/static_inference.py): they are traced, so they read no value on the host.
 - optionally `low_precision_layers() -> [Layer]`: what O2 mixed precision casts to float16/bfloat16
@@ -112,8 +116,13 @@ class Module(nn.Layer):
     def on_epoch_end(self, epoch):
         """Called after every training epoch; `epoch` counts the finished epochs from 1."""
 
+    def feature_backbone(self):
+        """The backbone the evaluation protocols read, or None (optional hook)."""
+        return None
+
     def supports(self, hook):
-        """Whether this method defines the optional hook `hook` (one of OPTIONAL_HOOKS).
+        """Whether this method provides the optional hook `hook` (one of OPTIONAL_HOOKS): defines it,
+        or, for the feature extraction hooks, names a feature_backbone that serves it.
 
         Compares the class attribute with Module's own: every Module has the hook, so `hasattr`
         cannot tell a method that defines it from one that only inherits the refusal. A method, not
@@ -121,7 +130,11 @@ class Module(nn.Layer):
         """
         if hook not in OPTIONAL_HOOKS:
             raise ValueError(f"{hook!r} is not an optional Module hook; those are {OPTIONAL_HOOKS}")
-        return getattr(type(self), hook) is not getattr(Module, hook)
+        if getattr(type(self), hook) is not getattr(Module, hook):
+            return True
+        backbone = self.feature_backbone() if hook in ("extract_features", "extract_stages") else None
+        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
+        return backbone is not None and (hook == "extract_features" or hasattr(backbone, "forward_stages"))
 
     def validation_step(self, batch):
         """Per-sample outputs of one evaluation batch, {name: [N, ...] tensor} (optional hook)."""
@@ -132,10 +145,15 @@ class Module(nn.Layer):
         raise UnsupportedHook(self, "validation_end")
 
     def extract_features(self, images):
-        """Backbone features [N, D] of a batch of images (optional hook)."""
-        raise UnsupportedHook(self, "extract_features")
+        """Backbone features [N, D] of a batch of images (optional hook; feature_backbone's output)."""
+        if not self.supports("extract_features"):
+            raise UnsupportedHook(self, "extract_features")
+        return self.feature_backbone()(images)
 
     def extract_stages(self, images):
-        """The backbone's [stem, res2, res3, res4, res5] feature maps of a batch (optional hook)."""
-        raise UnsupportedHook(self, "extract_stages")
+        """The backbone's [stem, res2, res3, res4, res5] feature maps of a batch (optional hook;
+        feature_backbone's, where it has stage maps)."""
+        if not self.supports("extract_stages"):
+            raise UnsupportedHook(self, "extract_stages")
+        return self.feature_backbone().forward_stages(images)
 

@@ -84,15 +84,8 @@ class FrozenBackboneProbe(Module):
                 layer.eval()
         return self
 
-    def extract_features(self, images):
-        return self.backbone(images)
-
-    def extract_stages(self, images):
-        return self.backbone.forward_stages(images)
-
-    def supports(self, hook):
-        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
-        return super().supports(hook) and (hook != "extract_stages" or hasattr(self.backbone, "forward_stages"))
+    def feature_backbone(self):
+        return self.backbone
 
     def on_epoch_end(self, epoch):
         if epoch == 1 and self._frozen:

@@ -88,16 +88,8 @@ class MoCo(Module):
             raise ConfigError(f"Model.model.bn_splits: {self.bn_splits} must divide the "
                               f"per-process batch {local}")
 
-    def extract_features(self, images):
-        return self.encoder_q.backbone(images)
-
-    def extract_stages(self, images):
-        return self.encoder_q.backbone.forward_stages(images)
-
-    def supports(self, hook):
-        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
-        return super().supports(hook) and (hook != "extract_stages"
-                                           or hasattr(self.encoder_q.backbone, "forward_stages"))
+    def feature_backbone(self):
+        return self.encoder_q.backbone
 
     def low_precision_layers(self):
         # The key encoder and the queue stay float32: see Module.low_precision_layers.

@@ -96,16 +96,8 @@ class MoCoV3(Module):
         acc1, acc5 = topk_accuracy(logits, labels)
         return StepOutput(loss1 + loss2, {"acc1": acc1, "acc5": acc5})
 
-    def extract_features(self, images):
-        return self.base_encoder.backbone(images)
-
-    def extract_stages(self, images):
-        return self.base_encoder.backbone.forward_stages(images)
-
-    def supports(self, hook):
-        # a backbone without stage maps (a Vision Transformer) gives no extract_stages
-        return super().supports(hook) and (hook != "extract_stages"
-                                           or hasattr(self.base_encoder.backbone, "forward_stages"))
+    def feature_backbone(self):
+        return self.base_encoder.backbone
 
     def low_precision_layers(self):
         # the momentum encoder stays float32: its update moves a weight by (1 - m) of the gap, below
